@@ -1,0 +1,43 @@
+"""Atomic file output: write to a temporary name in the same folder, fsync, then rename.
+
+A crash (even SIGKILL) leaves either the old file or the complete new one, never a partial file.
+Temporary files end in ``.tmp``; ``remove_stale_tmp`` clears those a crashed run left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def remove_stale_tmp(folder: Path) -> int:
+    """Delete ``*.tmp`` files under ``folder`` (left by a killed run); returns how many."""
+    count = 0
+    for tmp in Path(folder).rglob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+        count += 1
+    return count

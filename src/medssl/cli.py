@@ -1,0 +1,85 @@
+"""The command-line front: parse, load the typed config, call one function per command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from medssl import __version__
+from medssl.config import ConfigError, IngestConfig, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML file of settings (keys as in --set)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set max_side=256 (repeatable; values parsed as YAML)")
+
+
+def _ingest_parser(sub) -> None:
+    p = sub.add_parser(
+        "ingest", help="turn folders of DICOM / NIfTI / PNG / JPEG / TIFF into training shards",
+        description="Read every file under the inputs (format detected from content), map intensities per "
+                    "modality, cut volumes into 2D slices, resize, and write WebDataset tar shards plus "
+                    "manifest.jsonl (one row per input file), index.json and report.md. Rerun the same "
+                    "command to resume an interrupted run.",
+        epilog="settings (--set KEY=VALUE or YAML): " + ", ".join(
+            f"{k} (default {v.default!r})" for k, v in IngestConfig.model_fields.items()
+            if k not in ("inputs", "out", "workers", "engine", "ray_address", "strict")),
+    )
+    p.add_argument("inputs", nargs="*", type=Path, help="folders or files to ingest")
+    p.add_argument("--out", type=Path, help="output folder")
+    p.add_argument("--workers", type=int, help="worker processes (default 2)")
+    p.add_argument("--engine", choices=["local", "ray"], help="local process pool (default) or Ray")
+    p.add_argument("--ray-address", help="Ray cluster address, e.g. ray://head:10001 or auto (default: local Ray)")
+    p.add_argument("--strict", action="store_true", default=None, help="exit 1 if any file is rejected")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_args(p)
+
+
+def _run_ingest(args) -> int:
+    from medssl.ingest import ingest
+
+    flags = {"inputs": args.inputs or None, "out": args.out, "workers": args.workers, "engine": args.engine,
+             "ray_address": args.ray_address, "strict": args.strict}
+    cfg = load_config(IngestConfig, args.config, flags, args.overrides)
+    summary = ingest(cfg, show_progress=not args.quiet)
+    r = summary.report
+    print(f"{r['files']} files: " + ", ".join(f"{n} {s}" for s, n in sorted(r["status"].items()))
+          + f"; {r['samples']} images in {r['shards']} shards")
+    print(f"report:   {summary.out / 'report.md'}")
+    print(f"manifest: {summary.out / 'manifest.jsonl'}")
+    code = summary.exit_code(cfg.strict)
+    if code:
+        print("error: " + ("nothing could be ingested" if summary.ingested == 0 else
+                           f"{summary.rejected} files rejected (--strict)"), file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medssl", description="Self-supervised learning from large medical image archives.")
+    parser.add_argument("--version", action="version", version=f"medssl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _ingest_parser(sub)
+    return parser
+
+
+COMMANDS = {"ingest": _run_ingest}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

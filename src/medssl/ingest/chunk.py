@@ -1,0 +1,93 @@
+"""A work unit: process a fixed, planned list of files and write their shards and manifest rows.
+
+The unit's manifest part (``parts/chunk-NNNNNN.jsonl``) is written last and atomically: it is the
+unit's completion mark. A unit without it is redone from scratch on resume (its shards are
+rewritten with identical content, since keys and pixels depend only on the files and settings).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medssl.atomic import atomic_write_text
+from medssl.config import IngestConfig
+from medssl.ingest.pipeline import FileTask, process_file
+from medssl.privacy import keyed_hash
+from medssl.shard_format import Sample, write_shard
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    chunk: int
+    files: list[tuple[FileTask, str, str | None, str | None]]  # (task, manifest path, scan error, duplicate-of path)
+    cfg: IngestConfig
+    out: str
+    salt: bytes
+
+
+@dataclass
+class ChunkSummary:
+    chunk: int
+    files: int
+    samples: int
+    seconds: float
+
+
+def part_path(out: Path, chunk: int) -> Path:
+    return Path(out) / "parts" / f"chunk-{chunk:06d}.jsonl"
+
+
+def shard_name(chunk: int, part: int) -> str:
+    return f"shard-{chunk:06d}-{part:03d}.tar"
+
+
+def manifest_path(rel_path: str, cfg: IngestConfig, salt: bytes) -> str:
+    """The path as written in manifest, report and logs: as given, or a salted hash with --redact-paths."""
+    return f"redacted-{keyed_hash(rel_path, salt)}" if cfg.redact_paths else rel_path
+
+
+def run_chunk(job: ChunkJob) -> ChunkSummary:
+    start = time.perf_counter()
+    shard_dir = Path(job.out) / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for stale in shard_dir.glob(f"shard-{job.chunk:06d}-*.tar"):  # from a killed attempt at this unit
+        stale.unlink()
+    rows: list[dict] = []
+    pending: list[Sample] = []
+    pending_rows: list[dict] = []
+    part = 0
+    n_samples = 0
+
+    def flush() -> None:
+        nonlocal part, pending, pending_rows
+        if pending:
+            name = shard_name(job.chunk, part)
+            write_shard(shard_dir / name, pending)
+            for row in pending_rows:
+                row["shard"] = name
+            part += 1
+        pending, pending_rows = [], []
+
+    for task, shown_path, scan_error, duplicate_of in job.files:
+        row = {"index": task.index, "path": shown_path, "sha256": task.sha256}
+        if scan_error:
+            row.update(status="rejected", reason=scan_error)
+        elif duplicate_of is not None:
+            row.update(status="duplicate", reason=f"duplicate: same content as {duplicate_of}")
+        else:
+            outcome = process_file(task, job.cfg, job.salt)
+            row.update(status=outcome.status, reason=outcome.reason, format=outcome.format, modality=outcome.modality)
+            if outcome.samples:
+                row.update(samples=[s.key for s in outcome.samples], empty_frames=outcome.empty_frames)
+                pending.extend(outcome.samples)
+                pending_rows.append(row)
+                n_samples += len(outcome.samples)
+                if len(pending) >= job.cfg.samples_per_shard:  # shards break between files, never inside one
+                    flush()
+        rows.append(row)
+    flush()
+    atomic_write_text(part_path(Path(job.out), job.chunk), "".join(json.dumps(r) + "\n" for r in rows))
+    return ChunkSummary(job.chunk, len(job.files), n_samples, time.perf_counter() - start)

@@ -1,0 +1,116 @@
+"""The per-file function: read -> intensity mapping -> 2D frames -> resize -> encoded samples.
+
+It never raises for bad input: every problem becomes a rejection with a specific reason, so one
+broken file cannot stop a run over millions.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from medssl.config import IngestConfig
+from medssl.intensity import map_frame
+from medssl.io import Limits, Rejected, SourceImage, read_image
+from medssl.privacy import keyed_hash, scrub
+from medssl.shard_format import Sample, encode_pixels, storage_for
+
+# Linkage hashes written into sample metadata: which images share a patient, a study, a series.
+_LINKAGE = {"patient": "PatientID", "study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
+
+
+@dataclass(frozen=True)
+class FileTask:
+    """One input file as planned: where it is and what the scan already learned about it."""
+
+    index: int
+    path: str
+    sha256: str | None
+
+
+@dataclass
+class FileOutcome:
+    status: str                       # ingested | rejected
+    reason: str | None = None         # "code: detail" for rejections
+    format: str | None = None
+    modality: str | None = None
+    samples: list[Sample] = field(default_factory=list)
+    empty_frames: int = 0
+
+
+def resize_longest_side(values: np.ndarray, max_side: int) -> np.ndarray:
+    """Downscale (antialiased bilinear) so that the longer side is at most ``max_side``; never upscale."""
+    h, w = values.shape
+    if max(h, w) <= max_side:
+        return values
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(values).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def _samples(task: FileTask, src: SourceImage, cfg: IngestConfig, salt: bytes) -> tuple[list[Sample], int]:
+    linkage = {name: keyed_hash(src.identifiers[kw], salt) for name, kw in _LINKAGE.items() if kw in src.identifiers}
+    samples, empty, seen = [], 0, 0
+    for frame in src.frames:
+        seen += 1
+        if not np.isfinite(frame.pixels).all():
+            raise Rejected("non_finite", f"frame {frame.index} contains NaN or infinite values")
+        mapped = map_frame(src, frame, cfg.percentiles)
+        if mapped is None:
+            empty += 1
+            continue
+        values, intensity = mapped
+        stored = resize_longest_side(values, cfg.max_side)
+        scale, offset = storage_for(intensity.semantics)
+        h, w = values.shape
+        factor = h / stored.shape[0]
+        spacing = list(src.spacing_mm) if src.spacing_mm else None
+        key = f"{task.sha256[:20]}-{frame.plane[0]}{frame.index:05d}"
+        meta = {
+            "key": key,
+            "modality": src.modality,
+            "intensity": {**intensity.as_dict(), "store": {"scale": scale, "offset": offset}},
+            "source": {"sha256": task.sha256, "format": src.format, "frame": frame.index, "plane": frame.plane,
+                       "frames": src.n_frames, "photometric": src.photometric, "bits_stored": src.bits_stored,
+                       **src.info},
+            "original_size": [h, w],
+            "size": list(stored.shape),
+            "spacing_mm": spacing,
+            "stored_spacing_mm": [s * factor for s in spacing] if spacing else None,
+            "linkage": linkage,
+        }
+        samples.append(Sample(key=key, png=encode_pixels(stored, intensity.semantics), meta=meta))
+    if not samples:
+        what = "the image is constant" if seen == 1 else f"all {seen} frames/slices are constant"
+        raise Rejected("empty", what if seen else "no frames to read")
+    return samples, empty
+
+
+def process_file(task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome:
+    # Library warnings (pydicom's in particular) quote header values: never let them reach a console or log.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _process_file(task, cfg, salt)
+
+
+def _process_file(task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome:
+    limits = Limits(max_pixels=cfg.max_pixels, max_frame_side=cfg.max_frame_side)
+    src = None
+    try:
+        src = read_image(task.path, limits, cfg.planes, cfg.slice_stride, cfg.nifti_modality, cfg.raster_modality)
+        samples, empty = _samples(task, src, cfg, salt)
+        return FileOutcome("ingested", format=src.format, modality=src.modality, samples=samples, empty_frames=empty)
+    except Rejected as r:
+        detail = scrub(r.detail, src.identifiers if src else None)
+        return FileOutcome("rejected", reason=f"{r.code}: {detail}", format=src and src.format,
+                           modality=src and src.modality)
+    except MemoryError:
+        return FileOutcome("rejected", reason="too_large: out of memory while decoding")
+    except Exception as e:  # a bug or an exotic file must not end a run over millions of files
+        detail = scrub(f"{type(e).__name__}: {e}", src.identifiers if src else None)
+        return FileOutcome("rejected", reason=f"internal_error: {detail}", format=src and src.format,
+                           modality=src and src.modality)
