@@ -174,7 +174,7 @@ def read_dicom(path: Path, limits: Limits, stride: int = 1) -> SourceImage:
             arr = arr.astype(np.float32) if colour else _to_modality_values(arr, ds, index)
             voi = None
             if voi_lut_bits is not None:
-                voi = (lambda a, i=index: apply_voi_lut(a, ds, index=i, prefer_lut=True), voi_lut_bits)
+                voi = (lambda a, i=index: apply_voi_lut(np.rint(a).astype(np.int32), ds, index=i), voi_lut_bits)
             yield Frame(index=index, pixels=arr, window=None if colour else _window(ds, index), voi_lut=voi)
 
     sop_class = UID(str(ds.get("SOPClassUID", ""))).name if "SOPClassUID" in ds else None

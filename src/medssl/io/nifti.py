@@ -54,7 +54,7 @@ def read_nifti(path: Path, limits: Limits, planes: list[str], stride: int, modal
     try:
         img = nib.load(path)
         shape = tuple(int(s) for s in img.shape)
-        zooms = tuple(float(z) for z in img.header.get_zooms())
+        zooms = tuple(round(float(z), 6) for z in img.header.get_zooms())  # float32 header -> clean decimals
     except Exception as e:  # nibabel raises many types for malformed headers
         raise Rejected("unreadable_nifti", f"nibabel cannot read the file: {type(e).__name__}") from None
     if len(shape) < 2 or min(shape) <= 0:

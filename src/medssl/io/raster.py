@@ -33,6 +33,8 @@ def _read_pillow(path: Path, fmt: str, limits: Limits, modality: str) -> SourceI
     try:
         img = Image.open(path)
         w, h = img.size
+    except Image.DecompressionBombError:
+        raise Rejected("too_large", f"{fmt.upper()} declares more than twice max_pixels={limits.max_pixels}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise Rejected("unreadable_image", f"Pillow cannot open the {fmt.upper()}: {type(e).__name__}") from None
     _check_size(h, w, 1, limits)
@@ -60,8 +62,9 @@ def _read_tiff(path: Path, limits: Limits, modality: str) -> SourceImage:
         shape, dtype = first.shape, first.dtype
     except Exception as e:  # tifffile raises many types for malformed files
         raise Rejected("unreadable_image", f"tifffile cannot open the TIFF: {type(e).__name__}") from None
-    colour = len(shape) == 3 and shape[-1] in (3, 4)
-    h, w = shape[:2]
+    planar = len(shape) == 3 and shape[0] in (3, 4) and shape[-1] not in (3, 4)  # RGB stored plane by plane
+    colour = len(shape) == 3 and (planar or shape[-1] in (3, 4))
+    h, w = shape[1:] if planar else shape[:2]
     _check_size(h, w, len(pages), limits)
 
     def frames() -> Iterator[Frame]:
@@ -71,6 +74,8 @@ def _read_tiff(path: Path, limits: Limits, modality: str) -> SourceImage:
                     arr = page.asarray()
                 except Exception as e:
                     raise Rejected("decode_failed", f"TIFF page {i} cannot be decoded: {type(e).__name__}") from None
+                if planar:
+                    arr = np.moveaxis(arr, 0, -1)
                 if arr.ndim == 3 and arr.shape[-1] == 4:
                     arr = arr[..., :3]
                 if arr.ndim != (3 if colour else 2):

@@ -1,0 +1,50 @@
+"""Small builders of test inputs and readers of ingest outputs, shared by several test modules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from medssl.shard_format import read_shard
+
+
+def shard_samples(out: Path) -> dict[str, tuple[str, dict]]:
+    """key -> (sha256 of the stored PNG bytes, metadata) over all shards of an ingest output."""
+    found = {}
+    for shard in sorted((out / "shards").glob("*.tar")):
+        for s in read_shard(shard):
+            assert s.key not in found, f"sample {s.key} written twice"
+            found[s.key] = (hashlib.sha256(s.png).hexdigest(), s.meta)
+    return found
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def write_ct_dicom(path: Path, hu: np.ndarray, **tags) -> None:
+    """A real CT DICOM file (pydicom) storing ``hu`` with rescale intercept -1024."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = hu.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelSpacing = [0.5, 0.5]
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.PixelData = np.clip(hu + 1024, 0, 65535).astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
