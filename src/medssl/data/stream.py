@@ -1,0 +1,347 @@
+"""Stream the shards of ``medssl ingest`` into training: epoch-shuffled, split across DDP ranks and
+DataLoader workers, buffer-shuffled, resumable mid-epoch, in memory independent of the data set's size.
+
+How an epoch is cut. Every rank and worker computes the same plan from (seed, epoch); nothing is
+communicated, so all ranks must use the same seed, shards, batch size and worker count.
+
+1. The shards of all archives are put in a seeded random order. Their samples, concatenated in that
+   order, form the epoch's sequence of N samples (per-shard counts come from each ``index.json``).
+2. Rank r takes a contiguous run starting at r * (N // world_size), cut to a whole number of batches,
+   so every rank has exactly ``steps_per_epoch`` full batches: DDP needs the same step count on every
+   rank. The rest (fewer than world_size * batch_size samples) is dropped for this epoch; it sits at
+   the ends of rank runs in a fresh shard order, so each epoch drops different samples.
+3. A rank's batches are dealt to its DataLoader workers in the order the DataLoader collects them
+   (batch j comes from worker j % num_workers). Each worker's batches are one contiguous run of the
+   sequence, so a worker opens only its own shards and reads at most one partial shard at each end.
+4. Each worker shuffles its run through a bounded buffer seeded by (seed, epoch, rank, worker).
+
+Resume. The position is (epoch, samples of this rank consumed in it), counted by ``ShardLoader`` as it
+hands out batches. Because step 3 fixes which worker made which batch, a restarted worker knows how many
+of its own samples were consumed (a new DataLoader starts at worker 0, so after b batches worker k plays
+the part of worker (k + b) % num_workers). The buffer shuffles positions, not samples, so fast-forwarding
+draws only random numbers (about 0.2 s per 10^6 skipped samples); then the worker reads just the shards
+that still hold samples it owes: those left in the buffer (at most about shuffle_buffer * ln(shuffle_buffer)
+positions back, a few shards) and everything after. Skipped samples are never decoded or transformed.
+Exact resume needs the same seed, shards, world size, batch size and worker count; ``load_state_dict``
+checks them.
+
+Augmentations are reproducible too: ``transform`` runs with torch's CPU generator and numpy's and
+Python's global generators seeded from (seed, epoch, sample key), so a resumed run draws the same crops,
+whichever rank or worker reads the sample. In the main process (num_workers=0) their previous states are
+restored afterwards, so the trainer's random state does not depend on the data. A transform holding its
+own seeded generator (e.g. ``MultiCrop(seed=...)``) is outside this and will not resume exactly.
+
+Memory per worker: at most ``shuffle_buffer`` + 1 encoded samples (16-bit PNG bytes, ~0.1-0.5 MB at
+512 px), plus one decoded image at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from medssl.shard_format import Sample, decode_pixels, read_shard
+
+INDEX_FORMAT = "medssl-shards/1"
+# First word of every SeedSequence we build, so the streams of different purposes never coincide.
+_SHARD_ORDER, _BUFFER = 0, 1
+_DRAW_BLOCK = 4096  # random buffer slots drawn per numpy call: per-call overhead dominates single draws
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    samples: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples ``first .. first + count - 1`` of a shard, at positions ``pos .. pos + count - 1`` of a run."""
+
+    shard: Shard
+    first: int
+    count: int
+    pos: int
+
+
+def list_shards(roots: list[Path]) -> list[Shard]:
+    """The shards of one or more ingest output folders, in the order of their ``index.json``."""
+    shards = []
+    for root in roots:
+        index_file = Path(root) / "index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{index_file} is missing: {root} is not a finished `medssl ingest` output "
+                                    "(run or resume `medssl ingest ... --out` on it first)")
+        index = json.loads(index_file.read_text())
+        if index.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{index_file} has format {index.get('format')!r}; this medssl reads {INDEX_FORMAT!r}")
+        shards += [Shard(Path(root) / "shards" / s["name"], int(s["samples"])) for s in index["shards"] if s["samples"]]
+    return shards
+
+
+def rank_samples(total: int, world_size: int, batch_size: int) -> int:
+    """Samples per rank and epoch: the same on every rank and a whole number of batches."""
+    return total // world_size // batch_size * batch_size
+
+
+def worker_batches(n_batches: int, num_workers: int, worker: int) -> tuple[int, int]:
+    """(first, count) of a rank's batches read by ``worker``: the DataLoader takes batch j from
+    worker j % num_workers, so the worker's count is how many j have that remainder."""
+    base, extra = divmod(n_batches, num_workers)
+    return worker * base + min(worker, extra), base + (worker < extra)
+
+
+def worker_consumed(consumed_batches: int, num_workers: int, worker: int) -> int:
+    """How many of the first ``consumed_batches`` batches of a rank came from ``worker``."""
+    return max(0, consumed_batches - worker + num_workers - 1) // num_workers
+
+
+def run_segments(shards: list[Shard], start: int, stop: int) -> list[Segment]:
+    """Cut positions ``start .. stop - 1`` of the concatenated samples of ``shards`` into per-shard pieces."""
+    segments, offset = [], 0
+    for shard in shards:
+        lo, hi = max(start, offset), min(stop, offset + shard.samples)
+        if lo < hi:
+            segments.append(Segment(shard, lo - offset, hi - lo, lo - start))
+        offset += shard.samples
+        if offset >= stop:
+            break
+    return segments
+
+
+class BufferedShuffle:
+    """Shuffle ``range(n)`` through a buffer of ``size`` slots: once full, each new position replaces a
+    random slot, whose position is emitted; at the end the rest comes out in random order.
+
+    Shuffling positions rather than samples lets a resumed worker fast-forward with random numbers
+    alone; ``buffer`` and ``pulled`` then tell which samples it still has to read.
+    """
+
+    def __init__(self, n: int, size: int, rng: np.random.Generator):
+        self.n, self.size, self.rng = n, size, rng
+        self.buffer: list[int] = []
+        self.pulled = 0  # positions 0 .. pulled - 1 have entered the buffer
+
+    def __iter__(self) -> Iterator[int]:
+        draws: list[int] = []
+        while self.pulled < self.n:
+            if len(self.buffer) < self.size:
+                self.buffer.append(self.pulled)
+                self.pulled += 1
+                continue
+            if not draws:
+                draws = self.rng.integers(0, self.size, _DRAW_BLOCK).tolist()[::-1]
+            slot = draws.pop()
+            out, self.buffer[slot] = self.buffer[slot], self.pulled
+            self.pulled += 1
+            yield out
+        self.rng.shuffle(self.buffer)
+        while self.buffer:
+            yield self.buffer.pop()
+
+
+def sample_seed(seed: int, epoch: int, key: str) -> int:
+    """A 64-bit seed for the augmentation of one sample in one epoch."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest(), "little")
+
+
+@contextmanager
+def seeded_global_rngs(seed: int, restore: bool) -> Iterator[None]:
+    """Seed torch's CPU, numpy's and Python's global generators (~6 us). ``restore`` puts the previous
+    states back (~80 us more, mostly numpy's): needed in the trainer's own process (num_workers=0),
+    whose random state must not depend on the data, not in a DataLoader worker."""
+    saved = (torch.default_generator.get_state(), np.random.get_state(), random.getstate()) if restore else None
+    torch.default_generator.manual_seed(seed)  # not torch.manual_seed: that would reseed CUDA too
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        if saved:
+            torch.default_generator.set_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
+
+
+def collate_samples(samples: list[dict]) -> dict:
+    """Batch ``values`` with torch's default collate; keys and metadata stay lists (their fields vary)."""
+    return {"key": [s["key"] for s in samples], "meta": [s["meta"] for s in samples],
+            "values": default_collate([s["values"] for s in samples])}
+
+
+def _distributed_layout(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if (rank is None) != (world_size is None):
+        raise ValueError("give both rank and world_size, or neither (then torch.distributed decides)")
+    if rank is None:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    return rank, world_size
+
+
+class ShardStream(IterableDataset):
+    """Samples ``{"key", "meta", "values"}`` of one rank's share of an epoch (see the module docstring).
+
+    ``values`` is the decoded float32 (H, W) array in the sample's convention (HU, or [0, 1]), or what
+    ``transform(values, meta["intensity"]["semantics"])`` returned. ``batch_size`` and ``num_workers``
+    must be those of the DataLoader: build it with ``loader()``.
+    """
+
+    def __init__(self, roots: Path | str | list[Path | str], *, batch_size: int = 1, num_workers: int = 0,
+                 seed: int = 0, shuffle_buffer: int = 1000, transform: Callable | None = None,
+                 rank: int | None = None, world_size: int | None = None):
+        if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1 or seed < 0:
+            raise ValueError("need batch_size >= 1, num_workers >= 0, shuffle_buffer >= 1 and seed >= 0")
+        self.roots = [Path(r) for r in (roots if isinstance(roots, list) else [roots])]
+        self.shards = list_shards(self.roots)
+        self.total = sum(s.samples for s in self.shards)
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.shuffle_buffer, self.transform = shuffle_buffer, transform
+        self.rank, self.world_size = _distributed_layout(rank, world_size)
+        self.samples_per_rank = rank_samples(self.total, self.world_size, batch_size)
+        if self.samples_per_rank == 0:
+            raise ValueError(f"{self.total} samples in {', '.join(map(str, self.roots))} cannot fill one batch of "
+                             f"{batch_size} on each of {self.world_size} ranks; ingest more data or use smaller batches")
+        self.epoch = 0
+        self.consumed = 0  # samples of this rank handed out in this epoch (counted by ShardLoader)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.samples_per_rank // self.batch_size
+
+    def __len__(self) -> int:
+        return self.samples_per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        """Go to the start of ``epoch``; a no-op if already in it, so a loop that calls it at the top of
+        every epoch keeps the position restored by ``load_state_dict``."""
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def _layout(self) -> dict:
+        return {"seed": self.seed, "world_size": self.world_size, "num_workers": self.num_workers,
+                "batch_size": self.batch_size, "samples": self.total, "shards": len(self.shards)}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, **self._layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        changed = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
+        if changed and state["consumed"]:
+            diffs = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+            raise ValueError(f"cannot resume mid-epoch with a different layout ({diffs}): the same samples would "
+                             "not follow. Restore the old settings, or start the next epoch with "
+                             f"set_epoch({state['epoch'] + 1}) instead of loading this state.")
+        if state["consumed"] % self.batch_size or not 0 <= state["consumed"] <= self.samples_per_rank:
+            raise ValueError(f"position {state['consumed']} is not a whole number of batches of {self.batch_size} "
+                             f"within the {self.samples_per_rank} samples of an epoch")
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+
+    def loader(self, **kwargs) -> ShardLoader:
+        """A DataLoader with this stream's batch size and worker count that keeps the position."""
+        return ShardLoader(self, **kwargs)
+
+    def __iter__(self) -> Iterator[dict]:
+        # Read the position now, not on the first next(): ShardLoader moves it while batches flow.
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.consumed and num_workers != max(self.num_workers, 1):
+            raise RuntimeError(f"this stream resumes a position recorded with {self.num_workers} DataLoader "
+                               f"workers but runs in {num_workers}; build the DataLoader with stream.loader()")
+        consumed_batches = self.consumed // self.batch_size
+        # A new DataLoader takes its first batch from worker 0, but the epoch continues with batch
+        # `consumed_batches`, which came from worker consumed_batches % num_workers: rotate the roles.
+        role = (worker + consumed_batches) % num_workers
+        return self._iterate(self.epoch, consumed_batches, role, num_workers, in_worker=info is not None)
+
+    def _iterate(self, epoch: int, consumed_batches: int, worker: int, num_workers: int,
+                 in_worker: bool) -> Iterator[dict]:
+        order = np.random.default_rng([_SHARD_ORDER, self.seed, epoch]).permutation(len(self.shards))
+        first, count = worker_batches(self.steps_per_epoch, num_workers, worker)
+        start = self.rank * (self.total // self.world_size) + first * self.batch_size
+        n = count * self.batch_size
+        segments = run_segments([self.shards[i] for i in order], start, start + n)
+
+        shuffle = BufferedShuffle(n, self.shuffle_buffer,
+                                  np.random.default_rng([_BUFFER, self.seed, epoch, self.rank, worker]))
+        positions = iter(shuffle)
+        for _ in range(worker_consumed(consumed_batches, num_workers, worker) * self.batch_size):
+            next(positions)
+        samples = self._read(segments, keep=set(shuffle.buffer), start=shuffle.pulled)
+
+        # Samples arrive in position order and wait here until the shuffle asks for them; this holds
+        # only samples whose positions sit in the shuffle buffer, so at most shuffle_buffer + 1.
+        pending: dict[int, Sample] = {}
+        for pos in positions:
+            while pos not in pending:
+                got, sample = next(samples)
+                pending[got] = sample
+            yield self._decode(pending.pop(pos), epoch, restore_rngs=not in_worker)
+
+    def _read(self, segments: list[Segment], keep: set[int], start: int) -> Iterator[tuple[int, Sample]]:
+        """(position, sample) for the positions in ``keep`` or from ``start`` on, opening only the shards
+        that hold some; a resumed worker skips the shards it has consumed entirely."""
+        for seg in segments:
+            end = seg.pos + seg.count
+            wanted = [p for p in keep if seg.pos <= p < end]
+            if end <= start and not wanted:
+                continue
+            last = end - 1 if end > start else max(wanted)
+            for index, sample in enumerate(read_shard(seg.shard.path)):
+                if index < seg.first:
+                    continue
+                pos = seg.pos + index - seg.first
+                if pos >= start or pos in keep:
+                    yield pos, sample
+                if pos == last:
+                    break
+            else:
+                raise RuntimeError(f"{seg.shard.path} holds fewer samples than the {seg.shard.samples} its "
+                                   "index.json lists: the shard is damaged; rerun `medssl ingest` on that output")
+
+    def _decode(self, sample: Sample, epoch: int, restore_rngs: bool) -> dict:
+        values = decode_pixels(sample.png, sample.meta)
+        if self.transform is not None:
+            with seeded_global_rngs(sample_seed(self.seed, epoch, sample.key), restore=restore_rngs):
+                values = self.transform(values, sample.meta["intensity"]["semantics"])
+        return {"key": sample.key, "meta": sample.meta, "values": values}
+
+
+class ShardLoader:
+    """Batches of a ``ShardStream`` from a torch DataLoader, counted into the stream's position.
+
+    Iterating it continues the stream's epoch from its position; after a complete epoch the stream
+    moves to the start of the next. ``persistent_workers`` is refused (workers would keep the epoch
+    they started with) and so is ``in_order=False`` (resume relies on the DataLoader's batch order).
+    """
+
+    def __init__(self, stream: ShardStream, **kwargs):
+        if kwargs.get("persistent_workers") or kwargs.get("in_order") is False:
+            raise ValueError("ShardLoader needs persistent_workers=False and in_order=True")
+        self.stream = stream
+        kwargs.setdefault("collate_fn", collate_samples)
+        self._loader = DataLoader(stream, batch_size=stream.batch_size, num_workers=stream.num_workers, **kwargs)
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch (``stream.steps_per_epoch`` for a whole one)."""
+        return self.stream.steps_per_epoch - self.stream.consumed // self.stream.batch_size
+
+    def __iter__(self) -> Iterator:
+        stream = self.stream
+        for batch in self._loader:
+            stream.consumed += stream.batch_size
+            yield batch
+        if stream.consumed == stream.samples_per_rank:
+            stream.set_epoch(stream.epoch + 1)

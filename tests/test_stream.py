@@ -1,0 +1,254 @@
+"""ShardStream: rank/worker split, seeded epochs, bounded buffer, exact mid-epoch resume (data/stream.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import medssl.data.stream as stream_module
+from medssl.config import IngestConfig
+from medssl.data.stream import BufferedShuffle, ShardStream
+from medssl.ingest import ingest
+from medssl.shard_format import decode_pixels, read_shard
+
+# Two archives of 11 and 7 images; 4 files per work unit and 3 samples per shard give uneven shards
+# (3, 1, 3, 1, 3 and 3, 1, 3): 18 samples in 8 shards.
+ARCHIVE_SIZES = (11, 7)
+TOTAL = sum(ARCHIVE_SIZES)
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory) -> list[Path]:
+    base = tmp_path_factory.mktemp("stream")
+    (base / "salt").write_text("stream-test-salt-0123456789abcdef")
+    outs, image = [], 0
+    for n in ARCHIVE_SIZES:
+        folder = base / f"in{len(outs)}"
+        folder.mkdir()
+        for _ in range(n):  # distinct content: ingest drops duplicates
+            Image.fromarray((np.arange(64).reshape(8, 8) * 3 + image * 7).astype(np.uint8)).save(folder / f"{image}.png")
+            image += 1
+        out = base / f"out{len(outs)}"
+        ingest(IngestConfig(inputs=[folder], out=out, workers=1, files_per_chunk=4, samples_per_shard=3,
+                            salt_file=base / "salt"), show_progress=False)
+        outs.append(out)
+    return outs
+
+
+def all_keys(archives: list[Path]) -> set[str]:
+    return {s.key for out in archives for shard in (out / "shards").glob("*.tar") for s in read_shard(shard)}
+
+
+def keys(stream: ShardStream) -> list[str]:
+    return [s["key"] for s in stream]
+
+
+def noisy(values: np.ndarray, semantics: str) -> np.ndarray:
+    """A transform drawing from torch's and numpy's global generators, like a real augmentation."""
+    return values + torch.rand(1).item() + np.random.rand()
+
+
+def test_fixture_has_uneven_shards(archives):
+    stream = ShardStream(archives)
+    assert stream.total == TOTAL and len(stream.shards) == 8
+    assert sorted({s.samples for s in stream.shards}) == [1, 3]
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_ranks_and_workers_split_an_epoch_without_duplicates(archives, batch_size):
+    seen, batches_per_rank = [], []
+    for rank in range(2):
+        stream = ShardStream(archives, batch_size=batch_size, num_workers=2, rank=rank, world_size=2,
+                             shuffle_buffer=3, seed=5)
+        stream.set_epoch(2)
+        batches = [b["key"] for b in stream.loader()]
+        assert all(len(b) == batch_size for b in batches)
+        batches_per_rank.append(len(batches))
+        seen += [k for b in batches for k in b]
+    # DDP needs equal step counts; what is dropped is less than world_size * batch_size samples.
+    assert batches_per_rank[0] == batches_per_rank[1] == TOTAL // 2 // batch_size
+    assert len(seen) == len(set(seen)) and set(seen) <= all_keys(archives)
+    dropped = TOTAL - len(seen)
+    assert dropped == (0 if batch_size == 1 else 2) and dropped < 2 * batch_size
+
+
+def test_a_single_rank_reads_every_sample(archives):
+    single = ShardStream(archives)
+    assert sorted(keys(single)) == sorted(all_keys(archives))
+    assert (single.rank, single.world_size) == (0, 1)  # torch.distributed is not initialised here
+
+
+def test_seeded_epochs(archives):
+    def order(seed: int, epoch: int) -> list[str]:
+        stream = ShardStream(archives, seed=seed, shuffle_buffer=4)
+        stream.set_epoch(epoch)
+        return keys(stream)
+
+    first = order(0, 0)
+    assert order(0, 0) == first
+    assert sorted(order(0, 1)) == sorted(first) and order(0, 1) != first
+    assert order(1, 0) != first
+
+
+def test_buffered_shuffle_is_bounded_and_shuffles():
+    shuffle = BufferedShuffle(100, 8, np.random.default_rng(0))
+    out = []
+    for pos in shuffle:
+        out.append(pos)
+        assert len(shuffle.buffer) <= 8 and shuffle.pulled - len(out) <= 8
+    assert sorted(out) == list(range(100)) and out != list(range(100))
+    assert list(BufferedShuffle(20, 1, np.random.default_rng(0))) == list(range(20))
+
+
+def test_stream_holds_at_most_the_buffer(archives, monkeypatch):
+    read = 0
+
+    def counting_read_shard(path):
+        nonlocal read
+        for sample in read_shard(path):
+            read += 1
+            yield sample
+
+    monkeypatch.setattr(stream_module, "read_shard", counting_read_shard)
+    yielded = 0
+    for _ in ShardStream(archives, shuffle_buffer=4):
+        yielded += 1
+        assert read - yielded <= 4 + 1
+    assert yielded == TOTAL
+
+
+def test_samples_are_decoded_values_with_metadata(archives):
+    stored = {s.key: s for out in archives for shard in (out / "shards").glob("*.tar") for s in read_shard(shard)}
+    for sample in ShardStream(archives):
+        expected = stored[sample["key"]]
+        assert sample["meta"] == expected.meta
+        assert sample["values"].dtype == np.float32 and sample["values"].shape == (8, 8)
+        np.testing.assert_array_equal(sample["values"], decode_pixels(expected.png, expected.meta))
+
+
+@pytest.mark.parametrize(("num_workers", "batch_size", "stop_after"), [(2, 1, 5), (2, 2, 3), (0, 2, 2)])
+def test_resume_mid_epoch_gives_the_remaining_batches(archives, num_workers, batch_size, stop_after):
+    def make() -> ShardStream:
+        s = ShardStream(archives, batch_size=batch_size, num_workers=num_workers, rank=1, world_size=2,
+                        shuffle_buffer=3, transform=noisy, seed=3)
+        s.set_epoch(1)
+        return s
+
+    uninterrupted = list(make().loader())
+
+    first = make()
+    loader = first.loader()
+    for _, _ in zip(range(stop_after), loader):
+        pass
+    state = first.state_dict()
+    assert state["epoch"] == 1 and state["consumed"] == stop_after * batch_size
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = list(resumed.loader())
+    assert [b["key"] for b in rest] == [b["key"] for b in uninterrupted[stop_after:]]
+    for got, want in zip(rest, uninterrupted[stop_after:]):
+        torch.testing.assert_close(got["values"], want["values"], rtol=0, atol=0)  # same augmentations too
+    assert (resumed.epoch, resumed.consumed) == (2, 0)  # a finished epoch moves on to the next
+
+
+def test_resume_does_not_reread_consumed_shards(archives, monkeypatch):
+    opened = []
+
+    def recording_read_shard(path):
+        opened.append(path)
+        return read_shard(path)
+
+    monkeypatch.setattr(stream_module, "read_shard", recording_read_shard)
+    full = keys(ShardStream(archives, shuffle_buffer=2))
+    n_full = len(opened)
+    opened.clear()
+    stream = ShardStream(archives, shuffle_buffer=2)
+    stream.load_state_dict({**stream.state_dict(), "consumed": 14})
+    assert keys(stream) == full[14:]
+    assert len(opened) < n_full
+
+
+def test_transform_leaves_the_callers_random_state_alone(archives):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    expected = torch.rand(1), np.random.rand()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    list(ShardStream(archives, transform=noisy))
+    assert (torch.rand(1), np.random.rand()) == expected
+
+
+def test_resume_with_another_layout_is_refused(archives):
+    two_ranks = ShardStream(archives, rank=0, world_size=2)
+    one_rank = ShardStream(archives)
+    with pytest.raises(ValueError, match="world_size: 2 -> 1"):
+        one_rank.load_state_dict({**two_ranks.state_dict(), "consumed": 3})
+    one_rank.load_state_dict({**two_ranks.state_dict(), "epoch": 4})  # an epoch's start is fine
+    assert (one_rank.epoch, one_rank.consumed) == (4, 0)
+    with pytest.raises(ValueError, match="whole number of batches"):
+        ShardStream(archives, batch_size=2).load_state_dict({**ShardStream(archives, batch_size=2).state_dict(),
+                                                             "consumed": 3})
+
+
+def test_clear_errors(archives, tmp_path):
+    with pytest.raises(FileNotFoundError, match="index.json is missing"):
+        ShardStream(tmp_path)
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        ShardStream(archives, batch_size=10, world_size=2, rank=0)
+
+
+def round_robin(stream: ShardStream, num_workers: int) -> list[list[str]]:
+    """The batches a DataLoader with ``num_workers`` workers hands out: batch j from worker j % num_workers
+    while it has batches (what torch's in-order DataLoader does), simulated without processes."""
+    consumed_batches = stream.consumed // stream.batch_size
+    streams = [stream._iterate(stream.epoch, consumed_batches, (w + consumed_batches) % num_workers, num_workers,
+                               in_worker=True) for w in range(num_workers)]
+    batches, active = [], list(range(num_workers))
+    while active:
+        for w in list(active):
+            batch = [s["key"] for _, s in zip(range(stream.batch_size), streams[w])]
+            if len(batch) < stream.batch_size:
+                assert not batch, "a worker ended inside a batch"
+                active.remove(w)
+            else:
+                batches.append(batch)
+    return batches
+
+
+def test_split_and_resume_over_many_layouts(monkeypatch):
+    """Many shard sizes, rank counts, worker counts, batch sizes and resume points, on synthetic shards."""
+    from medssl.data.stream import Shard
+    from medssl.shard_format import Sample
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 9, 30)
+    shards = [Shard(Path(f"s{i}"), int(n)) for i, n in enumerate(sizes)]
+    monkeypatch.setattr(stream_module, "list_shards", lambda roots: shards)
+    monkeypatch.setattr(stream_module, "read_shard",
+                        lambda path: (Sample(f"{path}-{i}", b"", {}) for i in range(int(sizes[int(str(path)[1:])]))))
+    monkeypatch.setattr(ShardStream, "_decode", lambda self, sample, epoch, restore_rngs: {"key": sample.key})
+    total = int(sizes.sum())
+    for _ in range(25):
+        world, workers, batch, buffer = (int(x) for x in rng.integers(1, [5, 5, 7, 10]))
+        seen = []
+        for rank in range(world):
+            def make() -> ShardStream:
+                s = ShardStream([], batch_size=batch, num_workers=workers, rank=rank, world_size=world,
+                                shuffle_buffer=buffer, seed=7)
+                s.set_epoch(3)
+                return s
+
+            stream = make()
+            full = round_robin(stream, workers)
+            assert len(full) == stream.steps_per_epoch == total // world // batch
+            seen += [k for b in full for k in b]
+            stop = int(rng.integers(0, len(full) + 1))
+            resumed = make()
+            resumed.load_state_dict({**resumed.state_dict(), "consumed": stop * batch})
+            assert round_robin(resumed, workers) == full[stop:]
+        assert len(seen) == len(set(seen)) and total - len(seen) < world * batch
