@@ -1,0 +1,1 @@
+"""Training data: shard streaming and multi-crop medical augmentation."""
