@@ -38,3 +38,31 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent (it sits beside the repository on the team's machines and in CI)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Shards of 40 small synthetic images (ellipses on noise, CT DICOM and PNG), made by medssl ingest."""
+    import numpy as np
+    from PIL import Image
+
+    from helpers import write_ct_dicom
+    from medssl.config import IngestConfig
+    from medssl.ingest import ingest
+
+    root = tmp_path_factory.mktemp("tiny")
+    src = root / "archive"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    for i in range(40):
+        cy, cx, r = rng.integers(16, 48, 2).tolist() + [int(rng.integers(6, 16))]
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(float)
+        if i % 2:
+            write_ct_dicom(src / f"ct{i}.dcm", -800 + 850 * blob + rng.normal(0, 20, (64, 64)))
+        else:
+            Image.fromarray(np.clip(60 + 150 * blob + rng.normal(0, 10, (64, 64)), 0, 255).astype(np.uint8)).save(
+                src / f"xr{i}.png")
+    out = root / "shards"
+    ingest(IngestConfig(inputs=[src], out=out, workers=1, files_per_chunk=10, samples_per_shard=10), show_progress=False)
+    return out

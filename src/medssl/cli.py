@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from medssl import __version__
-from medssl.config import ConfigError, IngestConfig, load_config
+from medssl.config import ConfigError, IngestConfig, PretrainConfig, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -56,16 +57,48 @@ def _run_ingest(args) -> int:
     return code
 
 
+def _pretrain_parser(sub) -> None:
+    p = sub.add_parser(
+        "pretrain", help="self-supervised pretraining on shards (SwAV clustering + InfoNCE, multi-crop)",
+        description="Train an encoder without labels on the shards of `medssl ingest`. Rerun the same command to "
+                    "resume from the run folder's checkpoint. Multi-GPU / multi-node: launch with torchrun, e.g. "
+                    "`torchrun --nproc_per_node 8 -m medssl.cli pretrain ...`.",
+        epilog="settings (--set KEY=VALUE or YAML): " + ", ".join(
+            f"{k} (default {v.default!r})" for k, v in PretrainConfig.model_fields.items()
+            if k not in ("shards", "out")),
+    )
+    p.add_argument("shards", nargs="*", type=Path, help="ingest output folders")
+    p.add_argument("--out", type=Path, help="run folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_args(p)
+
+
+def _run_pretrain(args) -> int:
+    from medssl.train.pretrain import pretrain
+
+    cfg = load_config(PretrainConfig, args.config, {"shards": args.shards or None, "out": args.out}, args.overrides)
+    if not cfg.shards or cfg.out is None:
+        raise ConfigError("pretrain needs shard folders and --out RUN_DIR")
+    for folder in cfg.shards:
+        if not (Path(folder) / "index.json").exists():
+            raise ConfigError(f"{folder} has no index.json: pass folders written by `medssl ingest`")
+    run = pretrain(cfg, show_progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"encoder: {run / 'encoder.safetensors'} (load with medssl.load_encoder({str(run)!r}))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medssl", description="Self-supervised learning from large medical image archives.")
     parser.add_argument("--version", action="version", version=f"medssl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _ingest_parser(sub)
+    _pretrain_parser(sub)
     return parser
 
 
-COMMANDS = {"ingest": _run_ingest}
+COMMANDS = {"ingest": _run_ingest, "pretrain": _run_pretrain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -59,6 +59,64 @@ class IngestConfig(StrictModel):
     @classmethod
     def _upper(cls, v: str) -> str:
         return v if v == "auto" else v.upper()
+
+
+class PretrainConfig(StrictModel):
+    """Settings of ``medssl pretrain`` (see README, section "Pretrain")."""
+
+    shards: list[Path] = Field(default_factory=list, description="ingest output folders (several are combined)")
+    out: Path | None = Field(default=None, description="run folder: checkpoints, encoder, metrics")
+    # model
+    backbone: str = Field(default="resnet18", description="timm backbone: resnet18, resnet50, densenet121, vit_small_patch16_224, ...")
+    proj_hidden: int = Field(default=2048, ge=1)
+    proj_dim: int = Field(default=128, ge=1)
+    n_prototypes: int = Field(default=3000, ge=2)
+    # views
+    crops: Literal["cpu", "swav"] = Field(default="cpu", description="multi-crop preset: cpu = 2x96 + 4x48, swav = 2x224 + 6x96")
+    augment: dict[str, Any] = Field(default_factory=dict, description="overrides of the preset (fields of MultiCropConfig)")
+    # objective: w_cluster * L_swav + w_contrast * L_infonce
+    w_cluster: float = Field(default=1.0, ge=0)
+    w_contrast: float = Field(default=1.0, ge=0)
+    temperature: float = Field(default=0.1, gt=0, description="SwAV softmax temperature")
+    nce_temperature: float = Field(default=0.1, gt=0)
+    sinkhorn_epsilon: float = Field(default=0.05, gt=0)
+    sinkhorn_iterations: int = Field(default=3, ge=1)
+    queue_length: int = Field(default=0, ge=0, description="feature queue length over all ranks (0: none)")
+    freeze_prototypes_steps: int = Field(default=100, ge=0, description="prototypes get no update for these first steps")
+    # optimisation
+    batch_size: int = Field(default=64, ge=1, description="per process")
+    epochs: int = Field(default=10, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many steps (default: epochs)")
+    optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    lr: float = Field(default=0.6, gt=0, description="learning rate for a global batch of 256 (scaled linearly)")
+    final_lr: float = Field(default=0.0006, ge=0, description="end of the cosine decay, for a global batch of 256")
+    warmup_steps: int = Field(default=50, ge=0)
+    weight_decay: float = Field(default=1e-6, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    grad_clip: float | None = Field(default=3.0, gt=0, description="max gradient norm (None: no clipping)")
+    max_bad_steps: int = Field(default=5, ge=1, description="stop after this many consecutive non-finite losses")
+    precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU")
+    channels_last: bool = True
+    # data and bookkeeping
+    workers: int = Field(default=2, ge=0, description="DataLoader worker processes per training process")
+    shuffle_buffer: int = Field(default=1000, ge=1)
+    checkpoint_every: int = Field(default=500, ge=1, description="steps between checkpoints")
+    log_every: int = Field(default=10, ge=1)
+    seed: int = Field(default=0, ge=0)
+    deterministic: bool = Field(default=False, description="deterministic kernels (exact resume, slower)")
+    device: str = Field(default="auto", description="auto, cpu or cuda")
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        if self.w_cluster + self.w_contrast == 0:
+            raise ValueError("w_cluster and w_contrast cannot both be 0")
+        self.multicrop()  # validates the augment overrides now, not at the first batch
+        return self
+
+    def multicrop(self):
+        from medssl.data.augment import MultiCropConfig  # lazy: augment imports this module
+
+        return MultiCropConfig.model_validate({**MultiCropConfig.preset(self.crops).model_dump(), **self.augment})
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -1,0 +1,209 @@
+"""The pretraining loop: shards -> multi-crop views -> backbone + heads -> hybrid loss -> encoder.
+
+One screen of training loop (``pretrain``), with the set-up and bookkeeping in small helpers around
+it. Works the same in one process and under ``torchrun`` (DDP; nccl on GPUs, gloo on CPU).
+
+Resume: rerunning the same command continues from ``checkpoint.pt`` in the run folder. The checkpoint
+holds model, optimiser, step, the data position, every rank's random state and loss state (the
+feature queue is per rank), so a resumed run takes the same steps an uninterrupted one would
+(bit-exact in fp32 with ``deterministic=True`` on the same machine and process count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from medssl import __version__
+from medssl.config import PretrainConfig, dump_config
+from medssl.data.augment import MultiCrop
+from medssl.data.stream import ShardStream
+from medssl.models.export import save_encoder
+from medssl.models.ssl_model import SSLModel
+from medssl.ssl import FeatureQueue, HybridLoss
+from medssl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from medssl.train.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown_distributed
+from medssl.train.optim import build_optimizer
+from medssl.train.schedule import warmup_cosine
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after ``max_bad_steps`` consecutive non-finite losses."""
+
+
+def _use_bf16(cfg: PretrainConfig, device: torch.device) -> bool:
+    """bf16 autocast by default on GPUs that support it. Not by default on CPU: there it is faster, but in
+    our tests its oneDNN kernels gave different gradients for identical inputs after a resume and, rarely,
+    non-finite gradients (see docs/ARCHITECTURE.md); ``precision=bf16`` still enables it."""
+    if cfg.precision != "auto":
+        return cfg.precision == "bf16"
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _gather(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj`` (random states, queues), for a checkpoint that restores each rank exactly."""
+    if info.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _data_summary(shards: list[Path]) -> dict:
+    summary: dict[str, Any] = {"shard_folders": [str(s) for s in shards], "samples": 0, "by_modality": {}}
+    for folder in shards:
+        summary["samples"] += json.loads((Path(folder) / "index.json").read_text())["samples"]
+        report = Path(folder) / "report.json"
+        if report.exists():
+            for modality, counts in json.loads(report.read_text())["by_modality"].items():
+                summary["by_modality"][modality] = summary["by_modality"].get(modality, 0) + counts["samples"]
+    return summary
+
+
+class _Log:
+    """metrics.jsonl and TensorBoard events, written by rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(f"pretrain/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def pretrain(cfg: PretrainConfig, show_progress: bool = True) -> Path:
+    """Train; returns the run folder holding ``encoder.safetensors`` and ``model_card.json``."""
+    info = init_distributed(cfg.device)
+    try:
+        return _pretrain(cfg, info, show_progress)
+    finally:
+        shutdown_distributed()
+
+
+def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + info.rank)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    crops = cfg.multicrop()
+    stream = ShardStream(cfg.shards, batch_size=cfg.batch_size, num_workers=cfg.workers, seed=cfg.seed,
+                         shuffle_buffer=cfg.shuffle_buffer, transform=MultiCrop(crops),
+                         rank=info.rank, world_size=info.world_size)
+    loader = stream.loader(pin_memory=info.device.type == "cuda")
+    total_steps = min(cfg.epochs * stream.steps_per_epoch, cfg.max_steps or math.inf)
+
+    model = SSLModel(cfg.backbone, cfg.proj_hidden, cfg.proj_dim, cfg.n_prototypes,
+                     channels_last=cfg.channels_last).to(info.device)
+    # Without the SwAV term the prototypes get no gradient, which DDP must be told about.
+    ddp = DistributedDataParallel(model, find_unused_parameters=cfg.w_cluster == 0) if info.world_size > 1 else model
+    queue = FeatureQueue(crops.n_global, cfg.queue_length // info.world_size, cfg.proj_dim) if cfg.queue_length else None
+    loss_fn = HybridLoss(cfg.w_cluster, cfg.w_contrast, crops.n_global, cfg.temperature, cfg.nce_temperature,
+                         cfg.sinkhorn_epsilon, cfg.sinkhorn_iterations, queue).to(info.device)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
+    lr_scale = cfg.batch_size * info.world_size / 256  # linear scaling rule (Goyal et al. 2017)
+    bf16 = _use_bf16(cfg, info.device)
+
+    step = 0
+    if (out / CHECKPOINT).exists():
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loss_fn.load_state_dict(ckpt["loss"][info.rank])
+        stream.load_state_dict(ckpt["data"])
+        set_rng_state(ckpt["rng"][info.rank])
+        step = ckpt["step"]
+
+    def checkpoint() -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "data": stream.state_dict(), "rng": _gather(rng_state(), info),
+                 "loss": _gather({k: v.cpu() for k, v in loss_fn.state_dict().items()}, info),
+                 "config": dump_config(cfg)}
+        if info.is_main:
+            save_checkpoint(out / CHECKPOINT, state)
+
+    log = _Log(out, info.is_main)
+    bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", disable=not (show_progress and info.is_main))
+    bad_steps, seen, t_log = 0, 0, time.perf_counter()
+    while step < total_steps:
+        stream.set_epoch(step // stream.steps_per_epoch)
+        for batch in loader:
+            views = [v.to(info.device, non_blocking=True) for v in batch["values"]]
+            lr = warmup_cosine(step, total_steps, cfg.lr * lr_scale, cfg.final_lr * lr_scale, cfg.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.normalize_prototypes()
+            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=bf16):
+                embeddings, scores = ddp(views)
+            loss, parts = loss_fn(embeddings, scores, model.prototypes)
+
+            # Every rank must agree to skip, or DDP's gradient all-reduce would wait forever.
+            bad = torch.tensor(float(not torch.isfinite(loss)), device=info.device)
+            if info.world_size > 1:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            optimizer.zero_grad(set_to_none=True)
+            if bad.item():
+                bad_steps += 1
+                log.write({"step": step, "event": "non-finite loss, step skipped", "consecutive": bad_steps})
+                if bad_steps >= cfg.max_bad_steps:
+                    checkpoint()
+                    raise TrainingDiverged(f"{bad_steps} consecutive non-finite losses at step {step}; "
+                                           "lower lr, raise warmup_steps or check the data")
+                continue
+            bad_steps = 0
+            loss.backward()
+            if step < cfg.freeze_prototypes_steps:  # SwAV: fixed prototypes while features are still random
+                model.prototypes.weight.grad = None
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            seen += len(batch["key"]) * info.world_size
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - t_log
+                record = {"step": step, "epoch": stream.epoch, "lr": lr,
+                          "loss": all_reduce_mean(loss.detach()).item(),
+                          **{k: all_reduce_mean(v).item() for k, v in parts.items()},
+                          "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+                seen, t_log = 0, time.perf_counter()
+            if step % cfg.checkpoint_every == 0 or step == total_steps:
+                checkpoint()
+            if step >= total_steps:
+                break
+    bar.close()
+    log.close()
+    if info.is_main:
+        save_encoder(out, model.backbone, {
+            "architecture": cfg.backbone, "in_chans": 1, "feature_dim": model.feature_dim,
+            "input_size": crops.global_size, "steps": step, "medssl_version": __version__,
+            "config": dump_config(cfg), "data": _data_summary(cfg.shards),
+        })
+    return out
