@@ -33,7 +33,7 @@ class IngestConfig(StrictModel):
     workers: int = Field(default=2, ge=1, description="local worker processes")
     engine: Literal["local", "ray"] = "local"
     ray_address: str | None = Field(default=None, description="Ray cluster address; None starts a local Ray")
-    files_per_chunk: int = Field(default=64, ge=1, description="input files per work unit (one unit writes its own shards)")
+    files_per_chunk: int = Field(default=256, ge=1, description="input files per work unit (one unit writes its own shards; larger units give larger shards)")
     samples_per_shard: int = Field(default=1000, ge=1, description="a work unit starts a new shard after this many samples")
     max_side: int = Field(default=512, ge=8, description="resize so that the longer side is at most this")
     planes: list[Plane] = Field(default_factory=lambda: ["axial"], description="planes sliced from 3D volumes")

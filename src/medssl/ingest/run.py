@@ -84,6 +84,8 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
         chunks = plan.chunks()
         todo = [c for c in range(len(chunks)) if not part_path(out, c).exists()]
 
+        unit_cfg = cfg.model_copy(update={"inputs": []})  # the plan holds the paths; don't pickle them per unit
+
         def job(c: int) -> ChunkJob:
             files = []
             for i in chunks[c]:
@@ -91,7 +93,7 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
                 dup = plan.files[f.duplicate_of] if f.duplicate_of is not None else None
                 files.append((FileTask(i, plan.path(i), f.sha256), manifest_path(_rel(plan, i), cfg, salt), f.error,
                               manifest_path(_rel(plan, f.duplicate_of), cfg, salt) if dup else None))
-            return ChunkJob(c, files, cfg, str(out), salt)
+            return ChunkJob(c, files, unit_cfg, str(out), salt)
 
         start = time.perf_counter()
         n_files = n_samples = 0
