@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 
 from medssl.ssl import InfoNCELoss

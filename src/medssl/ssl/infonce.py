@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medssl.ssl.distributed import all_gather_with_grad, rank, world_size
+from medssl.distributed import all_gather_with_grad, rank, world_size
 
 
 class InfoNCELoss(nn.Module):

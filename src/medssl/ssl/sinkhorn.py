@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from medssl.ssl.distributed import all_reduce_
+from medssl.distributed import all_reduce_
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from medssl.models.export import save_encoder
 from medssl.models.ssl_model import SSLModel
 from medssl.ssl import FeatureQueue, HybridLoss
 from medssl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from medssl.train.distributed import DistInfo, all_reduce_mean, init_distributed, shutdown_distributed
+from medssl.distributed import DistInfo, all_gather_objects, all_reduce_mean, init_distributed, shutdown_distributed
 from medssl.train.optim import build_optimizer
 from medssl.train.schedule import warmup_cosine
 
@@ -48,15 +48,6 @@ def _use_bf16(cfg: PretrainConfig, device: torch.device) -> bool:
     if cfg.precision != "auto":
         return cfg.precision == "bf16"
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-def _gather(obj: Any, info: DistInfo) -> list[Any]:
-    """Every rank's ``obj`` (random states, queues), for a checkpoint that restores each rank exactly."""
-    if info.world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _data_summary(shards: list[Path]) -> dict:
@@ -140,8 +131,8 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> Path:
 
     def checkpoint() -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "data": stream.state_dict(), "rng": _gather(rng_state(), info),
-                 "loss": _gather({k: v.cpu() for k, v in loss_fn.state_dict().items()}, info),
+                 "data": stream.state_dict(), "rng": all_gather_objects(rng_state()),
+                 "loss": all_gather_objects({k: v.cpu() for k, v in loss_fn.state_dict().items()}),
                  "config": dump_config(cfg)}
         if info.is_main:
             save_checkpoint(out / CHECKPOINT, state)
