@@ -11,3 +11,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps -e .
+# The report test renders the HTML in headless Chromium (Debian package `chromium`). CI runs as root on a
+# fresh machine: install it there. Elsewhere, or if apt fails, that test skips and says why.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+    || echo "warning: could not install chromium; tests/test_report.py will skip its browser check" >&2
+fi

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from medssl import __version__
-from medssl.config import ConfigError, IngestConfig, PretrainConfig, load_config
+from medssl.config import ConfigError, FinetuneConfig, IngestConfig, PretrainConfig, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -88,6 +88,87 @@ def _run_pretrain(args) -> int:
     return 0
 
 
+_FINETUNE_FLAGS = ("task", "init", "mode", "label_fraction", "seed", "out", "target_auc", "target_from", "skip_bad")
+
+
+def _finetune_parser(sub) -> None:
+    p = sub.add_parser(
+        "finetune", help="train and evaluate on a labeled task (linear probe, fine-tuning or hybrid) from a run or scratch",
+        description="Train a classifier on a task CSV (path,label[,split][,group]) from a pretrained run folder or "
+                    "from scratch, pick the epoch with the best validation AUC, and report the test AUC with a "
+                    "bootstrap 95% interval. Writes metrics.json, best.pt and test_predictions.csv to --out.",
+        epilog="settings (--set KEY=VALUE or YAML): " + ", ".join(
+            f"{k} (default {v.get_default(call_default_factory=True)!r})"
+            for k, v in FinetuneConfig.model_fields.items() if k not in _FINETUNE_FLAGS),
+    )
+    p.add_argument("--task", type=Path, help="task CSV")
+    p.add_argument("--init", help="a `medssl pretrain` run folder, or scratch (default)")
+    p.add_argument("--mode", choices=["linear", "finetune", "hybrid"], help="default finetune")
+    p.add_argument("--label-fraction", type=float, help="fraction of labeled training images used (default 1)")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--out", type=Path, help="output folder")
+    p.add_argument("--target-auc", type=float, help="report the steps needed to reach this validation AUC")
+    p.add_argument("--target-from", type=Path, help="target = another finetune output folder's best validation AUC")
+    p.add_argument("--skip-bad", action="store_true", default=None, help="leave out missing/unreadable images (listed in metrics.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_args(p)
+
+
+def _run_finetune(args) -> int:
+    from medssl.downstream import TaskError
+    from medssl.downstream.training import METRICS, run_finetune
+
+    flags = {k: getattr(args, k) for k in _FINETUNE_FLAGS}
+    cfg = load_config(FinetuneConfig, args.config, flags, args.overrides)
+    if cfg.task is None or cfg.out is None:
+        raise ConfigError("finetune needs --task TASK.csv and --out DIR")
+    try:
+        m = run_finetune(cfg, show_progress=not args.quiet)
+    except TaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    lo, hi = m["test_auc_ci"] or (float("nan"), float("nan"))
+    print(f"test AUC {m['test_auc']:.4f} (95% CI {lo:.4f}-{hi:.4f}, {m['task']['images']['test']} images); "
+          f"best validation AUC {m['best_val_auc']:.4f} at step {m['best_step']} of {m['steps']}")
+    if m["task"]["skipped"]:
+        print(f"skipped {len(m['task']['skipped'])} unusable images (listed in metrics.json under task.skipped)")
+    if m["target_auc"] is not None:
+        reached = m["steps_to_target"]
+        print(f"validation AUC {m['target_auc']:.4f} " + (f"reached at step {reached}" if reached is not None else "never reached"))
+    print(f"metrics: {Path(cfg.out) / METRICS}")
+    return 0
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report", help="one self-contained HTML page with plots about an ingest output, a run or a bench folder",
+        description="Find the artefacts in DIR and its sub-folders (two levels down): ingest outputs, pretraining "
+                    "runs, downstream runs. Write one HTML file with embedded plots (no external references, opens "
+                    "offline): ingest summary, pretraining loss and throughput, an embedding map of the encoder's "
+                    "features, ROC, convergence, label-efficiency and robustness curves. What is absent is named.",
+    )
+    p.add_argument("dir", type=Path, help="an ingest output, a pretraining run, a downstream run, or a folder of them")
+    p.add_argument("--out", type=Path, help="HTML file to write (default DIR/report.html)")
+    p.add_argument("--task", type=Path, help="task CSV whose labels colour the embedding map (images matched by content)")
+    p.add_argument("--embed-samples", type=int, help="shard images in the embedding map (default 300)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+
+
+def _run_report(args) -> int:
+    from medssl.report import ReportError, build_report
+
+    options = {"embed_samples": args.embed_samples} if args.embed_samples is not None else {}
+    if args.quiet:
+        options["log"] = lambda message: None
+    try:
+        out = build_report(args.dir, out=args.out, task=args.task, **options)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"report: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medssl", description="Self-supervised learning from large medical image archives.")
@@ -95,10 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _ingest_parser(sub)
     _pretrain_parser(sub)
+    _finetune_parser(sub)
+    _report_parser(sub)
     return parser
 
 
-COMMANDS = {"ingest": _run_ingest, "pretrain": _run_pretrain}
+COMMANDS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "finetune": _run_finetune, "report": _run_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,6 +119,127 @@ class PretrainConfig(StrictModel):
         return MultiCropConfig.model_validate({**MultiCropConfig.preset(self.crops).model_dump(), **self.augment})
 
 
+def _validate_nested(model: type[BaseModel], settings: dict[str, Any]) -> None:
+    """Validate a dict of settings meant for another config, as one readable ValueError."""
+    try:
+        model.model_validate(settings)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+        raise ValueError("; ".join(problems)) from None
+
+
+class FinetuneConfig(StrictModel):
+    """Settings of ``medssl finetune`` (see README, section "Downstream")."""
+
+    task: Path | None = Field(default=None, description="task CSV: path,label[,split][,group]")
+    init: str = Field(default="scratch", description="a `medssl pretrain` run folder, or scratch (random weights)")
+    mode: Literal["linear", "finetune", "hybrid"] = Field(default="finetune", description="linear: frozen encoder + linear head; finetune: train everything; hybrid: finetune + ssl_weight x self-supervised loss on all training images")
+    label_fraction: float = Field(default=1.0, gt=0, le=1, description="fraction of the labeled training images used (stratified, seeded)")
+    seed: int = Field(default=0, ge=0, description="seed of initialisation, label subset, batch order and augmentation")
+    out: Path | None = Field(default=None, description="output folder: metrics.json, best.pt, test_predictions.csv")
+    # the task and its images
+    task_type: Literal["auto", "binary", "multiclass", "multilabel"] = Field(default="auto", description="auto: multilabel if a label holds '|', else binary (2 classes) or multiclass")
+    positive_class: str | None = Field(default=None, description="binary tasks: the positive class (default: the second in sorted order)")
+    input_size: int = Field(default=224, ge=8, description="images are resized (aspect kept, padded) to input_size x input_size")
+    ct_window: tuple[float, float] = Field(default=(40.0, 400.0), description="(level, width) in HU through which CT images reach the encoder; default soft tissue, e.g. [40, 80] for brain")
+    percentiles: tuple[float, float] = Field(default=(0.5, 99.5), description="robust range mapped to [0, 1] for MR and images without a defined intensity scale (as in ingest)")
+    nifti_modality: str = Field(default="auto", description="modality of NIfTI files (as in ingest)")
+    raster_modality: str = Field(default="OT", description="modality of PNG/JPEG/TIFF files (as in ingest)")
+    val_fraction: float = Field(default=0.15, gt=0, lt=1, description="share of the training images carved out for validation when the CSV has no val split")
+    test_fraction: float = Field(default=0.15, gt=0, lt=1, description="share of the training images carved out for testing when the CSV has no test split")
+    split_seed: int = Field(default=0, ge=0, description="seed of the carve-out; separate from seed so that every run of a comparison shares one test set")
+    skip_bad: bool = Field(default=False, description="drop missing or unreadable images (listed in metrics.json) instead of stopping")
+    # model
+    backbone: str = Field(default="resnet18", description="timm backbone for --init scratch (a run folder brings its own)")
+    scratch_ssl: dict[str, Any] = Field(default_factory=dict, description="scratch + hybrid: pretrain settings (proj_dim, n_prototypes, w_contrast, crops, ...) for the fresh heads, loss and views; default pretrain's defaults")
+    # optimisation
+    epochs: int = Field(default=20, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many steps (default: epochs)")
+    batch_size: int = Field(default=32, ge=2, description="labeled images per step")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(default=1e-4, gt=0, description="learning rate of the encoder (and, in hybrid mode, of the SSL heads)")
+    head_lr: float = Field(default=1e-3, gt=0, description="learning rate of the new classification head (the only one trained in linear mode)")
+    layer_decay: float | None = Field(default=None, gt=0, le=1, description="layer-wise lr decay of the encoder, e.g. 0.75: each block down gets this factor (None: off)")
+    weight_decay: float = Field(default=1e-4, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up, then cosine decay to 0")
+    patience: int | None = Field(default=None, ge=1, description="early stopping: stop after this many epochs without a better validation AUC")
+    train_augment: bool = Field(default=True, description="random crop/rotation/flip/intensity changes of the labeled images (not in linear mode)")
+    augment: dict[str, Any] = Field(default_factory=dict, description="overrides of the fine-tuning augmentation (fields of MultiCropConfig)")
+    # hybrid regime
+    ssl_weight: float = Field(default=1.0, ge=0, description="hybrid: weight of the self-supervised loss")
+    ssl_batch_size: int = Field(default=16, ge=2, description="hybrid: images (labeled and unlabeled) per step for the self-supervised loss")
+    ssl_augment: dict[str, Any] = Field(default_factory=dict, description="hybrid: overrides of the multi-crop views (default: the pretraining run's views)")
+    # evaluation and convergence
+    target_auc: float | None = Field(default=None, gt=0, le=1, description="report the first step whose validation AUC reaches this")
+    target_from: Path | None = Field(default=None, description="take target_auc from another finetune output folder: its best validation AUC")
+    bootstrap: int = Field(default=1000, ge=10, description="bootstrap resamples of the test AUC's 95% interval")
+    eval_batch_size: int = Field(default=64, ge=1)
+    device: str = Field(default="auto", description="auto, cpu or cuda")
+
+    @field_validator("percentiles")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        return IngestConfig._ordered(v)
+
+    @field_validator("nifti_modality", "raster_modality")
+    @classmethod
+    def _upper(cls, v: str) -> str:
+        return IngestConfig._upper(v)
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _init_path(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v  # Python callers pass run folders as Path objects
+
+    @field_validator("ct_window")
+    @classmethod
+    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] <= 0:
+            raise ValueError(f"need [level, width] with width > 0, got {list(v)}")
+        return v
+
+    @field_validator("augment", "ssl_augment")
+    @classmethod
+    def _crop_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from medssl.data.augment import MultiCropConfig  # lazy: augment imports this module
+
+        _validate_nested(MultiCropConfig, v)  # now rather than at the first batch
+        return v
+
+    @field_validator("scratch_ssl")
+    @classmethod
+    def _pretrain_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _validate_nested(PretrainConfig, v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        if self.target_auc is not None and self.target_from is not None:
+            raise ValueError("give target_auc or target_from, not both")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(f"val_fraction + test_fraction leaves (almost) no training images: {self.val_fraction} + {self.test_fraction}")
+        return self
+
+    def finetune_augment(self):
+        """Augmentation of the labeled images: one view, milder than pretraining, CT through ``ct_window``."""
+        from medssl.data.augment import MultiCropConfig  # lazy: augment imports this module
+
+        base = dict(n_global=1, n_local=0, global_size=self.input_size, global_scale=(0.7, 1.0),
+                    rotation=(-10.0, 10.0), ct_windows=[self.ct_window], ct_window_jitter=0.05,
+                    gamma_prob=0.3, gamma=(0.8, 1.25), contrast=0.1, brightness=0.05,
+                    blur_prob=0.1, blur_sigma=(0.1, 1.0), noise_prob=0.1, noise_std=(0.0, 0.02))
+        return MultiCropConfig.model_validate({**base, **self.augment})
+
+    def scratch_pretrain_config(self) -> PretrainConfig:
+        """The pretraining settings that shape fresh SSL heads, loss and views (hybrid from scratch)."""
+        return PretrainConfig.model_validate({**self.scratch_ssl, "backbone": self.backbone})
+
+
 M = TypeVar("M", bound=BaseModel)
 
 

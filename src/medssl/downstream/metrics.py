@@ -1,0 +1,87 @@
+"""ROC AUC per label and macro, bootstrap 95% intervals, accuracy.
+
+AUC is the Mann-Whitney statistic: the probability that a random positive scores above a random
+negative, ties counting one half (Hanley & McNeil 1982) -- what scikit-learn's ``roc_auc_score``
+computes. Multi-class AUC is one-vs-rest per class; the macro AUC is the plain mean over the labels
+whose AUC is defined (both positives and negatives present).
+
+The bootstrap (Efron & Tibshirani 1993, percentile interval) resamples images with replacement.
+One resample is a vector of counts per image, so every resample's AUC comes from one sort of the
+original scores: ``weighted_auc`` takes the counts as weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUC of one label under R weightings of the images: positive (N,) bool, scores (N,), weights (R, N).
+
+    Returns (R,) with NaN where a weighting has no positive or no negative weight.
+    """
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # tie blocks
+    w = weights[:, order]
+    pos = np.add.reduceat(w * positive[order], starts, axis=1)      # (R, levels) positive weight per score level
+    neg = np.add.reduceat(w * ~positive[order], starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg                              # negative weight strictly below each level
+    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos * (below + 0.5 * neg)).sum(1) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """AUC of one label; None when only one class is present."""
+    positive = np.asarray(positive).astype(bool)
+    auc = weighted_auc(positive, np.asarray(scores, dtype=np.float64), np.ones((1, len(positive))))[0]
+    return None if np.isnan(auc) else float(auc)
+
+
+def _interval(values: np.ndarray) -> list[float] | None:
+    values = values[~np.isnan(values)]
+    return [float(v) for v in np.percentile(values, [2.5, 97.5])] if len(values) else None
+
+
+def auc_report(targets: np.ndarray, scores: np.ndarray, names: list[str], n_bootstrap: int = 1000,
+               seed: int = 0) -> dict:
+    """Per-label and macro AUC with bootstrap 95% intervals.
+
+    targets, scores: (N, K); names: K label names. Returns ``auc`` (macro), ``auc_ci``, ``per_label``
+    {name: auc or None}, ``per_label_ci`` {name: [lo, hi] or None} and ``bootstrap`` (resamples used
+    for the macro interval: those where every label defined on the full set is defined too).
+    """
+    targets = np.asarray(targets).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(targets)
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap).astype(np.float64)
+    weights = np.vstack([np.ones((1, n)), counts])  # row 0: the data themselves
+    aucs = np.stack([weighted_auc(targets[:, k], scores[:, k], weights) for k in range(targets.shape[1])], axis=1)
+    point, resampled = aucs[0], aucs[1:]
+    defined = ~np.isnan(point)
+    macro = resampled[:, defined].mean(1) if defined.any() else np.full(n_bootstrap, np.nan)
+    return {
+        "auc": float(point[defined].mean()) if defined.any() else None,
+        "auc_ci": _interval(macro),
+        "per_label": {name: (float(a) if ok else None) for name, a, ok in zip(names, point, defined)},
+        "per_label_ci": {name: (_interval(resampled[:, k]) if defined[k] else None) for k, name in enumerate(names)},
+        "bootstrap": int(np.sum(~np.isnan(macro))),
+    }
+
+
+def accuracy(kind: str, targets: np.ndarray, probs: np.ndarray) -> float | None:
+    """Binary: threshold 0.5; multi-class: arg-max. None for multi-label (no single meaningful number)."""
+    if kind == "binary":
+        return float(np.mean((probs[:, 0] >= 0.5) == (targets[:, 0] == 1)))
+    if kind == "multiclass":
+        return float(np.mean(probs.argmax(1) == targets.argmax(1)))
+    return None
+
+
+def macro_auc(targets: np.ndarray, scores: np.ndarray) -> float | None:
+    """Mean AUC over the labels where it is defined; None if it is defined for none (no bootstrap)."""
+    aucs = [roc_auc(targets[:, k], scores[:, k]) for k in range(targets.shape[1])]
+    defined = [a for a in aucs if a is not None]
+    return float(np.mean(defined)) if defined else None

@@ -1,0 +1,266 @@
+"""The downstream training loop: linear probing, fine-tuning and the hybrid regime on one task.
+
+- ``linear``: the encoder is frozen; its features of the un-augmented images are computed once and a
+  linear head is trained on them (the usual linear-probe protocol, and far cheaper than a forward
+  pass per step).
+- ``finetune``: encoder and head are trained together (encoder at ``lr``, optionally with
+  layer-wise decay; head at ``head_lr``), on augmented labeled images.
+- ``hybrid`` (Ghesu et al. 2022, "optional supervision"): finetune's supervised loss plus
+  ``ssl_weight`` x the self-supervised hybrid loss (SwAV + InfoNCE) of multi-crop views of a batch
+  of training images drawn from all of them, labeled or not (those left out by ``label_fraction``).
+
+Validation AUC is measured after every epoch; the best one's classifier is saved (``best.pt``,
+atomically) and the test score is computed from it. Randomness: ``seed`` fixes initialisation, the
+label subset, batch order and augmentation; the supervised and the self-supervised parts draw from
+separate generators, so finetune and hybrid runs with one seed see the same labeled batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from medssl import __version__
+from medssl.atomic import atomic_write_text
+from medssl.config import ConfigError, FinetuneConfig, dump_config
+from medssl.data.augment import MultiCrop
+from medssl.downstream.convergence import best_val_auc, steps_to_target
+from medssl.downstream.images import to_input
+from medssl.downstream.metrics import accuracy, auc_report, macro_auc
+from medssl.downstream.model import (BEST, build_networks, build_optimizer, load_classifier, optimizer_groups,
+                                     predict, save_classifier)
+from medssl.downstream.tasks import Task, TaskError, label_subset, load_task, task_settings
+from medssl.train.schedule import warmup_cosine
+
+METRICS = "metrics.json"
+PREDICTIONS = "test_predictions.csv"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _semantics(task: Task, i: int) -> str:
+    return "hounsfield" if task.is_ct[i] else "normalized"
+
+
+def _augmented(task: Task, rows: np.ndarray, crop: MultiCrop, g: torch.Generator) -> Tensor:
+    """One augmented view per image: (B, 1, S, S) in [0, 1], CT through the task's window (jittered)."""
+    return torch.stack([crop(task.images[i], _semantics(task, i), generator=g)[0] for i in rows])
+
+
+def _ssl_views(task: Task, rows: np.ndarray, crop: MultiCrop, g: torch.Generator) -> list[Tensor]:
+    """Multi-crop views as pretraining made them: one (B, 1, s, s) tensor per view, global views first."""
+    per_image = [crop(task.images[i], _semantics(task, i), generator=g) for i in rows]
+    return [torch.stack(view) for view in zip(*per_image)]
+
+
+def _epoch_batches(rows: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches; a last batch of one image is dropped (batch norm needs two; the order changes each epoch)."""
+    order = rng.permutation(rows)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return batches[:-1] if len(batches) > 1 and len(batches[-1]) == 1 else batches
+
+
+def _cycle(rows: np.ndarray, size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Endless batches of ``size`` rows, reshuffled after each pass."""
+    while True:
+        order = rng.permutation(rows)
+        for i in range(0, len(order) - size + 1, size):
+            yield order[i:i + size]
+
+
+def _supervised_loss(logits: Tensor, targets: Tensor, kind: str) -> Tensor:
+    if kind == "multiclass":
+        return F.cross_entropy(logits, targets.argmax(1))
+    return F.binary_cross_entropy_with_logits(logits, targets)
+
+
+def _check_task(task: Task, cfg: FinetuneConfig) -> None:
+    wanted = task_settings(cfg)
+    differ = [f"{k}: task prepared with {task.settings[k]!r}, config has {wanted[k]!r}"
+              for k in wanted if task.settings[k] != wanted[k]]
+    if differ:
+        raise ConfigError("the prepared task does not match the settings:\n  " + "\n  ".join(differ))
+
+
+def _predictions_csv(task: Task, rows: np.ndarray, probs: np.ndarray) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "group", "label", *[f"prob_{name}" for name in task.table.outputs]])
+    for i, p in zip(rows, probs):
+        writer.writerow([task.table.paths[i], task.table.groups[i], task.table.labels[i], *[f"{v:.6g}" for v in p]])
+    return buf.getvalue()
+
+
+def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: bool = True) -> dict:
+    """Train and evaluate one run; writes ``metrics.json``, ``best.pt``, ``test_predictions.csv`` under ``cfg.out``.
+
+    ``task``: a Task already prepared with ``load_task(cfg)`` (to decode the images once for many runs).
+    Returns the metrics dict written to ``metrics.json``.
+    """
+    if cfg.out is None:
+        raise ConfigError("finetune needs an output folder (--out DIR)")
+    target = best_val_auc(cfg.target_from) if cfg.target_from is not None else cfg.target_auc
+    if task is None:
+        task = load_task(cfg, show_progress)
+    else:
+        _check_task(task, cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg.device)
+    kind, outputs = task.table.kind, task.table.outputs
+    targets = torch.from_numpy(task.table.targets)
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    sup_gen = torch.Generator().manual_seed(cfg.seed)
+    train_rows, val_rows, test_rows = task.rows("train"), task.rows("val"), task.rows("test")
+    labeled = label_subset(task.table, train_rows, cfg.label_fraction, cfg.seed)
+    if len(labeled) < 2:
+        raise TaskError(f"{len(labeled)} labeled training image(s) at label_fraction={cfg.label_fraction}; "
+                        "training needs at least 2: raise label_fraction or add images")
+
+    nets = build_networks(cfg, len(outputs)).to(device)
+    optimizer = build_optimizer(optimizer_groups(nets, cfg), cfg)
+    sup_crop = MultiCrop(cfg.finetune_augment())
+    if nets.ssl is not None:
+        ssl_crop = MultiCrop(nets.ssl_views)
+        ssl_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        ssl_batches = _cycle(train_rows, min(cfg.ssl_batch_size, len(train_rows)), np.random.default_rng([cfg.seed, 1]))
+
+    if cfg.mode == "linear":
+        backbone = nets.classifier.backbone.requires_grad_(False).eval()
+        with torch.no_grad():
+            features = torch.cat([backbone(to_input(task.images[i:i + cfg.eval_batch_size],
+                                                    task.is_ct[i:i + cfg.eval_batch_size], cfg.ct_window).to(device))
+                                  for i in range(0, len(task.images), cfg.eval_batch_size)])
+
+        def train_logits(rows: np.ndarray) -> Tensor:
+            return nets.classifier.head(features[rows])
+
+        def val_probs() -> np.ndarray:
+            return predict(nets.classifier.head, features[val_rows], kind, cfg.eval_batch_size, device)
+    else:
+        val_inputs = to_input(task.images[val_rows], task.is_ct[val_rows], cfg.ct_window)
+
+        def train_logits(rows: np.ndarray) -> Tensor:
+            x = (_augmented(task, rows, sup_crop, sup_gen) if cfg.train_augment
+                 else to_input(task.images[rows], task.is_ct[rows], cfg.ct_window))
+            return nets.classifier(x.to(device))
+
+        def val_probs() -> np.ndarray:
+            return predict(nets.classifier, val_inputs, kind, cfg.eval_batch_size, device)
+
+    steps_per_epoch = len(_epoch_batches(labeled, cfg.batch_size, np.random.default_rng(0)))
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
+    record_base = {"kind": kind, "outputs": outputs, "classes": task.table.classes, "config": dump_config(cfg),
+                   "preprocess": {k: task.settings[k] for k in ("input_size", "percentiles", "nifti_modality",
+                                                                 "raster_modality")} | {"ct_window": list(cfg.ct_window)}}
+
+    history: list[dict] = []
+    best = {"val_auc": -math.inf}
+    step, epoch, stale, stopped_early = 0, 0, 0, False
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_steps, desc=f"{cfg.mode} ({cfg.init})", unit="step", disable=not show_progress)
+    while step < total_steps and not stopped_early:
+        epoch += 1
+        nets.classifier.train(cfg.mode != "linear")
+        if nets.ssl is not None:
+            nets.ssl.train()
+        sums = {"train_loss": 0.0, "train_sup_loss": 0.0, "train_ssl_loss": 0.0}
+        n_steps = 0
+        for rows in _epoch_batches(labeled, cfg.batch_size, rng):
+            factor = warmup_cosine(step, total_steps, 1.0, 0.0, cfg.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            sup = _supervised_loss(train_logits(rows), targets[rows].to(device), kind)
+            loss = sup
+            if nets.ssl is not None and cfg.ssl_weight > 0:
+                views = _ssl_views(task, next(ssl_batches), ssl_crop, ssl_gen)
+                nets.ssl.normalize_prototypes()  # SwAV keeps prototypes on the unit sphere
+                embeddings, scores = nets.ssl([v.to(device) for v in views])
+                ssl, _ = nets.ssl_loss(embeddings, scores, nets.ssl.prototypes)
+                loss = sup + cfg.ssl_weight * ssl
+                sums["train_ssl_loss"] += ssl.item()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            n_steps += 1
+            sums["train_loss"] += loss.item()
+            sums["train_sup_loss"] += sup.item()
+            bar.update(1)
+            if step >= total_steps:
+                break
+
+        val_auc = macro_auc(task.table.targets[val_rows], val_probs())
+        entry = {"epoch": epoch, "step": step, "train_loss": sums["train_loss"] / n_steps, "val_auc": val_auc,
+                 "elapsed_s": round(time.perf_counter() - t0, 3)}
+        if nets.ssl is not None:
+            entry |= {"train_sup_loss": sums["train_sup_loss"] / n_steps, "train_ssl_loss": sums["train_ssl_loss"] / n_steps}
+        history.append(entry)
+        if val_auc is not None and val_auc > best["val_auc"]:
+            best = {"val_auc": val_auc, "epoch": epoch, "step": step}
+            save_classifier(out / BEST, nets, {**record_base, **best})
+            stale = 0
+        else:
+            stale += 1
+            stopped_early = cfg.patience is not None and stale >= cfg.patience
+        bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val_auc=f"{val_auc:.3f}", best=f"{best['val_auc']:.3f}")
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+    if "step" not in best:  # also keeps a stale best.pt of an earlier run in this folder from being reported
+        raise RuntimeError(f"no evaluation gave a validation AUC (last: {history[-1]['val_auc']}); the loss is "
+                           f"{history[-1]['train_loss']}: if it is not finite, lower lr / head_lr")
+
+    # The test score comes from the saved best checkpoint, through the path evaluation will use.
+    classifier, _ = load_classifier(out)
+    test_inputs = to_input(task.images[test_rows], task.is_ct[test_rows], cfg.ct_window)
+    test_probs = predict(classifier.to(device), test_inputs, kind, cfg.eval_batch_size, device)
+    test_targets = task.table.targets[test_rows]
+    report = auc_report(test_targets, test_probs, outputs, cfg.bootstrap, seed=cfg.seed)
+    atomic_write_text(out / PREDICTIONS, _predictions_csv(task, test_rows, test_probs))
+
+    metrics = {
+        "test_auc": report["auc"],
+        "test_auc_ci": report["auc_ci"],
+        "test_auc_per_label": report["per_label"],
+        "test_auc_per_label_ci": report["per_label_ci"],
+        "test_accuracy": accuracy(kind, test_targets, test_probs),
+        "best_val_auc": best["val_auc"],
+        "best_epoch": best["epoch"],
+        "best_step": best["step"],
+        "target_auc": target,
+        "steps_to_target": steps_to_target(history, target) if target is not None else None,
+        "steps": step,
+        "epochs": epoch,
+        "stopped_early": stopped_early,
+        "train_seconds": round(train_seconds, 3),
+        "history": history,
+        "mode": cfg.mode,
+        "init": nets.init,
+        "label_fraction": cfg.label_fraction,
+        "seed": cfg.seed,
+        "task": {**task.summary(), "labeled_train": len(labeled), "unlabeled_train": len(train_rows) - len(labeled)},
+        "bootstrap_resamples": report["bootstrap"],
+        "files": {"checkpoint": BEST, "predictions": PREDICTIONS},
+        "device": str(device),
+        "medssl_version": __version__,
+        "config": dump_config(cfg),
+    }
+    atomic_write_text(out / METRICS, json.dumps(metrics, indent=1))
+    return metrics

@@ -1,0 +1,172 @@
+"""Downstream training end to end: every mode from a tiny pretraining run and from scratch, the hybrid loss, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import medssl
+from helpers import write_ct_dicom
+from medssl.cli import main
+from medssl.config import ConfigError, FinetuneConfig, PretrainConfig
+from medssl.downstream import finetune, load_classifier, prepare_task
+from medssl.downstream.images import to_input
+from medssl.downstream.metrics import macro_auc
+from medssl.downstream.model import build_networks
+from medssl.train.checkpoint import load_checkpoint
+from medssl.train.pretrain import pretrain
+
+PRETRAIN = {"backbone": "resnet18", "batch_size": 4, "proj_hidden": 64, "proj_dim": 32, "n_prototypes": 16,
+            "workers": 0, "shuffle_buffer": 8, "warmup_steps": 1, "freeze_prototypes_steps": 1,
+            "augment": {"global_size": 32, "local_size": 16, "n_local": 2}}
+# Small everything: 32-px inputs, 2 epochs of 3 steps, few bootstrap resamples.
+FAST = {"input_size": 32, "epochs": 2, "batch_size": 8, "ssl_batch_size": 4, "bootstrap": 50,
+        "scratch_ssl": {"proj_hidden": 32, "proj_dim": 16, "n_prototypes": 8,
+                        "augment": {"global_size": 32, "local_size": 16, "n_local": 2}}}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_shards):
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    return pretrain(PretrainConfig(shards=[tiny_shards], out=out, max_steps=2, **PRETRAIN), show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def blob_task(tmp_path_factory):
+    """32 images, half with a bright blob (the label), as PNG and CT DICOM, two per patient group."""
+    root = tmp_path_factory.mktemp("blobs")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:40, :48]
+    rows = []
+    for i in range(32):
+        positive = i % 2 == 0
+        cy, cx = rng.integers(12, 28), rng.integers(12, 36)
+        blob = positive * ((yy - cy) ** 2 + (xx - cx) ** 2 < 49).astype(float)
+        if i % 4 < 2:
+            name = f"xr{i}.png"
+            Image.fromarray(np.clip(60 + 150 * blob + rng.normal(0, 10, blob.shape), 0, 255).astype(np.uint8)).save(root / name)
+        else:
+            name = f"ct{i}.dcm"
+            write_ct_dicom(root / name, 20 + 60 * blob + rng.normal(0, 5, blob.shape))
+        rows.append((name, "blob" if positive else "clear", f"patient{i // 2}"))
+    with open(root / "task.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "group"), *rows])
+    return root / "task.csv"
+
+
+def _check_run(out, metrics, mode):
+    """metrics.json follows the contract, and the reported test score is what best.pt predicts."""
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["mode"] == mode and metrics["config"]["mode"] == mode
+    lo, hi = metrics["test_auc_ci"]
+    assert 0 <= lo <= metrics["test_auc"] <= hi <= 1
+    assert set(metrics["test_auc_per_label"]) == {"clear"}  # binary: one output, the second class in sorted order
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    assert all(set(h) >= {"epoch", "step", "train_loss", "val_auc"} for h in history)
+    assert all(np.isfinite(h["train_loss"]) and 0 <= h["val_auc"] <= 1 for h in history)
+    assert [h["step"] for h in history] == sorted({h["step"] for h in history})
+    best = max(history, key=lambda h: h["val_auc"])
+    assert metrics["best_val_auc"] == best["val_auc"] and metrics["best_step"] == best["step"]
+
+    model, record = load_classifier(out)
+    assert record["step"] == metrics["best_step"] and record["outputs"] == ["clear"]
+    with open(out / "test_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == metrics["task"]["images"]["test"]
+    task = prepare_task(metrics["config"]["task"], input_size=metrics["config"]["input_size"])
+    test = task.rows("test")
+    assert [r["path"] for r in rows] == [task.table.paths[i] for i in test]
+    with torch.no_grad():
+        probs = model(to_input(task.images[test], task.is_ct[test], (40.0, 400.0))).sigmoid().numpy()
+    np.testing.assert_allclose(probs[:, 0], [float(r["prob_clear"]) for r in rows], rtol=1e-4, atol=1e-5)
+    assert macro_auc(task.table.targets[test], probs) == pytest.approx(metrics["test_auc"], abs=1e-3)
+    return model
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_linear_probe_keeps_the_pretrained_encoder(tmp_path, blob_task, tiny_run):
+    metrics = finetune(blob_task, init=str(tiny_run), mode="linear", out=tmp_path / "lin", **FAST)
+    model = _check_run(tmp_path / "lin", metrics, "linear")
+    assert metrics["init"]["init"] == str(tiny_run) and metrics["init"]["pretrain_steps"] == 2
+    pretrained = _state(medssl.load_encoder(tiny_run))
+    for k, v in model.backbone.state_dict().items():
+        torch.testing.assert_close(v, pretrained[k], rtol=0, atol=0, msg=k)
+
+
+def test_finetune_trains_the_encoder_with_layer_decay(tmp_path, blob_task, tiny_run):
+    metrics = finetune(blob_task, init=str(tiny_run), mode="finetune", out=tmp_path / "ft", layer_decay=0.75,
+                       **FAST)
+    model = _check_run(tmp_path / "ft", metrics, "finetune")
+    pretrained = _state(medssl.load_encoder(tiny_run))
+    changed = [k for k, v in model.backbone.state_dict().items() if v.is_floating_point() and not torch.equal(v, pretrained[k])]
+    assert "conv1.weight" in changed and "layer4.1.conv2.weight" in changed
+
+
+def test_hybrid_from_a_run_uses_unlabeled_images(tmp_path, blob_task, tiny_run):
+    metrics = finetune(blob_task, init=str(tiny_run), mode="hybrid", label_fraction=0.5, out=tmp_path / "hy", **FAST)
+    _check_run(tmp_path / "hy", metrics, "hybrid")
+    images = metrics["task"]["images"]
+    assert metrics["task"]["labeled_train"] + metrics["task"]["unlabeled_train"] == images["train"]
+    assert 0 < metrics["task"]["unlabeled_train"] < images["train"]
+    assert all(h["train_ssl_loss"] > 0 for h in metrics["history"])
+
+
+def test_hybrid_from_scratch(tmp_path, blob_task):
+    metrics = finetune(blob_task, init="scratch", mode="hybrid", out=tmp_path / "scratch", **FAST)
+    _check_run(tmp_path / "scratch", metrics, "hybrid")
+    assert metrics["init"] == {"init": "scratch", "architecture": "resnet18"}
+
+
+def test_hybrid_rebuilds_the_pretrained_heads(blob_task, tiny_run):
+    nets = build_networks(FinetuneConfig(task=blob_task, init=str(tiny_run), mode="hybrid", **FAST), n_outputs=1)
+    saved = load_checkpoint(tiny_run / "checkpoint.pt")["model"]
+    for k, v in nets.ssl.state_dict().items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
+    assert nets.classifier.backbone is nets.ssl.backbone
+    assert nets.ssl_views.global_size == 32 and nets.ssl_views.n_local == 2  # the run's own views
+
+
+def test_hybrid_loss_includes_the_weighted_ssl_term(tmp_path, blob_task, tiny_run):
+    task = prepare_task(blob_task, input_size=32)  # decoded once, used by both runs
+    runs = {w: finetune(task, init=str(tiny_run), mode="hybrid", max_steps=1, ssl_weight=w, out=tmp_path / str(w),
+                        **{k: v for k, v in FAST.items() if k != "input_size"})["history"][0]
+            for w in (0.5, 2.0)}
+    a, b = runs[0.5], runs[2.0]
+    # One step, same seed: identical supervised and SSL parts, totals that differ by the weight only.
+    assert a["train_sup_loss"] == pytest.approx(b["train_sup_loss"], rel=1e-6)
+    assert a["train_ssl_loss"] == pytest.approx(b["train_ssl_loss"], rel=1e-6) and a["train_ssl_loss"] > 0.1
+    for w, h in runs.items():
+        assert h["train_loss"] == pytest.approx(h["train_sup_loss"] + w * h["train_ssl_loss"], rel=1e-5)
+    assert b["train_loss"] - a["train_loss"] == pytest.approx(1.5 * a["train_ssl_loss"], rel=1e-5)
+
+
+def test_prepared_task_must_match_the_settings(blob_task, tmp_path):
+    task = prepare_task(blob_task, input_size=32)
+    with pytest.raises(ConfigError, match="input_size: task prepared with 32, config has 64"):
+        finetune(task, input_size=64, out=tmp_path / "x")
+
+
+def test_cli_with_convergence_target(tmp_path, blob_task, tiny_run, capsys):
+    sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    code = main(["finetune", "--task", str(blob_task), "--init", str(tiny_run), "--mode", "linear", "--seed", "1",
+                 "--out", str(tmp_path / "a"), "--quiet", *sets])
+    assert code == 0 and "test AUC" in capsys.readouterr().out
+    first = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert first["seed"] == 1 and first["target_auc"] is None and first["steps_to_target"] is None
+
+    code = main(["finetune", "--task", str(blob_task), "--init", str(tiny_run), "--mode", "linear", "--seed", "1",
+                 "--target-from", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--quiet", *sets])
+    assert code == 0
+    second = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    # Same seed and settings: the same run again, so it reaches the first run's best exactly at its best step.
+    assert second["target_auc"] == first["best_val_auc"]
+    assert second["steps_to_target"] == min(h["step"] for h in first["history"] if h["val_auc"] >= first["best_val_auc"])
