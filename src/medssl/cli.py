@@ -11,6 +11,13 @@ from medssl import __version__
 from medssl.config import ConfigError, FinetuneConfig, IngestConfig, PretrainConfig, load_config
 
 
+def _settings_epilog(model, flags) -> str:
+    """The --help list of a config's settings that have no flag of their own, with their defaults."""
+    return "settings (--set KEY=VALUE or YAML): " + ", ".join(
+        f"{k} (default {v.get_default(call_default_factory=True)!r})"
+        for k, v in model.model_fields.items() if k not in flags)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file of settings (keys as in --set)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -24,9 +31,7 @@ def _ingest_parser(sub) -> None:
                     "modality, cut volumes into 2D slices, resize, and write WebDataset tar shards plus "
                     "manifest.jsonl (one row per input file), index.json and report.md. Rerun the same "
                     "command to resume an interrupted run.",
-        epilog="settings (--set KEY=VALUE or YAML): " + ", ".join(
-            f"{k} (default {v.default!r})" for k, v in IngestConfig.model_fields.items()
-            if k not in ("inputs", "out", "workers", "engine", "ray_address", "strict")),
+        epilog=_settings_epilog(IngestConfig, ("inputs", "out", "workers", "engine", "ray_address", "strict")),
     )
     p.add_argument("inputs", nargs="*", type=Path, help="folders or files to ingest")
     p.add_argument("--out", type=Path, help="output folder")
@@ -63,9 +68,7 @@ def _pretrain_parser(sub) -> None:
         description="Train an encoder without labels on the shards of `medssl ingest`. Rerun the same command to "
                     "resume from the run folder's checkpoint. Multi-GPU / multi-node: launch with torchrun, e.g. "
                     "`torchrun --nproc_per_node 8 -m medssl.cli pretrain ...`.",
-        epilog="settings (--set KEY=VALUE or YAML): " + ", ".join(
-            f"{k} (default {v.default!r})" for k, v in PretrainConfig.model_fields.items()
-            if k not in ("shards", "out")),
+        epilog=_settings_epilog(PretrainConfig, ("shards", "out")),
     )
     p.add_argument("shards", nargs="*", type=Path, help="ingest output folders")
     p.add_argument("--out", type=Path, help="run folder")
@@ -97,9 +100,7 @@ def _finetune_parser(sub) -> None:
         description="Train a classifier on a task CSV (path,label[,split][,group]) from a pretrained run folder or "
                     "from scratch, pick the epoch with the best validation AUC, and report the test AUC with a "
                     "bootstrap 95% interval. Writes metrics.json, best.pt and test_predictions.csv to --out.",
-        epilog="settings (--set KEY=VALUE or YAML): " + ", ".join(
-            f"{k} (default {v.get_default(call_default_factory=True)!r})"
-            for k, v in FinetuneConfig.model_fields.items() if k not in _FINETUNE_FLAGS),
+        epilog=_settings_epilog(FinetuneConfig, _FINETUNE_FLAGS),
     )
     p.add_argument("--task", type=Path, help="task CSV")
     p.add_argument("--init", help="a `medssl pretrain` run folder, or scratch (default)")
