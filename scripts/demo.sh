@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up, then ingest a sample archive of real DICOM files of many modalities and encodings
-# (the pydicom-data package installed by setup) plus ../shared/data when present, into demo-out/shards.
+# (the pydicom-data package installed by setup) plus ../shared/data when present, into demo-out/shards,
+# then writes the HTML report demo-out/shards/report.html.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,3 +10,4 @@ for d in ../shared/data/head-ct-hemorrhage ../shared/data/brain-tumor-mri; do
   [ -d "$d" ] && inputs+=("$d")
 done
 .venv/bin/medssl ingest "${inputs[@]}" --out demo-out/shards "$@"
+.venv/bin/medssl report demo-out/shards --quiet
