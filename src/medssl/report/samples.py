@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from medssl.shard_format import decode_pixels, read_shard
 
@@ -67,16 +66,3 @@ def to_display(values: np.ndarray, meta: dict) -> np.ndarray:
         level, width = CT_WINDOW
         values = (values - (level - width / 2)) / width
     return np.clip(values, 0.0, 1.0).astype(np.float32)
-
-
-def fit_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize so the longer side is ``size`` (aspect kept) and pad to a square with the image's minimum,
-    as `medssl finetune` prepares its inputs."""
-    h, w = image.shape
-    scale = size / max(h, w)
-    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32)
-    out = np.full((size, size), image.min(), dtype=np.float32)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[top:top + new_h, left:left + new_w] = resized
-    return out
