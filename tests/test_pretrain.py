@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import medssl
 from medssl.config import PretrainConfig
+from medssl.train.checkpoint import load_checkpoint
 from medssl.train.pretrain import TrainingDiverged, pretrain
 
 TINY = {"backbone": "resnet18", "batch_size": 4, "proj_hidden": 64, "proj_dim": 32, "n_prototypes": 16,
@@ -35,6 +36,19 @@ def test_tiny_run_writes_a_loadable_encoder(tmp_path, tiny_shards):
     with torch.no_grad():
         features = encoder(torch.rand(2, 1, 32, 32))
     assert features.shape == (2, card["feature_dim"]) and torch.isfinite(features).all()
+
+
+def test_feature_queue_is_checkpointed_and_resumed(tmp_path, tiny_shards):
+    """With a queue the checkpoint holds its features and fill level, and a resumed run continues with them."""
+    settings = {**TINY, "queue_length": 8}  # batch 4 x 2 global views: full after 2 steps
+    pretrain(PretrainConfig(shards=[tiny_shards], out=tmp_path / "run", max_steps=3, **settings), show_progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loss"][0]
+    extra = next(v for k, v in state.items() if k.endswith("_extra_state"))
+    assert extra == {"filled": 8}
+    assert next(v for k, v in state.items() if k.endswith("features")).abs().sum() > 0
+    pretrain(PretrainConfig(shards=[tiny_shards], out=tmp_path / "run", max_steps=5, **settings), show_progress=False)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
 
 
 def _command(shards, out, steps):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from medssl import __version__
-from medssl.config import ConfigError, FinetuneConfig, IngestConfig, PretrainConfig, load_config
+from medssl.config import BenchConfig, ConfigError, FinetuneConfig, IngestConfig, PretrainConfig, load_config
 
 
 def _settings_epilog(model, flags) -> str:
@@ -140,6 +140,96 @@ def _run_finetune(args) -> int:
     return 0
 
 
+def _bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="the paper's claims on your tasks: pretrain, then scratch against SSL at several label fractions",
+        description="Pretrain on an unlabeled pool (the tasks' training splits, plus `unlabeled` folders; never their "
+                    "validation or test images, compared by content), then train every task with every arm (scratch, "
+                    "SSL fine-tune, SSL hybrid, ...) at each label fraction and seed, score robustness, and write "
+                    "results.md / results.json, plots/ and report.html. Rerun the same command to resume. "
+                    "Example: medssl bench --config benchmarks/paper.yaml",
+        epilog=_settings_epilog(BenchConfig, ("out", "workers")),
+    )
+    p.add_argument("--out", type=Path, help="bench folder (default: out in the config)")
+    p.add_argument("--workers", type=int, help="downstream runs in parallel (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_args(p)
+
+
+def _run_bench(args) -> int:
+    from medssl.bench import run_bench
+    from medssl.bench.run import command_line
+    from medssl.downstream import TaskError
+
+    cfg = load_config(BenchConfig, args.config, {"out": args.out, "workers": args.workers}, args.overrides)
+    try:
+        summary = run_bench(cfg, show_progress=not args.quiet, command=command_line())
+    except TaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = Path(cfg.out)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.md'} ({out / 'results.json'})")
+    print(f"report:  {summary['report']}")
+    if summary["failures"]:
+        print(f"error: {len(summary['failures'])} run(s) failed (see results.md and their error.txt)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate", help="re-score a finetune run's test split under perturbations (--robustness)",
+        description="Re-score the best classifier of a `medssl finetune` output folder on its test split (rebuilt "
+                    "from the run's settings). --robustness: clean and under sweeps of rotation, scaling, CT window "
+                    "shift, gamma, contrast, brightness and noise, one at a time; the AUC at every level and its "
+                    "drop from clean go to RUN_DIR/robustness.json, which `medssl report` draws.",
+        epilog="sweeps: rotation, scaling, ct_window_shift, gamma, contrast, brightness, noise (default levels in "
+               "the README and medssl.downstream.robustness.SWEEPS; the neutral level is always added)",
+    )
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a `medssl finetune` output folder (holds best.pt)")
+    p.add_argument("--robustness", action="store_true", help="run the robustness sweeps (the one evaluation so far)")
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this sweep (repeatable; default all)")
+    p.add_argument("--levels", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="levels of one sweep instead of its defaults, e.g. rotation=10,20 (repeatable)")
+    p.add_argument("--out", type=Path, help="JSON file to write (default RUN_DIR/robustness.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _parse_levels(items: list[str]) -> dict[str, list[float]]:
+    levels = {}
+    for item in items:
+        name, _, raw = item.partition("=")
+        try:
+            levels[name.strip()] = [float(v) for v in raw.split(",")]
+        except ValueError:
+            raise ConfigError(f"--levels expects NAME=V1,V2,..., e.g. rotation=10,20; got {item!r}") from None
+    return levels
+
+
+def _run_evaluate(args) -> int:
+    from medssl.downstream import TaskError, evaluate_robustness
+    from medssl.downstream.robustness import ROBUSTNESS
+
+    if not args.robustness:
+        raise ConfigError("evaluate needs --robustness (the test AUC under perturbations, the one evaluation so "
+                          "far; the clean test AUC is already in the run's metrics.json)")
+    try:
+        r = evaluate_robustness(args.run_dir, sweeps=_parse_levels(args.levels), only=args.only, out=args.out,
+                                show_progress=not args.quiet)
+    except TaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"clean test AUC {r['clean_auc']:.4f} ({r['test_images']} images)")
+    print(f"{'sweep':<16} {'worst level':>11} {'AUC':>7} {'drop':>8}")
+    for name, worst in r["worst"].items():
+        print(f"{name:<16} {worst['level']:>11g} {worst['auc']:>7.4f} {worst['drop']:>+8.4f}")
+    for name, why in r["skipped"].items():
+        print(f"skipped {name}: {why}")
+    print(f"robustness: {args.out or args.run_dir / ROBUSTNESS}")
+    return 0
+
+
 def _report_parser(sub) -> None:
     p = sub.add_parser(
         "report", help="one self-contained HTML page with plots about an ingest output, a run or a bench folder",
@@ -178,11 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     _ingest_parser(sub)
     _pretrain_parser(sub)
     _finetune_parser(sub)
+    _bench_parser(sub)
+    _evaluate_parser(sub)
     _report_parser(sub)
     return parser
 
 
-COMMANDS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "finetune": _run_finetune, "report": _run_report}
+COMMANDS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "finetune": _run_finetune, "bench": _run_bench,
+            "evaluate": _run_evaluate, "report": _run_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,6 +196,12 @@ class FinetuneConfig(StrictModel):
     def _init_path(cls, v: Any) -> Any:
         return str(v) if isinstance(v, Path) else v  # Python callers pass run folders as Path objects
 
+    @field_validator("task", "target_from")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        # Recorded in metrics.json and best.pt: `medssl evaluate` must find the task from any working folder.
+        return v.absolute() if v is not None else None
+
     @field_validator("ct_window")
     @classmethod
     def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
@@ -293,3 +299,91 @@ def load_config(model: type[M], file: Path | None = None, flags: dict[str, Any] 
 def dump_config(cfg: BaseModel) -> dict[str, Any]:
     """JSON-friendly dict of a config (paths as strings), for run records and model cards."""
     return cfg.model_dump(mode="json")
+
+
+class BenchTask(StrictModel):
+    """One labeled task of a bench."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="folder name of the task's runs")
+    csv: Path = Field(description="task CSV (paths in it are relative to its folder)")
+    relabel: dict[str, str] = Field(default_factory=dict, description="class -> new class, e.g. to merge tumour types into one 'tumour' class for a binary view")
+    settings: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig settings for this task only, e.g. ct_window")
+
+    @field_validator("settings")
+    @classmethod
+    def _finetune_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _validate_nested(FinetuneConfig, v)
+        return v
+
+
+class BenchArm(StrictModel):
+    """One way of training a task's classifier: where the encoder starts and how it is trained."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    init: Literal["scratch", "ssl"] = Field(description="scratch: random weights; ssl: the bench's pretraining run")
+    mode: Literal["linear", "finetune", "hybrid"]
+
+
+def _default_arms() -> list[BenchArm]:
+    return [BenchArm(name="scratch-finetune", init="scratch", mode="finetune"),
+            BenchArm(name="ssl-finetune", init="ssl", mode="finetune"),
+            BenchArm(name="ssl-hybrid", init="ssl", mode="hybrid")]
+
+
+class BenchConfig(StrictModel):
+    """Settings of ``medssl bench`` (see README, section "Bench")."""
+
+    out: Path | None = Field(default=None, description="bench folder: tasks, pool shards, pretraining run, runs, results")
+    tasks: list[BenchTask] = Field(default_factory=list, description="labeled tasks")
+    unlabeled: list[Path] = Field(default_factory=list, description="extra folders/files for the pretraining pool (their copies of any task's val/test images are left out)")
+    ingest: dict[str, Any] = Field(default_factory=dict, description="IngestConfig settings for the pretraining pool")
+    pretrain: dict[str, Any] = Field(default_factory=dict, description="PretrainConfig settings of the pretraining run")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig settings of every downstream run")
+    arms: list[BenchArm] = Field(default_factory=_default_arms, min_length=1)
+    label_fractions: list[float] = Field(default_factory=lambda: [0.1, 1.0], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    robustness_fractions: list[float] = Field(default_factory=lambda: [1.0], description="label fractions whose runs get the robustness sweep ([] for none)")
+    robustness_levels: dict[str, list[float]] = Field(default_factory=dict, description="sweep -> levels, overriding the defaults")
+    workers: int = Field(default=2, ge=1, description="downstream runs in parallel, one process each")
+    threads_per_worker: int = Field(default=1, ge=1, description="torch threads of each run process (workers x threads <= cores)")
+
+    @field_validator("ingest")
+    @classmethod
+    def _ingest_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _validate_nested(IngestConfig, v)
+        return v
+
+    @field_validator("pretrain")
+    @classmethod
+    def _pretrain_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _validate_nested(PretrainConfig, v)
+        return v
+
+    @field_validator("finetune")
+    @classmethod
+    def _finetune_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _validate_nested(FinetuneConfig, v)
+        return v
+
+    @field_validator("label_fractions", "robustness_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f <= 1 for f in v):
+            raise ValueError(f"label fractions are in (0, 1], got {v}")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _check(self) -> BenchConfig:
+        if not self.tasks:
+            raise ValueError("no tasks: a bench needs at least one entry under tasks (name, csv)")
+        for kind, names in (("task", [t.name for t in self.tasks]), ("arm", [a.name for a in self.arms])):
+            if len(set(names)) != len(names):
+                raise ValueError(f"{kind} names must be unique, got {names}")
+        if not any(a.init == "scratch" for a in self.arms):
+            raise ValueError("a bench compares against training from scratch: add an arm with init: scratch")
+        reserved = {"task", "init", "mode", "label_fraction", "seed", "out", "target_auc", "target_from"}
+        for where, settings in [("finetune", self.finetune)] + [(f"tasks.{t.name}.settings", t.settings) for t in self.tasks]:
+            clash = sorted(reserved & set(settings))
+            if clash:
+                raise ValueError(f"{where}: {', '.join(clash)} are set by the bench itself")
+        return self

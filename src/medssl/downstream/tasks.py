@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from medssl.config import FinetuneConfig
+from medssl.config import ConfigError, FinetuneConfig
 from medssl.downstream.images import load_images
 
 SPLITS = ("train", "val", "test")
@@ -243,6 +243,15 @@ class Task:
 
 def task_settings(cfg: FinetuneConfig) -> dict:
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k in TASK_SETTINGS}
+
+
+def check_task(task: Task, cfg: FinetuneConfig) -> None:
+    """A prepared task can serve only runs with the image and split settings it was made with."""
+    wanted = task_settings(cfg)
+    differ = [f"{k}: task prepared with {task.settings[k]!r}, config has {wanted[k]!r}"
+              for k in wanted if task.settings[k] != wanted[k]]
+    if differ:
+        raise ConfigError("the prepared task does not match the settings:\n  " + "\n  ".join(differ))
 
 
 def _check_evaluable(table: TaskTable, split: np.ndarray) -> None:

@@ -40,7 +40,7 @@ from medssl.downstream.images import to_input
 from medssl.downstream.metrics import accuracy, auc_report, macro_auc
 from medssl.downstream.model import (BEST, build_networks, build_optimizer, load_classifier, optimizer_groups,
                                      predict, save_classifier)
-from medssl.downstream.tasks import Task, TaskError, label_subset, load_task, task_settings
+from medssl.downstream.tasks import Task, TaskError, check_task, label_subset, load_task
 from medssl.train.schedule import warmup_cosine
 
 METRICS = "metrics.json"
@@ -89,14 +89,6 @@ def _supervised_loss(logits: Tensor, targets: Tensor, kind: str) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, targets)
 
 
-def _check_task(task: Task, cfg: FinetuneConfig) -> None:
-    wanted = task_settings(cfg)
-    differ = [f"{k}: task prepared with {task.settings[k]!r}, config has {wanted[k]!r}"
-              for k in wanted if task.settings[k] != wanted[k]]
-    if differ:
-        raise ConfigError("the prepared task does not match the settings:\n  " + "\n  ".join(differ))
-
-
 def _predictions_csv(task: Task, rows: np.ndarray, probs: np.ndarray) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -118,7 +110,7 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
     if task is None:
         task = load_task(cfg, show_progress)
     else:
-        _check_task(task, cfg)
+        check_task(task, cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = _device(cfg.device)

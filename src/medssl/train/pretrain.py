@@ -132,7 +132,9 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> Path:
     def checkpoint() -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                  "data": stream.state_dict(), "rng": all_gather_objects(rng_state()),
-                 "loss": all_gather_objects({k: v.cpu() for k, v in loss_fn.state_dict().items()}),
+                 # The queue's state holds a tensor and its fill level (a dict of Python ints).
+                 "loss": all_gather_objects({k: v.cpu() if isinstance(v, torch.Tensor) else v
+                                             for k, v in loss_fn.state_dict().items()}),
                  "config": dump_config(cfg)}
         if info.is_main:
             save_checkpoint(out / CHECKPOINT, state)
