@@ -1,0 +1,203 @@
+"""The bench's results: the three claims of Ghesu et al. 2022, answered from the runs' own files.
+
+1. Accuracy: test AUC per task, arm and label fraction (mean and spread over seeds, the bootstrap
+   95% interval averaged over seeds), and the difference to the scratch baseline paired by seed.
+2. Convergence: for every run, the first evaluated step at which its validation AUC reaches the best
+   validation AUC of the scratch baseline with the same task, fraction and seed; "steps saved" is
+   1 - that step / the step at which the baseline reached its best (the paper's "fewer training steps").
+3. Robustness: the AUC drop from clean at the worst level of each perturbation sweep.
+
+The scratch baseline of an arm is the scratch arm with the same mode, else the first scratch arm.
+Nothing here is tuned or selected: every run of the matrix is reported, failed ones included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from medssl.bench.runs import RunSpec
+from medssl.config import BenchConfig
+from medssl.downstream.convergence import steps_to_target
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    metrics: dict
+    robustness: dict | None
+
+
+def load_results(cfg: BenchConfig, specs: list[RunSpec]) -> list[RunResult]:
+    """The finished runs of the matrix (a run without metrics.json failed or has not run)."""
+    results = []
+    for spec in specs:
+        folder = Path(cfg.out) / spec.folder
+        if not (folder / "metrics.json").is_file():
+            continue
+        rob = folder / "robustness.json"
+        results.append(RunResult(spec, json.loads((folder / "metrics.json").read_text()),
+                                 json.loads(rob.read_text()) if rob.is_file() else None))
+    return results
+
+
+def baseline_arm(cfg: BenchConfig, arm: str) -> str:
+    mode = next(a.mode for a in cfg.arms if a.name == arm)
+    scratch = [a for a in cfg.arms if a.init == "scratch"]
+    return next((a.name for a in scratch if a.mode == mode), scratch[0].name)
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def _sd(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def summarise(cfg: BenchConfig, results: list[RunResult]) -> dict:
+    """Rows of (task, arm, label fraction) with accuracy, convergence and robustness over seeds."""
+    by_key = {(r.spec.task, r.spec.arm, r.spec.label_fraction, r.spec.seed): r for r in results}
+    rows = []
+    for task in cfg.tasks:
+        for fraction in cfg.label_fractions:
+            for arm in cfg.arms:
+                runs = [by_key[k] for s in cfg.seeds if (k := (task.name, arm.name, fraction, s)) in by_key]
+                if not runs:
+                    continue
+                base_name = baseline_arm(cfg, arm.name)
+                aucs = [r.metrics["test_auc"] for r in runs]
+                row = {"task": task.name, "arm": arm.name, "init": arm.init, "mode": arm.mode,
+                       "label_fraction": fraction, "seeds": [r.spec.seed for r in runs],
+                       "test_auc": aucs, "test_auc_mean": _mean(aucs), "test_auc_sd": _sd(aucs),
+                       "test_auc_ci_mean": [_mean([(r.metrics["test_auc_ci"] or [None, None])[i] for r in runs])
+                                            for i in (0, 1)],
+                       "best_step": [r.metrics["best_step"] for r in runs], "steps": [r.metrics["steps"] for r in runs],
+                       "train_seconds_mean": _mean([r.metrics["train_seconds"] for r in runs]),
+                       "labeled_train": runs[0].metrics["task"]["labeled_train"],
+                       "test_images": runs[0].metrics["task"]["images"]["test"], "baseline": base_name}
+                row |= _against_baseline(runs, by_key, task.name, base_name, fraction)
+                row["robustness"] = _robustness([r.robustness for r in runs if r.robustness])
+                rows.append(row)
+    return {"rows": rows}
+
+
+def _against_baseline(runs: list[RunResult], by_key: dict, task: str, base: str, fraction: float) -> dict:
+    diffs, saved, reached_at, base_steps = [], [], [], []
+    for r in runs:
+        b = by_key.get((task, base, fraction, r.spec.seed))
+        if b is None:
+            continue
+        diffs.append(r.metrics["test_auc"] - b.metrics["test_auc"])
+        target = b.metrics["best_val_auc"]
+        reached = steps_to_target(r.metrics["history"], target)
+        reached_at.append(reached)
+        base_steps.append(b.metrics["best_step"])
+        saved.append(None if reached is None else 1 - reached / b.metrics["best_step"])
+    return {"auc_diff": diffs, "auc_diff_mean": _mean(diffs), "seeds_better": sum(d > 0 for d in diffs),
+            "steps_to_baseline_best": reached_at, "baseline_best_step": base_steps,
+            "steps_saved": saved, "steps_saved_mean": _mean(saved),
+            "seeds_reached": sum(s is not None for s in saved)}
+
+
+def _robustness(records: list[dict]) -> dict:
+    """Per sweep: clean AUC minus AUC at each level, averaged over seeds; and the worst level's mean drop."""
+    sweeps: dict[str, dict] = {}
+    for name in sorted({n for r in records for n in r.get("sweeps", {})}):
+        levels: dict[float, list[float]] = {}
+        for r in records:
+            for p in r["sweeps"].get(name, []):
+                levels.setdefault(p["level"], []).append(r["clean_auc"] - p["auc"])
+        drops = {lvl: _mean(v) for lvl, v in sorted(levels.items())}
+        worst = max(drops, key=lambda lvl: drops[lvl])
+        sweeps[name] = {"mean_drop_by_level": [{"level": lvl, "drop": d} for lvl, d in drops.items()],
+                        "worst_level": worst, "worst_drop": drops[worst]}
+    return sweeps
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"cores": os.cpu_count(), "system": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version(), "torch": torch.__version__,
+            "medssl": metadata.version("medssl"), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown"
+    info["cpu"] = cpu
+    try:
+        kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
+        info["ram_gib"] = round(kib / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def _f(value: float | None, digits: int = 3, sign: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    """results.md: the tables of BENCHMARKS.md, from results.json's content."""
+    lines = [f"# Bench results: {summary['name']}", "",
+             f"Command: `{summary['command']}`  ", f"Machine: {summary['machine'].get('cpu')}, "
+             f"{summary['machine'].get('cores')} cores, {summary['machine'].get('ram_gib', '?')} GiB RAM"
+             + (f", GPU {summary['machine']['cuda']}" if summary["machine"].get("cuda") else "")
+             + f"; torch {summary['machine'].get('torch')}  ",
+             f"Wall time of this invocation: {summary['seconds']['total'] / 60:.1f} min (pool ingest {summary['seconds']['ingest']:.0f} s, "
+             f"pretraining {summary['seconds']['pretrain']:.0f} s, downstream runs {summary['seconds']['runs']:.0f} s)", ""]
+    p, pool = summary["pretrain"], summary["pool"]
+    if p is None:
+        lines += ["No pretraining: no arm starts from the pretrained encoder.", ""]
+    else:
+        sources = "; ".join(f"{k}: {v['pooled']} of {v['files']} files, {v['held_out_copies']} copies of held-out "
+                            "images left out" for k, v in pool["sources"].items())
+        lines += [f"Pretraining pool: {pool['files']} files -> {pool['images']} images ({sources}). "
+                  f"Pretraining: {p['architecture']}, {p['steps']} steps of {p['batch_size']} images, "
+                  f"loss {_f(p['loss_first'], 2)} -> {_f(p['loss_last'], 2)}.", ""]
+    lines += ["## Accuracy and convergence", "",
+              "Test AUC: mean ± sd over seeds [mean bootstrap 95% interval]; Δ: against the scratch baseline, paired by "
+              "seed (seeds better); steps saved: 1 - (first step reaching the baseline's best validation AUC) / (step of "
+              "the baseline's best), mean over the seeds that reached it (reached/seeds).", "",
+              "| task | arm | labels | train images | test AUC | Δ vs scratch | steps saved | steps (best / run) |",
+              "| --- | --- | ---: | ---: | --- | --- | --- | --- |"]
+    for r in summary["rows"]:
+        auc = f"{_f(r['test_auc_mean'])} ± {_f(r['test_auc_sd'])} [{_f(r['test_auc_ci_mean'][0])}–{_f(r['test_auc_ci_mean'][1])}]"
+        is_base = r["arm"] == r["baseline"]
+        diff = "baseline" if is_base else f"{_f(r['auc_diff_mean'], sign=True)} ({r['seeds_better']}/{len(r['auc_diff'])})"
+        if is_base:
+            saved = "—"
+        elif r["steps_saved_mean"] is None:
+            saved = f"never reached (0/{len(r['steps_saved'])})"
+        else:
+            saved = f"{r['steps_saved_mean'] * 100:.0f}% ({r['seeds_reached']}/{len(r['steps_saved'])})"
+        steps = f"{np.mean(r['best_step']):.0f} / {np.mean(r['steps']):.0f}"
+        lines.append(f"| {r['task']} | {r['arm']} | {r['label_fraction']:g} | {r['labeled_train']} | {auc} | {diff} | {saved} | {steps} |")
+    robust = [r for r in summary["rows"] if r["robustness"]]
+    if robust:
+        sweeps = sorted({s for r in robust for s in r["robustness"]})
+        lines += ["", "## Robustness", "",
+                  "AUC drop from clean at each sweep's worst level (mean over seeds; the level in brackets).", "",
+                  "| task | arm | labels | " + " | ".join(sweeps) + " |", "| --- | --- | ---: | " + " | ".join("---:" for _ in sweeps) + " |"]
+        for r in robust:
+            cells = [f"{_f(r['robustness'][s]['worst_drop'])} ({r['robustness'][s]['worst_level']:g})"
+                     if s in r["robustness"] else "—" for s in sweeps]
+            lines.append(f"| {r['task']} | {r['arm']} | {r['label_fraction']:g} | " + " | ".join(cells) + " |")
+    if summary["failures"]:
+        lines += ["", "## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in summary["failures"]]
+    if summary["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,136 @@
+"""``run_bench``: pool -> ingest -> pretrain -> downstream runs -> results, plots and report.
+
+Layout of the bench folder (every stage an ordinary medssl output, so each can be inspected alone):
+
+    bench.yaml            the settings this bench ran with
+    tasks/<task>.csv      each task CSV as used (absolute paths, relabelled)
+    pool.json             the pretraining pool: which files, and the held-out copies left out
+    shards/               `medssl ingest` of the pool
+    pretrain/             `medssl pretrain` run on those shards
+    <task>/<arm>-f<fraction>-s<seed>/   `medssl finetune` outputs (+ robustness.json)
+    results.json, results.md, plots/*.png, report.html
+
+Rerunning the same command resumes: ingest and pretraining continue from their own state, finished
+downstream runs with unchanged settings are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from medssl.atomic import atomic_write_text
+from medssl.bench import plots
+from medssl.bench.pool import pretraining_pool, write_task_csv
+from medssl.bench.results import load_results, machine, markdown, summarise
+from medssl.bench.runs import execute, finetune_settings, pending_job, run_matrix
+from medssl.config import BenchConfig, ConfigError, IngestConfig, PretrainConfig, dump_config
+from medssl.downstream.api import prepare_task
+from medssl.downstream.tasks import Task
+
+RESULTS = "results.json"
+
+
+def _pool_stage(cfg: BenchConfig, tasks: dict[str, Task], out: Path, show_progress: bool) -> dict:
+    from medssl.ingest import ingest
+
+    pool = pretraining_pool(tasks, cfg.unlabeled)
+    if not pool.files:
+        raise ConfigError("the pretraining pool is empty: the tasks' train splits hold no usable file")
+    record = {"files": [str(f) for f in pool.files], "sources": pool.summary}
+    pool_file = out / "pool.json"
+    if (out / "shards").exists() and pool_file.is_file() and json.loads(pool_file.read_text())["files"] != record["files"]:
+        raise ConfigError(f"{out}: the pretraining pool differs from the one its shards/ and pretrain/ were made from "
+                          "(tasks, splits or unlabeled inputs changed); choose another --out or delete those folders")
+    atomic_write_text(pool_file, json.dumps(record, indent=1))
+    summary = ingest(IngestConfig.model_validate({**cfg.ingest, "inputs": pool.files, "out": out / "shards"}),
+                     show_progress)
+    return {"files": len(pool.files), "images": summary.report["samples"], "sources": pool.summary,
+            "rejected": summary.report["status"].get("rejected", 0)}
+
+
+def _pretrain_stage(cfg: BenchConfig, out: Path, show_progress: bool) -> dict:
+    from medssl.train.pretrain import pretrain
+
+    pcfg = PretrainConfig.model_validate({**cfg.pretrain, "shards": [out / "shards"], "out": out / "pretrain"})
+    run = pretrain(pcfg, show_progress)
+    card = json.loads((run / "model_card.json").read_text())
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return {"run": str(run), "architecture": card["architecture"], "steps": card["steps"],
+            "batch_size": pcfg.batch_size, "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None}
+
+
+def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None = None) -> dict:
+    """Run (or resume) a bench; returns the summary also written to ``<out>/results.json``."""
+    from medssl.report import build_report
+
+    if cfg.out is None:
+        raise ConfigError("bench needs an output folder (--out DIR or out: in the config)")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "bench.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
+    t0 = time.perf_counter()
+    seconds = {}
+
+    tasks: dict[str, Task] = {}
+    for t in cfg.tasks:
+        csv = write_task_csv(t, out / "tasks")
+        tasks[t.name] = prepare_task(csv, show_progress=show_progress, **{**cfg.finetune, **t.settings})
+
+    needs_encoder = any(a.init == "ssl" for a in cfg.arms)
+    pool, pre = None, None
+    if needs_encoder:
+        t = time.perf_counter()
+        pool = _pool_stage(cfg, tasks, out, show_progress)
+        seconds["ingest"] = time.perf_counter() - t
+        t = time.perf_counter()
+        pre = _pretrain_stage(cfg, out, show_progress)
+        seconds["pretrain"] = time.perf_counter() - t
+
+    specs = run_matrix(cfg)
+    jobs = [job for spec in specs
+            if (job := pending_job(spec, finetune_settings(cfg, spec, out / "tasks" / f"{spec.task}.csv", out / "pretrain"),
+                                   cfg.robustness_levels))]
+    t = time.perf_counter()
+    outcomes = execute(jobs, tasks, cfg, show_progress)
+    seconds["runs"] = time.perf_counter() - t
+    failures = [o for o in outcomes if not o["ok"]]
+
+    results = load_results(cfg, specs)
+    summary = {"name": out.resolve().name, "command": command or "run_bench(...)", "machine": machine(),
+               "pool": pool, "pretrain": pre, "runs": {"planned": len(specs), "run_now": len(jobs),
+                                                        "finished": len(results), "failed": len(failures)},
+               "failures": [{"run": f["run"], "error": f["error"]} for f in failures],
+               "notes": _notes(pool), **summarise(cfg, results), "config": dump_config(cfg)}
+    seconds["total"] = time.perf_counter() - t0
+    summary["seconds"] = {k: round(seconds.get(k, 0.0), 1) for k in ("ingest", "pretrain", "runs", "total")}
+    summary["plots"] = [str(p.relative_to(out)) for p in plots.bench_plots(cfg, results, out / "plots")]
+    for o in outcomes:  # a failure's traceback goes to a file, not into the summary; a success clears it
+        if o["ok"]:
+            (out / o["run"] / "error.txt").unlink(missing_ok=True)
+        else:
+            atomic_write_text(out / o["run"] / "error.txt", o["traceback"])
+    atomic_write_text(out / RESULTS, json.dumps(summary, indent=1))
+    atomic_write_text(out / "results.md", markdown(summary))
+    summary["report"] = str(build_report(out, log=lambda message: None))
+    return summary
+
+
+def _notes(pool: dict | None) -> list[str]:
+    notes = []
+    for source, counts in (pool or {}).get("sources", {}).items():
+        if source.startswith("task ") and counts["held_out_copies"]:
+            notes.append(f"{source}: {counts['held_out_copies']} file(s) are byte-identical copies of validation/test "
+                         "images; they were kept out of pretraining, but the supervised runs train on them (the data "
+                         "set's own split), which flatters every arm's test AUC alike.")
+    return notes
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["medssl", *sys.argv[1:]])

@@ -1,0 +1,141 @@
+"""The bench's downstream runs: every task x arm x label fraction x seed, run in parallel processes.
+
+Each run is an ordinary ``finetune`` output folder (``<out>/<task>/<arm>-f<fraction>-s<seed>/``),
+followed by ``evaluate_robustness`` where asked. Runs are independent: the convergence comparison
+against scratch is made afterwards from the histories (``results.py``), so nothing waits for
+anything. A finished run whose settings are unchanged is not run again: rerunning the bench
+resumes it. A failing run is recorded and the others go on.
+
+Processes: ``workers`` spawned processes with ``threads_per_worker`` torch threads each. On a small
+CPU two single-threaded runs side by side do ~1.4x the work of one run on two threads (small
+batches leave threads idle), and the tasks' decoded images are sent to each process once.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from medssl.config import BenchConfig, FinetuneConfig, dump_config
+from medssl.downstream.tasks import Task
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    task: str
+    arm: str
+    init: str              # scratch | ssl
+    mode: str
+    label_fraction: float
+    seed: int
+    robustness: bool
+
+    @property
+    def folder(self) -> str:
+        return f"{self.task}/{self.arm}-f{self.label_fraction:g}-s{self.seed}"
+
+
+def run_matrix(cfg: BenchConfig) -> list[RunSpec]:
+    """Largest label fraction first: the long runs start early and the pool's tail is short ones."""
+    specs = [RunSpec(t.name, a.name, a.init, a.mode, f, s, f in cfg.robustness_fractions)
+             for f in sorted(cfg.label_fractions, reverse=True) for t in cfg.tasks for s in cfg.seeds for a in cfg.arms]
+    return specs
+
+
+def finetune_settings(cfg: BenchConfig, spec: RunSpec, task_csv: Path, pretrain_dir: Path) -> dict[str, Any]:
+    task = next(t for t in cfg.tasks if t.name == spec.task)
+    return {**cfg.finetune, **task.settings, "task": task_csv, "mode": spec.mode, "seed": spec.seed,
+            "label_fraction": spec.label_fraction, "init": "scratch" if spec.init == "scratch" else str(pretrain_dir),
+            "out": Path(cfg.out) / spec.folder}
+
+
+def finetune_done(settings: dict[str, Any]) -> bool:
+    """The run folder holds the results of exactly these settings."""
+    try:
+        metrics = json.loads((Path(settings["out"]) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return metrics.get("config") == dump_config(FinetuneConfig.model_validate(settings))
+
+
+@dataclass(frozen=True)
+class Job:
+    spec: RunSpec
+    settings: dict[str, Any]
+    finetune: bool                          # False: the run is done, only its robustness sweep is missing
+    levels: dict[str, list[float]]          # robustness sweep levels overriding the defaults
+
+
+def pending_job(spec: RunSpec, settings: dict[str, Any], levels: dict[str, list[float]]) -> Job | None:
+    """What is left to do for a run, or None when it is complete."""
+    if not finetune_done(settings):
+        return Job(spec, settings, True, levels)
+    if spec.robustness and not (Path(settings["out"]) / "robustness.json").is_file():
+        return Job(spec, settings, False, levels)
+    return None
+
+
+# Set in each worker process by _init_worker: the prepared tasks, sent once rather than with every run.
+_TASKS: dict[str, Task] = {}
+
+
+def _init_worker(tasks: dict[str, Task], threads: int) -> None:
+    torch.set_num_threads(threads)
+    _TASKS.update(tasks)
+
+
+def _run_one(job: Job) -> dict[str, Any]:
+    spec, settings = job.spec, job.settings
+    try:
+        from medssl.downstream import evaluate_robustness, finetune
+
+        task = _TASKS[spec.task]
+        if job.finetune:
+            (Path(settings["out"]) / "robustness.json").unlink(missing_ok=True)  # it scored the previous model
+            finetune(task, **{k: v for k, v in settings.items() if k != "task"})  # the prepared task is it
+        if spec.robustness:
+            evaluate_robustness(settings["out"], task=task, sweeps=job.levels or None)
+        auc = json.loads((Path(settings["out"]) / "metrics.json").read_text())["test_auc"]
+        return {"run": spec.folder, "ok": True, "test_auc": auc}
+    except Exception as e:  # one failing run must not lose the others: it is reported with the results
+        return {"run": spec.folder, "ok": False, "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()}
+
+
+def execute(jobs: list[Job], tasks: dict[str, Task],
+            cfg: BenchConfig, show_progress: bool) -> list[dict[str, Any]]:
+    """Run the jobs (in ``cfg.workers`` processes); returns one outcome per job, in completion order."""
+    if not jobs:
+        return []
+    bar = tqdm(total=len(jobs), desc="downstream runs", unit="run", disable=not show_progress)
+    outcomes = []
+    threads = None
+    if cfg.workers == 1:  # in this process, e.g. under a debugger
+        threads = torch.get_num_threads()
+        _init_worker(tasks, cfg.threads_per_worker)
+        results = map(_run_one, jobs)
+        pool = None
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(min(cfg.workers, len(jobs)), _init_worker,
+                                                          (tasks, cfg.threads_per_worker), maxtasksperchild=None)
+        results = pool.imap_unordered(_run_one, jobs)
+    try:
+        for outcome in results:
+            outcomes.append(outcome)
+            bar.update(1)
+            bar.set_postfix_str(f"{outcome['run']}: " + (f"AUC {outcome['test_auc']:.3f}" if outcome["ok"] else "FAILED"))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        bar.close()
+    return outcomes

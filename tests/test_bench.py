@@ -1,0 +1,139 @@
+"""`medssl bench` end to end on phantoms, the pretraining pool's exclusion of held-out images, task CSV rewriting."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import yaml
+
+from medssl.bench.pool import pretraining_pool, write_task_csv
+from medssl.cli import main
+from medssl.config import BenchConfig, BenchTask, ConfigError, load_config
+from medssl.demo import generate_demo_archive
+from medssl.downstream import TaskError, prepare_task
+from medssl.ingest.plan import hash_file
+
+TINY_PRETRAIN = {"max_steps": 2, "batch_size": 8, "workers": 0, "proj_hidden": 32, "proj_dim": 16, "n_prototypes": 8,
+                 "warmup_steps": 1, "freeze_prototypes_steps": 1, "augment": {"global_size": 32, "local_size": 16, "n_local": 2}}
+TINY_FINETUNE = {"input_size": 32, "epochs": 2, "batch_size": 8, "ssl_batch_size": 4, "bootstrap": 50}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    return generate_demo_archive(tmp_path_factory.mktemp("phantoms") / "demo", n_patients=12, size=48)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_bench_end_to_end_and_resume(tmp_path, phantoms):
+    config = {"out": str(tmp_path / "bench"),
+              "tasks": [{"name": "ct", "csv": str(phantoms.tasks["ct-hemorrhage"]), "settings": {"ct_window": [40, 80]}}],
+              "unlabeled": [str(phantoms.archive)], "ingest": {"workers": 1}, "pretrain": TINY_PRETRAIN,
+              "finetune": TINY_FINETUNE, "label_fractions": [0.5, 1.0], "seeds": [0, 1],
+              "robustness_fractions": [1.0], "robustness_levels": {"rotation": [15]}, "workers": 2}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml"), "--quiet"]) == 0
+    out = tmp_path / "bench"
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["runs"] == {"planned": 12, "run_now": 12, "finished": 12, "failed": 0}
+    rows = {(r["arm"], r["label_fraction"]): r for r in summary["rows"]}
+    assert set(rows) == {(a, f) for a in ("scratch-finetune", "ssl-finetune", "ssl-hybrid") for f in (0.5, 1.0)}
+    assert all(len(r["test_auc"]) == 2 and r["baseline"] == "scratch-finetune" for r in rows.values())
+    assert rows[("scratch-finetune", 0.5)]["labeled_train"] < rows[("scratch-finetune", 1.0)]["labeled_train"]
+    # Robustness only at fraction 1, with the level asked for (plus the clean point).
+    assert set(rows[("ssl-finetune", 1.0)]["robustness"]) >= {"rotation"} and not rows[("ssl-finetune", 0.5)]["robustness"]
+    levels = [p["level"] for p in json.loads((out / "ct/ssl-finetune-f1-s0/robustness.json").read_text())["sweeps"]["rotation"]]
+    assert levels == [0, 15]
+    # The SSL runs started from the bench's own pretraining run, the scratch runs did not.
+    assert json.loads((out / "ct/ssl-hybrid-f1-s1/metrics.json").read_text())["init"]["init"] == str(out / "pretrain")
+    assert json.loads((out / "ct/scratch-finetune-f1-s1/metrics.json").read_text())["init"]["init"] == "scratch"
+
+    # No validation or test image (nor a copy of one) reached pretraining.
+    task = prepare_task(out / "tasks" / "ct.csv", input_size=32, ct_window=[40, 80])
+    held_out = {hash_file(task.table.paths[i])[1] for s in ("val", "test") for i in task.rows(s)}
+    ingested = {json.loads(line).get("sha256") for line in (out / "shards" / "manifest.jsonl").read_text().splitlines()}
+    assert held_out and not held_out & ingested
+    assert summary["pool"]["sources"][f"unlabeled: {phantoms.archive}"]["held_out_copies"] >= len(held_out)
+
+    assert {p.split("/")[-1] for p in summary["plots"]} == {"ct-convergence.png", "ct-label-efficiency.png", "ct-robustness.png"}
+    assert all((out / p).stat().st_size > 5000 for p in summary["plots"])
+    md = (out / "results.md").read_text()
+    assert "| ct | ssl-hybrid | 0.5 |" in md and "## Robustness" in md
+    assert "robustness" in (out / "report.html").read_text()
+
+    # Rerun: everything is kept; a changed setting reruns only what it concerns.
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml"), "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text())["runs"]["run_now"] == 0
+    shutil.rmtree(out / "ct/ssl-finetune-f1-s0")
+    (out / "ct/scratch-finetune-f1-s1/robustness.json").unlink()
+    assert main(["bench", "--config", str(tmp_path / "bench.yaml"), "--quiet"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["runs"]["run_now"] == 2 and again["runs"]["finished"] == 12
+
+
+def test_pool_leaves_out_copies_of_held_out_images(tmp_path, phantoms):
+    """A test image saved again under another name in train must not reach pretraining."""
+    rows = _rows(phantoms.tasks["ct-hemorrhage"])
+    test_row = next(r for r in rows if r["split"] == "test")
+    copy = phantoms.root / "archive" / "copy-of-a-test-image.dcm"
+    shutil.copyfile(phantoms.root / test_row["path"], copy)
+    try:
+        rows.append({**test_row, "path": "archive/copy-of-a-test-image.dcm", "split": "train", "group": "someone-else"})
+        task_csv = phantoms.root / "task-with-a-copy.csv"  # CSV paths are relative to its folder
+        with open(task_csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        written = write_task_csv(BenchTask(name="ct", csv=task_csv), tmp_path / "tasks")
+        task = prepare_task(written, input_size=32)
+        pool = pretraining_pool({"ct": task}, [])
+        assert copy.resolve() not in pool.files
+        assert pool.summary["task ct: train split"]["held_out_copies"] == 1
+        train_files = {r["path"] for r in _rows(written) if r["split"] == "train"}
+        assert len(pool.files) == len(train_files) - 1
+    finally:
+        copy.unlink()
+        (phantoms.root / "task-with-a-copy.csv").unlink(missing_ok=True)
+
+
+def test_task_csv_is_rewritten_with_absolute_paths_and_merged_classes(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "task.csv").write_text("path,label,split\na.png,glioma,train\nb.png,none,test\nc.png,meningioma,train\n")
+    out = write_task_csv(BenchTask(name="mr", csv=tmp_path / "data" / "task.csv",
+                                   relabel={"glioma": "tumour", "meningioma": "tumour"}), tmp_path / "tasks")
+    rows = _rows(out)
+    assert [r["label"] for r in rows] == ["tumour", "none", "tumour"]
+    assert rows[0]["path"] == str(tmp_path / "data" / "a.png") and rows[1]["split"] == "test"
+    with pytest.raises(TaskError, match="pituitary"):
+        write_task_csv(BenchTask(name="mr", csv=tmp_path / "data" / "task.csv", relabel={"pituitary": "tumour"}),
+                       tmp_path / "tasks")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"arms": [{"name": "ssl", "init": "ssl", "mode": "finetune"}]}, "from scratch"),
+    ({"finetune": {"seed": 3}}, "set by the bench"),
+    ({"finetune": {"epochs": 0}}, "epochs"),
+    ({"tasks": []}, "no tasks"),
+    ({"label_fractions": [0.0, 1.0]}, r"\(0, 1\]"),
+])
+def test_bench_config_errors(tmp_path, change, message):
+    settings = {"tasks": [{"name": "t", "csv": "t.csv"}], **change}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(settings))
+    with pytest.raises(ConfigError, match=message):
+        load_config(BenchConfig, tmp_path / "b.yaml")
+
+
+def test_bench_paper_preset_is_valid():
+    from conftest import REPO
+
+    cfg = load_config(BenchConfig, REPO / "benchmarks" / "paper.yaml")
+    assert {t.name for t in cfg.tasks} == {"head-ct-hemorrhage", "brain-mr-tumour"}
+    assert len(cfg.seeds) >= 3 and cfg.label_fractions == [0.1, 1.0]
+    # Scratch and SSL see the same input size, which is the pretraining crop size.
+    assert cfg.finetune["input_size"] == cfg.pretrain["augment"]["global_size"]
