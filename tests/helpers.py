@@ -48,3 +48,30 @@ def write_ct_dicom(path: Path, hu: np.ndarray, **tags) -> None:
         setattr(ds, k, v)
     ds.PixelData = np.clip(hu + 1024, 0, 65535).astype(np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+def write_blob_task(root: Path, with_ct: bool = True) -> Path:
+    """A task CSV of 32 images, half with a bright blob (label ``blob``, else ``clear``), two per patient
+    group; every other pair CT DICOM in HU if ``with_ct``, else all PNG. Returns the CSV's path."""
+    import csv
+
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:40, :48]
+    rows = []
+    for i in range(32):
+        positive = i % 2 == 0
+        cy, cx = rng.integers(12, 28), rng.integers(12, 36)
+        blob = positive * ((yy - cy) ** 2 + (xx - cx) ** 2 < 49).astype(float)
+        if with_ct and i % 4 >= 2:
+            name = f"ct{i}.dcm"
+            write_ct_dicom(root / name, 20 + 60 * blob + rng.normal(0, 5, blob.shape))
+        else:
+            name = f"xr{i}.png"
+            Image.fromarray(np.clip(60 + 150 * blob + rng.normal(0, 10, blob.shape), 0, 255).astype(np.uint8)).save(root / name)
+        rows.append((name, "blob" if positive else "clear", f"patient{i // 2}"))
+    with open(root / "task.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "group"), *rows])
+    return root / "task.csv"

@@ -65,7 +65,8 @@ def test_bench_end_to_end_and_resume(tmp_path, phantoms):
     assert all((out / p).stat().st_size > 5000 for p in summary["plots"])
     md = (out / "results.md").read_text()
     assert "| ct | ssl-hybrid | 0.5 |" in md and "## Robustness" in md
-    assert "robustness" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "Bench: SSL against scratch" in report and "ct-robustness" in report
 
     # Rerun: everything is kept; a changed setting reruns only what it concerns.
     assert main(["bench", "--config", str(tmp_path / "bench.yaml"), "--quiet"]) == 0
@@ -136,4 +137,13 @@ def test_bench_paper_preset_is_valid():
     assert {t.name for t in cfg.tasks} == {"head-ct-hemorrhage", "brain-mr-tumour"}
     assert len(cfg.seeds) >= 3 and cfg.label_fractions == [0.1, 1.0]
     # Scratch and SSL see the same input size, which is the pretraining crop size.
+    assert cfg.finetune["input_size"] == cfg.pretrain["augment"]["global_size"]
+
+
+def test_demo_is_a_valid_bench_on_the_generated_archive(tmp_path):
+    from medssl.demo.run import TASK, demo_config
+
+    cfg = demo_config(tmp_path / "demo", tmp_path / "data" / f"task-{TASK}.csv", tmp_path / "data" / "archive")
+    assert [t.name for t in cfg.tasks] == [TASK] and cfg.unlabeled == [tmp_path / "data" / "archive"]
+    assert {a.init for a in cfg.arms} == {"scratch", "ssl"} and cfg.robustness_fractions
     assert cfg.finetune["input_size"] == cfg.pretrain["augment"]["global_size"]

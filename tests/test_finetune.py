@@ -8,10 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import medssl
-from helpers import write_ct_dicom
+from helpers import write_blob_task
 from medssl.cli import main
 from medssl.config import ConfigError, FinetuneConfig, PretrainConfig
 from medssl.downstream import finetune, load_classifier, prepare_task
@@ -39,24 +38,7 @@ def tiny_run(tmp_path_factory, tiny_shards):
 @pytest.fixture(scope="module")
 def blob_task(tmp_path_factory):
     """32 images, half with a bright blob (the label), as PNG and CT DICOM, two per patient group."""
-    root = tmp_path_factory.mktemp("blobs")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:40, :48]
-    rows = []
-    for i in range(32):
-        positive = i % 2 == 0
-        cy, cx = rng.integers(12, 28), rng.integers(12, 36)
-        blob = positive * ((yy - cy) ** 2 + (xx - cx) ** 2 < 49).astype(float)
-        if i % 4 < 2:
-            name = f"xr{i}.png"
-            Image.fromarray(np.clip(60 + 150 * blob + rng.normal(0, 10, blob.shape), 0, 255).astype(np.uint8)).save(root / name)
-        else:
-            name = f"ct{i}.dcm"
-            write_ct_dicom(root / name, 20 + 60 * blob + rng.normal(0, 5, blob.shape))
-        rows.append((name, "blob" if positive else "clear", f"patient{i // 2}"))
-    with open(root / "task.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("path", "label", "group"), *rows])
-    return root / "task.csv"
+    return write_blob_task(tmp_path_factory.mktemp("blobs"))
 
 
 def _check_run(out, metrics, mode):

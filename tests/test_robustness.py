@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from helpers import write_ct_dicom
+from helpers import write_blob_task
 from medssl.cli import main
 from medssl.config import ConfigError
 from medssl.downstream import evaluate_robustness, finetune, prepare_task
@@ -32,39 +29,17 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _blob_task(root, with_ct: bool):
-    """32 images, half with a bright blob (the label), two per patient group; half of them CT if ``with_ct``."""
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:40, :48]
-    rows = []
-    for i in range(32):
-        positive = i % 2 == 0
-        cy, cx = rng.integers(12, 28), rng.integers(12, 36)
-        blob = positive * ((yy - cy) ** 2 + (xx - cx) ** 2 < 49).astype(float)
-        if with_ct and i % 4 >= 2:
-            name = f"ct{i}.dcm"
-            write_ct_dicom(root / name, 20 + 60 * blob + rng.normal(0, 5, blob.shape))
-        else:
-            name = f"xr{i}.png"
-            Image.fromarray(np.clip(60 + 150 * blob + rng.normal(0, 10, blob.shape), 0, 255).astype(np.uint8)).save(root / name)
-        rows.append((name, "blob" if positive else "clear", f"patient{i // 2}"))
-    with open(root / "task.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("path", "label", "group"), *rows])
-    return root / "task.csv"
-
-
 @pytest.fixture(scope="module")
 def ct_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ct")
-    finetune(_blob_task(root / "images", with_ct=True), out=root / "run", **TINY)
+    finetune(write_blob_task(root / "images", with_ct=True), out=root / "run", **TINY)
     return root / "run"
 
 
 @pytest.fixture(scope="module")
 def png_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("png")
-    finetune(_blob_task(root / "images", with_ct=False), out=root / "run", **TINY)
+    finetune(write_blob_task(root / "images", with_ct=False), out=root / "run", **TINY)
     return root / "run"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -347,22 +347,11 @@ class BenchConfig(StrictModel):
     workers: int = Field(default=2, ge=1, description="downstream runs in parallel, one process each")
     threads_per_worker: int = Field(default=1, ge=1, description="torch threads of each run process (workers x threads <= cores)")
 
-    @field_validator("ingest")
+    @field_validator("ingest", "pretrain", "finetune")
     @classmethod
-    def _ingest_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
-        _validate_nested(IngestConfig, v)
-        return v
-
-    @field_validator("pretrain")
-    @classmethod
-    def _pretrain_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
-        _validate_nested(PretrainConfig, v)
-        return v
-
-    @field_validator("finetune")
-    @classmethod
-    def _finetune_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
-        _validate_nested(FinetuneConfig, v)
+    def _stage_settings(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        stage = {"ingest": IngestConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}[info.field_name]
+        _validate_nested(stage, v)  # now, not after an hour of pretraining
         return v
 
     @field_validator("label_fractions", "robustness_fractions")

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from medssl.atomic import atomic_open
 from medssl.bench.results import RunResult
 from medssl.config import BenchConfig
-from medssl.report.plots import colours_for
+from medssl.report.plots import colours_for, panel_figure
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -26,11 +26,7 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _panels(n: int, height: float = 3.8) -> tuple[Figure, list]:
-    fig = Figure(figsize=(max(5.0, 4.2 * n), height), layout="constrained")
-    axes = list(fig.subplots(1, n, squeeze=False)[0])
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    return fig, axes
+    return panel_figure(n, height=height, width=max(5.0, 4.2 * min(n, 4)), columns=4)
 
 
 def _style(cfg: BenchConfig, arm: str) -> dict:

@@ -150,30 +150,33 @@ def _f(value: float | None, digits: int = 3, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
-def markdown(summary: dict) -> str:
-    """results.md: the tables of BENCHMARKS.md, from results.json's content."""
-    lines = [f"# Bench results: {summary['name']}", "",
-             f"Command: `{summary['command']}`  ", f"Machine: {summary['machine'].get('cpu')}, "
-             f"{summary['machine'].get('cores')} cores, {summary['machine'].get('ram_gib', '?')} GiB RAM"
-             + (f", GPU {summary['machine']['cuda']}" if summary["machine"].get("cuda") else "")
-             + f"; torch {summary['machine'].get('torch')}  ",
-             f"Wall time of this invocation: {summary['seconds']['total'] / 60:.1f} min (pool ingest {summary['seconds']['ingest']:.0f} s, "
-             f"pretraining {summary['seconds']['pretrain']:.0f} s, downstream runs {summary['seconds']['runs']:.0f} s)", ""]
+ACCURACY_LEGEND = ("Test AUC: mean ± sd over seeds [mean bootstrap 95% interval]; Δ: against the scratch baseline, "
+                   "paired by seed (seeds better); steps saved: 1 - (first step reaching the baseline's best validation "
+                   "AUC) / (step of the baseline's best), mean over the seeds that reached it (reached/seeds).")
+ROBUSTNESS_LEGEND = "AUC drop from clean at each sweep's worst level (mean over seeds; the level in brackets)."
+
+
+def setup_lines(summary: dict) -> list[str]:
+    """Command, machine, time, pool and pretraining of a bench, one sentence each."""
+    m, sec = summary["machine"], summary["seconds"]
+    lines = [f"Command: {summary['command']}",
+             f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib', '?')} GiB RAM"
+             + (f", GPU {m['cuda']}" if m.get("cuda") else "") + f"; torch {m.get('torch')}",
+             f"Wall time of this invocation: {sec['total'] / 60:.1f} min (pool ingest {sec['ingest']:.0f} s, "
+             f"pretraining {sec['pretrain']:.0f} s, downstream runs {sec['runs']:.0f} s)"]
     p, pool = summary["pretrain"], summary["pool"]
     if p is None:
-        lines += ["No pretraining: no arm starts from the pretrained encoder.", ""]
-    else:
-        sources = "; ".join(f"{k}: {v['pooled']} of {v['files']} files, {v['held_out_copies']} copies of held-out "
-                            "images left out" for k, v in pool["sources"].items())
-        lines += [f"Pretraining pool: {pool['files']} files -> {pool['images']} images ({sources}). "
-                  f"Pretraining: {p['architecture']}, {p['steps']} steps of {p['batch_size']} images, "
-                  f"loss {_f(p['loss_first'], 2)} -> {_f(p['loss_last'], 2)}.", ""]
-    lines += ["## Accuracy and convergence", "",
-              "Test AUC: mean ± sd over seeds [mean bootstrap 95% interval]; Δ: against the scratch baseline, paired by "
-              "seed (seeds better); steps saved: 1 - (first step reaching the baseline's best validation AUC) / (step of "
-              "the baseline's best), mean over the seeds that reached it (reached/seeds).", "",
-              "| task | arm | labels | train images | test AUC | Δ vs scratch | steps saved | steps (best / run) |",
-              "| --- | --- | ---: | ---: | --- | --- | --- | --- |"]
+        return lines + ["No pretraining: no arm starts from the pretrained encoder."]
+    sources = "; ".join(f"{k}: {v['pooled']} of {v['files']} files, {v['held_out_copies']} copies of held-out "
+                        "images left out" for k, v in pool["sources"].items())
+    return lines + [f"Pretraining pool: {pool['files']} files -> {pool['images']} images ({sources}).",
+                    f"Pretraining: {p['architecture']}, {p['steps']} steps of {p['batch_size']} images, "
+                    f"loss {_f(p['loss_first'], 2)} -> {_f(p['loss_last'], 2)}."]
+
+
+def accuracy_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    headers = ["task", "arm", "labels", "train images", "test AUC", "Δ vs scratch", "steps saved", "steps (best / run)"]
+    rows = []
     for r in summary["rows"]:
         auc = f"{_f(r['test_auc_mean'])} ± {_f(r['test_auc_sd'])} [{_f(r['test_auc_ci_mean'][0])}–{_f(r['test_auc_ci_mean'][1])}]"
         is_base = r["arm"] == r["baseline"]
@@ -185,17 +188,34 @@ def markdown(summary: dict) -> str:
         else:
             saved = f"{r['steps_saved_mean'] * 100:.0f}% ({r['seeds_reached']}/{len(r['steps_saved'])})"
         steps = f"{np.mean(r['best_step']):.0f} / {np.mean(r['steps']):.0f}"
-        lines.append(f"| {r['task']} | {r['arm']} | {r['label_fraction']:g} | {r['labeled_train']} | {auc} | {diff} | {saved} | {steps} |")
+        rows.append([r["task"], r["arm"], f"{r['label_fraction']:g}", str(r["labeled_train"]), auc, diff, saved, steps])
+    return headers, rows
+
+
+def robustness_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     robust = [r for r in summary["rows"] if r["robustness"]]
-    if robust:
-        sweeps = sorted({s for r in robust for s in r["robustness"]})
-        lines += ["", "## Robustness", "",
-                  "AUC drop from clean at each sweep's worst level (mean over seeds; the level in brackets).", "",
-                  "| task | arm | labels | " + " | ".join(sweeps) + " |", "| --- | --- | ---: | " + " | ".join("---:" for _ in sweeps) + " |"]
-        for r in robust:
-            cells = [f"{_f(r['robustness'][s]['worst_drop'])} ({r['robustness'][s]['worst_level']:g})"
-                     if s in r["robustness"] else "—" for s in sweeps]
-            lines.append(f"| {r['task']} | {r['arm']} | {r['label_fraction']:g} | " + " | ".join(cells) + " |")
+    sweeps = sorted({s for r in robust for s in r["robustness"]})
+    rows = [[r["task"], r["arm"], f"{r['label_fraction']:g}",
+             *[f"{_f(r['robustness'][s]['worst_drop'])} ({r['robustness'][s]['worst_level']:g})"
+               if s in r["robustness"] else "—" for s in sweeps]] for r in robust]
+    return ["task", "arm", "labels", *sweeps], rows
+
+
+def _md_table(headers: list[str], rows: list[list[str]], left: int) -> list[str]:
+    """Markdown table; columns from ``left`` on are right-aligned."""
+    align = ["---" if i < left else "---:" for i in range(len(headers))]
+    return ["| " + " | ".join(line) + " |" for line in (headers, align, *rows)]
+
+
+def markdown(summary: dict) -> str:
+    """results.md, from results.json's content."""
+    setup = setup_lines(summary)
+    lines = [f"# Bench results: {summary['name']}", "", f"Command: `{summary['command']}`  ",
+             *[f"{line}  " for line in setup[1:]], ""]
+    lines += ["## Accuracy and convergence", "", ACCURACY_LEGEND, "", *_md_table(*accuracy_table(summary), left=2)]
+    headers, rows = robustness_table(summary)
+    if rows:
+        lines += ["", "## Robustness", "", ROBUSTNESS_LEGEND, "", *_md_table(headers, rows, left=2)]
     if summary["failures"]:
         lines += ["", "## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in summary["failures"]]
     if summary["notes"]:

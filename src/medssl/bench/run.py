@@ -118,7 +118,9 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
             atomic_write_text(out / o["run"] / "error.txt", o["traceback"])
     atomic_write_text(out / RESULTS, json.dumps(summary, indent=1))
     atomic_write_text(out / "results.md", markdown(summary))
-    summary["report"] = str(build_report(out, log=lambda message: None))
+    # The embedding map is coloured by the labels of the first task (the report takes one task CSV).
+    first_task = out / "tasks" / f"{cfg.tasks[0].name}.csv"
+    summary["report"] = str(build_report(out, task=first_task, log=lambda message: None))
     return summary
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from medssl import __version__
 from medssl.atomic import atomic_write_text
 from medssl.report import html
+from medssl.report.bench_section import bench_section
 from medssl.report.collect import Artefacts, find_artefacts
 from medssl.report.downstream_section import downstream_sections
 from medssl.report.ingest_section import ingest_section
@@ -39,6 +40,8 @@ def build_report(folder: Path | str, out: Path | str | None = None, task: Path |
         log(f"report: hashing the images of {task} to find them in the shards ...")
         labels = TaskLabels(Path(task))
     sections = [_overview(artefacts, labels)]
+    if artefacts.bench is not None:
+        sections.append(bench_section(folder, artefacts.bench, "bench"))
     for i, ingest in enumerate(artefacts.ingests):
         log(f"report: ingest output {ingest.name}")
         sections.append(ingest_section(ingest, f"ingest-{i}"))

@@ -5,6 +5,7 @@ A folder is recognised by the files it holds, never by its name:
 - ingest output: ``report.json`` and ``index.json`` (``medssl ingest``)
 - pretraining run: ``model_card.json`` or ``metrics.jsonl`` (``medssl pretrain``)
 - downstream run: ``metrics.json`` with ``test_auc`` or ``history`` (``medssl finetune``)
+- bench: ``results.json`` with ``rows`` in the folder itself (``medssl bench``, ``medssl demo``)
 
 The folder itself and its sub-folders down to ``DEPTH`` levels are searched, so a demo or bench
 folder holding ``shards/``, ``pretrain/`` and ``finetune-*/`` gives one report. Anything missing or
@@ -22,6 +23,7 @@ from medssl.report.predictions import PREDICTION_FILES, Curves, read_predictions
 
 DEPTH = 2
 ROBUSTNESS_FILE = "robustness.json"
+BENCH_FILE = "results.json"
 
 
 class ReportError(RuntimeError):
@@ -102,6 +104,7 @@ class Artefacts:
     ingests: list[IngestOutput] = field(default_factory=list)
     pretrains: list[PretrainRun] = field(default_factory=list)
     downstreams: list[DownstreamRun] = field(default_factory=list)
+    bench: dict | None = None   # results.json of `medssl bench` / `medssl demo` in the folder itself
     notes: list[str] = field(default_factory=list)   # what was unreadable, for the report's overview
 
 
@@ -111,6 +114,12 @@ def find_artefacts(root: Path) -> Artefacts:
         raise ReportError(f"{root} is not a folder: pass an ingest output, a pretraining run, a downstream run "
                           "or a folder holding several")
     found = Artefacts(root=root)
+    if (root / BENCH_FILE).is_file():
+        try:
+            results = _json(root / BENCH_FILE)
+            found.bench = results if "rows" in results else None
+        except (OSError, ValueError) as e:
+            found.notes.append(f"{root / BENCH_FILE}: skipped, could not be read ({e})")
     for folder in _folders(root):
         name = folder.relative_to(root).as_posix() if folder != root else root.resolve().name
         if (folder / "report.json").is_file() and (folder / "index.json").is_file():

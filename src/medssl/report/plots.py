@@ -33,16 +33,21 @@ def colours_for(names: list[str]) -> dict[str, str]:
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
 
 
-def _figure(panels: int, height: float = 3.6, width: float = 10.0) -> tuple[Figure, list]:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    for ax in axes:
+def panel_figure(panels: int, height: float = 3.6, width: float = 10.0, columns: int | None = None) -> tuple[Figure, list]:
+    """A figure of ``panels`` axes, at most ``columns`` per row (default: one row); height and width per row."""
+    cols = min(panels, columns or panels)
+    rows = -(-panels // cols)
+    fig = Figure(figsize=(width, height * rows), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[panels:]:
+        ax.remove()
+    for ax in axes[:panels]:
         ax.grid(alpha=0.3)
-    return fig, list(axes)
+    return fig, axes[:panels]
 
 
 def ingest_summary(report: dict) -> str:
-    fig, (by_modality, by_status) = _figure(2, height=3.0)
+    fig, (by_modality, by_status) = panel_figure(2, height=3.0)
     modalities = list(report.get("by_modality", {}))
     x = np.arange(len(modalities))
     files = [report["by_modality"][m].get("files", 0) for m in modalities]
@@ -88,7 +93,7 @@ def _smooth(values: np.ndarray) -> np.ndarray | None:
 
 
 def pretrain_curves(run: PretrainRun) -> str:
-    fig, (loss_ax, speed_ax) = _figure(2)
+    fig, (loss_ax, speed_ax) = panel_figure(2)
     steps = np.array([m["step"] for m in run.metrics])
     for key, colour in (("loss", "#000000"), ("swav", PALETTE[0]), ("infonce", PALETTE[1])):
         if not all(isinstance(m.get(key), (int, float)) for m in run.metrics):
@@ -118,7 +123,7 @@ def pretrain_curves(run: PretrainRun) -> str:
 
 def embedding_map(coords: np.ndarray, colourings: list[tuple[str, list[str]]], method: str) -> str:
     """One panel per colouring: (title, one group name per point)."""
-    fig, axes = _figure(len(colourings), height=4.6, width=5.0 * len(colourings))
+    fig, axes = panel_figure(len(colourings), height=4.6, width=5.0 * len(colourings))
     for ax, (title, groups) in zip(axes, colourings):
         names = sorted(set(groups))
         colours = colours_for(names)
@@ -136,7 +141,7 @@ def roc_curves(runs: list[DownstreamRun], colours: dict[str, str]) -> str:
     from sklearn.metrics import roc_auc_score, roc_curve
 
     outputs = sorted({o for r in runs for o in r.predictions})
-    fig, axes = _figure(len(outputs), height=4.0, width=max(5.0, 3.6 * len(outputs)))
+    fig, axes = panel_figure(len(outputs), height=4.0, width=max(5.0, 3.6 * len(outputs)))
     for ax, output in zip(axes, outputs):
         for run in runs:
             if output not in run.predictions:
@@ -156,7 +161,7 @@ def roc_curves(runs: list[DownstreamRun], colours: dict[str, str]) -> str:
 
 
 def convergence(runs: list[DownstreamRun], colours: dict[str, str]) -> str:
-    fig, (ax,) = _figure(1, height=4.0)
+    fig, (ax,) = panel_figure(1, height=4.0)
     for run in runs:
         points = [(h["step"], h["val_auc"]) for h in run.metrics.get("history", [])
                   if isinstance(h.get("val_auc"), (int, float))]
@@ -179,7 +184,7 @@ def convergence(runs: list[DownstreamRun], colours: dict[str, str]) -> str:
 
 
 def label_efficiency(runs: list[DownstreamRun]) -> str:
-    fig, (ax,) = _figure(1, height=4.0)
+    fig, (ax,) = panel_figure(1, height=4.0)
     series: dict[tuple[str, str], list[DownstreamRun]] = defaultdict(list)
     for run in runs:
         series[(run.init_kind, run.mode)].append(run)
@@ -207,7 +212,7 @@ def label_efficiency(runs: list[DownstreamRun]) -> str:
 
 def robustness(runs: list[DownstreamRun], colours: dict[str, str]) -> str:
     sweeps = sorted({name for r in runs for name in r.robustness.get("sweeps", {})})
-    fig, axes = _figure(len(sweeps), height=3.6, width=max(5.0, 3.6 * len(sweeps)))
+    fig, axes = panel_figure(len(sweeps), height=3.6, width=max(5.0, 3.6 * min(len(sweeps), 4)), columns=4)
     for ax, sweep in zip(axes, sweeps):
         for run in runs:
             points = run.robustness.get("sweeps", {}).get(sweep, [])
