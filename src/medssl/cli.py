@@ -170,7 +170,7 @@ def _run_bench(args) -> int:
     out = Path(cfg.out)
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.md'} ({out / 'results.json'})")
-    print(f"report:  {summary['report']}")
+    print(f"report:  {Path(summary['report']).resolve()}")
     if summary["failures"]:
         print(f"error: {len(summary['failures'])} run(s) failed (see results.md and their error.txt)", file=sys.stderr)
         return 1
@@ -248,7 +248,7 @@ def _run_demo(args) -> int:
 
     summary = run_demo(args.out, args.workers, show_progress=not args.quiet)
     print((Path(args.out) / "results.md").read_text())
-    print(f"report: {summary['report']}")
+    print(f"report: {Path(summary['report']).resolve()} (open it in a browser; it needs no network)")
     return 1 if summary["failures"] else 0
 
 

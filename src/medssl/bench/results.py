@@ -153,7 +153,8 @@ def _f(value: float | None, digits: int = 3, sign: bool = False) -> str:
 ACCURACY_LEGEND = ("Test AUC: mean ± sd over seeds [mean bootstrap 95% interval]; Δ: against the scratch baseline, "
                    "paired by seed (seeds better); steps saved: 1 - (first step reaching the baseline's best validation "
                    "AUC) / (step of the baseline's best), mean over the seeds that reached it (reached/seeds).")
-ROBUSTNESS_LEGEND = "AUC drop from clean at each sweep's worst level (mean over seeds; the level in brackets)."
+ROBUSTNESS_LEGEND = ("AUC drop from clean at each sweep's worst level (mean over seeds; the level in brackets; "
+                     "\"no drop\": no level lowered the AUC).")
 
 
 def setup_lines(summary: dict) -> list[str]:
@@ -195,10 +196,17 @@ def accuracy_table(summary: dict) -> tuple[list[str], list[list[str]]]:
 def robustness_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     robust = [r for r in summary["rows"] if r["robustness"]]
     sweeps = sorted({s for r in robust for s in r["robustness"]})
-    rows = [[r["task"], r["arm"], f"{r['label_fraction']:g}",
-             *[f"{_f(r['robustness'][s]['worst_drop'])} ({r['robustness'][s]['worst_level']:g})"
-               if s in r["robustness"] else "—" for s in sweeps]] for r in robust]
+    rows = [[r["task"], r["arm"], f"{r['label_fraction']:g}", *[_drop_cell(r["robustness"].get(s)) for s in sweeps]]
+            for r in robust]
     return ["task", "arm", "labels", *sweeps], rows
+
+
+def _drop_cell(sweep: dict | None) -> str:
+    if sweep is None:
+        return "—"
+    if sweep["worst_drop"] <= 0:
+        return "no drop"  # no level lowered the AUC
+    return f"{_f(sweep['worst_drop'])} ({sweep['worst_level']:g})"
 
 
 def _md_table(headers: list[str], rows: list[list[str]], left: int) -> list[str]:
