@@ -121,6 +121,8 @@ def test_task_csv_is_rewritten_with_absolute_paths_and_merged_classes(tmp_path):
     ({"finetune": {"seed": 3}}, "set by the bench"),
     ({"finetune": {"epochs": 0}}, "epochs"),
     ({"tasks": []}, "no tasks"),
+    ({"arms": [{"name": "s", "init": "scratch", "mode": "finetune", "settings": {"mode": "linear"}}]}, "set by the bench"),
+    ({"arms": [{"name": "s", "init": "scratch", "mode": "finetune", "settings": {"ssl_weight": -1}}]}, "ssl_weight"),
     ({"label_fractions": [0.0, 1.0]}, r"\(0, 1\]"),
 ])
 def test_bench_config_errors(tmp_path, change, message):
@@ -138,6 +140,19 @@ def test_bench_paper_preset_is_valid():
     assert len(cfg.seeds) >= 3 and cfg.label_fractions == [0.1, 1.0]
     # Scratch and SSL see the same input size, which is the pretraining crop size.
     assert cfg.finetune["input_size"] == cfg.pretrain["augment"]["global_size"]
+
+
+def test_arm_settings_reach_only_that_arms_runs(tmp_path):
+    from medssl.bench.runs import finetune_settings, run_matrix
+
+    cfg = BenchConfig.model_validate({
+        "out": tmp_path, "tasks": [{"name": "t", "csv": "t.csv", "settings": {"ssl_weight": 0.5, "epochs": 3}}],
+        "finetune": {"ssl_weight": 0.9},
+        "arms": [{"name": "scratch", "init": "scratch", "mode": "finetune"},
+                 {"name": "hybrid-w0.1", "init": "ssl", "mode": "hybrid", "settings": {"ssl_weight": 0.1}}]})
+    settings = {s.arm: finetune_settings(cfg, s, tmp_path / "t.csv", tmp_path / "pretrain") for s in run_matrix(cfg)}
+    assert settings["hybrid-w0.1"]["ssl_weight"] == 0.1 and settings["scratch"]["ssl_weight"] == 0.5
+    assert settings["hybrid-w0.1"]["epochs"] == 3 and settings["hybrid-w0.1"]["init"] == str(tmp_path / "pretrain")
 
 
 def test_demo_is_a_valid_bench_on_the_generated_archive(tmp_path):

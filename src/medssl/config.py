@@ -322,6 +322,13 @@ class BenchArm(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     init: Literal["scratch", "ssl"] = Field(description="scratch: random weights; ssl: the bench's pretraining run")
     mode: Literal["linear", "finetune", "hybrid"]
+    settings: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig settings for this arm only, e.g. ssl_weight: 0.1 (win over the task's)")
+
+    @field_validator("settings")
+    @classmethod
+    def _finetune_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
+        _validate_nested(FinetuneConfig, v)
+        return v
 
 
 def _default_arms() -> list[BenchArm]:
@@ -371,7 +378,8 @@ class BenchConfig(StrictModel):
         if not any(a.init == "scratch" for a in self.arms):
             raise ValueError("a bench compares against training from scratch: add an arm with init: scratch")
         reserved = {"task", "init", "mode", "label_fraction", "seed", "out", "target_auc", "target_from"}
-        for where, settings in [("finetune", self.finetune)] + [(f"tasks.{t.name}.settings", t.settings) for t in self.tasks]:
+        for where, settings in ([("finetune", self.finetune)] + [(f"tasks.{t.name}.settings", t.settings) for t in self.tasks]
+                                + [(f"arms.{a.name}.settings", a.settings) for a in self.arms]):
             clash = sorted(reserved & set(settings))
             if clash:
                 raise ValueError(f"{where}: {', '.join(clash)} are set by the bench itself")

@@ -51,7 +51,8 @@ def run_matrix(cfg: BenchConfig) -> list[RunSpec]:
 
 def finetune_settings(cfg: BenchConfig, spec: RunSpec, task_csv: Path, pretrain_dir: Path) -> dict[str, Any]:
     task = next(t for t in cfg.tasks if t.name == spec.task)
-    return {**cfg.finetune, **task.settings, "task": task_csv, "mode": spec.mode, "seed": spec.seed,
+    arm = next(a for a in cfg.arms if a.name == spec.arm)
+    return {**cfg.finetune, **task.settings, **arm.settings, "task": task_csv, "mode": spec.mode, "seed": spec.seed,
             "label_fraction": spec.label_fraction, "init": "scratch" if spec.init == "scratch" else str(pretrain_dir),
             "out": Path(cfg.out) / spec.folder}
 
