@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -158,12 +159,12 @@ def _bench_parser(sub) -> None:
 
 def _run_bench(args) -> int:
     from medssl.bench import run_bench
-    from medssl.bench.run import command_line
     from medssl.downstream import TaskError
 
     cfg = load_config(BenchConfig, args.config, {"out": args.out, "workers": args.workers}, args.overrides)
     try:
-        summary = run_bench(cfg, show_progress=not args.quiet, command=command_line())
+        command = " ".join(shlex.quote(a) for a in ["medssl", *sys.argv[1:]])  # recorded in results.md
+        summary = run_bench(cfg, show_progress=not args.quiet, command=command)
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -8,10 +8,10 @@ Unknown keys are errors, so a typo in a config file never silently falls back to
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -132,6 +132,16 @@ def _validate_nested(model: type[BaseModel], settings: dict[str, Any]) -> None:
         raise ValueError("; ".join(problems)) from None
 
 
+def settings_of(model: type[BaseModel]) -> Any:
+    """The type of a dict of settings meant for ``model`` (e.g. a bench's pretrain settings), checked
+    against ``model`` when the holding config is validated: a typo fails now, not an hour later."""
+    def check(v: dict[str, Any]) -> dict[str, Any]:
+        _validate_nested(model, v)
+        return v
+
+    return Annotated[dict[str, Any], AfterValidator(check)]
+
+
 class FinetuneConfig(StrictModel):
     """Settings of ``medssl finetune`` (see README, section "Downstream")."""
 
@@ -155,7 +165,7 @@ class FinetuneConfig(StrictModel):
     skip_bad: bool = Field(default=False, description="drop missing or unreadable images (listed in metrics.json) instead of stopping")
     # model
     backbone: str = Field(default="resnet18", description="timm backbone for --init scratch (a run folder brings its own)")
-    scratch_ssl: dict[str, Any] = Field(default_factory=dict, description="scratch + hybrid: pretrain settings (proj_dim, n_prototypes, w_contrast, crops, ...) for the fresh heads, loss and views; default pretrain's defaults")
+    scratch_ssl: settings_of(PretrainConfig) = Field(default_factory=dict, description="scratch + hybrid: pretrain settings (proj_dim, n_prototypes, w_contrast, crops, ...) for the fresh heads, loss and views; default pretrain's defaults")
     # optimisation
     epochs: int = Field(default=20, ge=1)
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many steps (default: epochs)")
@@ -215,12 +225,6 @@ class FinetuneConfig(StrictModel):
         from medssl.data.augment import MultiCropConfig  # lazy: augment imports this module
 
         _validate_nested(MultiCropConfig, v)  # now rather than at the first batch
-        return v
-
-    @field_validator("scratch_ssl")
-    @classmethod
-    def _pretrain_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
-        _validate_nested(PretrainConfig, v)
         return v
 
     @model_validator(mode="after")
@@ -307,13 +311,7 @@ class BenchTask(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="folder name of the task's runs")
     csv: Path = Field(description="task CSV (paths in it are relative to its folder)")
     relabel: dict[str, str] = Field(default_factory=dict, description="class -> new class, e.g. to merge tumour types into one 'tumour' class for a binary view")
-    settings: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig settings for this task only, e.g. ct_window")
-
-    @field_validator("settings")
-    @classmethod
-    def _finetune_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
-        _validate_nested(FinetuneConfig, v)
-        return v
+    settings: settings_of(FinetuneConfig) = Field(default_factory=dict, description="FinetuneConfig settings for this task only, e.g. ct_window")
 
 
 class BenchArm(StrictModel):
@@ -322,13 +320,7 @@ class BenchArm(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     init: Literal["scratch", "ssl"] = Field(description="scratch: random weights; ssl: the bench's pretraining run")
     mode: Literal["linear", "finetune", "hybrid"]
-    settings: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig settings for this arm only, e.g. ssl_weight: 0.1 (win over the task's)")
-
-    @field_validator("settings")
-    @classmethod
-    def _finetune_settings(cls, v: dict[str, Any]) -> dict[str, Any]:
-        _validate_nested(FinetuneConfig, v)
-        return v
+    settings: settings_of(FinetuneConfig) = Field(default_factory=dict, description="FinetuneConfig settings for this arm only, e.g. ssl_weight: 0.1 (win over the task's)")
 
 
 def _default_arms() -> list[BenchArm]:
@@ -343,9 +335,9 @@ class BenchConfig(StrictModel):
     out: Path | None = Field(default=None, description="bench folder: tasks, pool shards, pretraining run, runs, results")
     tasks: list[BenchTask] = Field(default_factory=list, description="labeled tasks")
     unlabeled: list[Path] = Field(default_factory=list, description="extra folders/files for the pretraining pool (their copies of any task's val/test images are left out)")
-    ingest: dict[str, Any] = Field(default_factory=dict, description="IngestConfig settings for the pretraining pool")
-    pretrain: dict[str, Any] = Field(default_factory=dict, description="PretrainConfig settings of the pretraining run")
-    finetune: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig settings of every downstream run")
+    ingest: settings_of(IngestConfig) = Field(default_factory=dict, description="IngestConfig settings for the pretraining pool")
+    pretrain: settings_of(PretrainConfig) = Field(default_factory=dict, description="PretrainConfig settings of the pretraining run")
+    finetune: settings_of(FinetuneConfig) = Field(default_factory=dict, description="FinetuneConfig settings of every downstream run")
     arms: list[BenchArm] = Field(default_factory=_default_arms, min_length=1)
     label_fractions: list[float] = Field(default_factory=lambda: [0.1, 1.0], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
@@ -353,13 +345,6 @@ class BenchConfig(StrictModel):
     robustness_levels: dict[str, list[float]] = Field(default_factory=dict, description="sweep -> levels, overriding the defaults")
     workers: int = Field(default=2, ge=1, description="downstream runs in parallel, one process each")
     threads_per_worker: int = Field(default=1, ge=1, description="torch threads of each run process (workers x threads <= cores)")
-
-    @field_validator("ingest", "pretrain", "finetune")
-    @classmethod
-    def _stage_settings(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        stage = {"ingest": IngestConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}[info.field_name]
-        _validate_nested(stage, v)  # now, not after an hour of pretraining
-        return v
 
     @field_validator("label_fractions", "robustness_fractions")
     @classmethod

@@ -17,8 +17,6 @@ downstream runs with unchanged settings are kept.
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -133,6 +131,3 @@ def _notes(pool: dict | None) -> list[str]:
                          "set's own split), which flatters every arm's test AUC alike.")
     return notes
 
-
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["medssl", *sys.argv[1:]])

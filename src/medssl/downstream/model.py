@@ -135,6 +135,13 @@ def build_optimizer(groups: list[dict], cfg: FinetuneConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the GPU if there is one, else the CPU; otherwise the device named."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def probabilities(logits: Tensor, kind: str) -> Tensor:
     """Multi-class: softmax over classes; binary and multi-label: a sigmoid per output."""
     return logits.softmax(1) if kind == "multiclass" else logits.sigmoid()

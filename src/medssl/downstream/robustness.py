@@ -38,7 +38,7 @@ from medssl.atomic import atomic_write_text
 from medssl.config import ConfigError, FinetuneConfig
 from medssl.downstream.images import to_input
 from medssl.downstream.metrics import macro_auc
-from medssl.downstream.model import load_classifier, predict
+from medssl.downstream.model import load_classifier, predict, resolve_device
 from medssl.downstream.tasks import Task, TaskError, check_task, load_task
 
 ROBUSTNESS = "robustness.json"
@@ -163,7 +163,7 @@ def evaluate_robustness(run_dir: Path | str, *, task: Task | None = None,
         raise TaskError(f"{task.table.csv} now gives the outputs {task.table.outputs}, the run was trained for "
                         f"{record['outputs']}: the task CSV changed since training")
 
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     model.to(dev)
     rows = task.rows("test")
     images, is_ct, targets = task.images[rows], task.is_ct[rows], task.table.targets[rows]

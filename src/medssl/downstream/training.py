@@ -39,18 +39,12 @@ from medssl.downstream.convergence import best_val_auc, steps_to_target
 from medssl.downstream.images import to_input
 from medssl.downstream.metrics import accuracy, auc_report, macro_auc
 from medssl.downstream.model import (BEST, build_networks, build_optimizer, load_classifier, optimizer_groups,
-                                     predict, save_classifier)
+                                     predict, resolve_device, save_classifier)
 from medssl.downstream.tasks import Task, TaskError, check_task, label_subset, load_task
 from medssl.train.schedule import warmup_cosine
 
 METRICS = "metrics.json"
 PREDICTIONS = "test_predictions.csv"
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _semantics(task: Task, i: int) -> str:
@@ -113,7 +107,7 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
         check_task(task, cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     kind, outputs = task.table.kind, task.table.outputs
     targets = torch.from_numpy(task.table.targets)
 
