@@ -173,7 +173,7 @@ def test_frame_spec_picks_a_volume_slice(tmp_path):
     for z in range(6):
         volume[2:10, 2:8, z] = 100 + 50 * z  # slice z has a block of brightness 100 + 50 z over zero
     nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "vol.nii.gz")
-    from medssl.downstream.images import decode_image, resolve_path
+    from medssl.downstream.decode import decode_image, resolve_path
 
     cfg = FinetuneConfig(input_size=12, nifti_modality="CT")  # CT: values stay as stored (HU), easy to compare
     for raw, z in (("vol.nii.gz#4", 4), ("vol.nii.gz", 3)):  # no spec: the middle slice

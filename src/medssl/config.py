@@ -40,6 +40,8 @@ class IngestConfig(StrictModel):
     slice_stride: int = Field(default=1, ge=1, description="keep every n-th slice of a volume / frame of a multi-frame file")
     max_pixels: int = Field(default=1_000_000_000, ge=1, description="reject files with more voxels (decompression bombs)")
     max_frame_side: int = Field(default=32768, ge=1, description="reject images with a side longer than this")
+    max_memory_mb: int = Field(default=4096, ge=64, description="memory budget of one decode worker: a file whose header needs more is rejected (too_large) before decoding, and the worker is capped at it")
+    file_timeout_s: float = Field(default=300.0, gt=0, description="seconds one file may take to read; then its decode worker is stopped and the file rejected (timeout)")
     percentiles: tuple[float, float] = Field(default=(0.5, 99.5), description="robust range mapped to [0, 1] for MR and images without a defined intensity scale")
     nifti_modality: str = Field(default="auto", description="modality of NIfTI files: auto (CT if values look like HU, else MR) or a DICOM modality code")
     raster_modality: str = Field(default="OT", description="modality recorded for PNG/JPEG/TIFF files, which carry none")
@@ -163,6 +165,8 @@ class FinetuneConfig(StrictModel):
     test_fraction: float = Field(default=0.15, gt=0, lt=1, description="share of the training images carved out for testing when the CSV has no test split")
     split_seed: int = Field(default=0, ge=0, description="seed of the carve-out; separate from seed so that every run of a comparison shares one test set")
     skip_bad: bool = Field(default=False, description="drop missing or unreadable images (listed in metrics.json) instead of stopping")
+    max_memory_mb: int = Field(default=4096, ge=64, description="memory budget of the image decode worker (as in ingest): larger images are rejected (too_large)")
+    file_timeout_s: float = Field(default=300.0, gt=0, description="seconds one image may take to decode (as in ingest); then it is rejected (timeout)")
     # model
     backbone: str = Field(default="resnet18", description="timm backbone for --init scratch (a run folder brings its own)")
     scratch_ssl: settings_of(PretrainConfig) = Field(default_factory=dict, description="scratch + hybrid: pretrain settings (proj_dim, n_prototypes, w_contrast, crops, ...) for the fresh heads, loss and views; default pretrain's defaults")

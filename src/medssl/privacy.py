@@ -46,7 +46,8 @@ def load_salt(salt_file: Path | None = None) -> bytes:
 
 def keyed_hash(value: str, salt: bytes, length: int = 16) -> str:
     """Salted, non-reversible stand-in for an identifier (same value + same salt -> same hash)."""
-    return hmac.new(salt, value.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:length]
+    # surrogateescape: file names that are not UTF-8 hash by their bytes, so distinct names stay distinct
+    return hmac.new(salt, value.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:length]
 
 
 _QUOTED = re.compile(r"(['\"]).*?\1")

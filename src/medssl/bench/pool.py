@@ -17,7 +17,7 @@ from pathlib import Path
 
 from medssl.atomic import atomic_write_text
 from medssl.config import BenchTask
-from medssl.downstream.images import resolve_path
+from medssl.downstream.decode import resolve_path
 from medssl.downstream.tasks import Task, TaskError
 from medssl.ingest.plan import hash_file
 

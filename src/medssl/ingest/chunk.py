@@ -14,7 +14,8 @@ from pathlib import Path
 
 from medssl.atomic import atomic_write_text
 from medssl.config import IngestConfig
-from medssl.ingest.pipeline import FileTask, process_file
+from medssl.ingest.pipeline import FileTask, process_file_isolated
+from medssl.io.isolation import Budget, shared_worker
 from medssl.privacy import keyed_hash
 from medssl.shard_format import Sample, write_shard
 
@@ -34,6 +35,8 @@ class ChunkSummary:
     files: int
     samples: int
     seconds: float
+    worker_faults: int = 0        # files that cost their decode worker (timeout, crash, memory)
+    worker_peak_rss_bytes: int = 0
 
 
 def part_path(out: Path, chunk: int) -> Path:
@@ -44,9 +47,36 @@ def shard_name(chunk: int, part: int) -> str:
     return f"shard-{chunk:06d}-{part:03d}.tar"
 
 
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def shown_path(rel_path: str) -> str:
+    """A file name as people read it in manifest, report and logs: printable UTF-8 on one line.
+
+    Names are bytes on POSIX; Python holds undecodable bytes as surrogates, which no UTF-8 file can
+    store. Each such byte is written ``\\xNN``, a newline, tab or return ``\\n``, ``\\t``, ``\\r``,
+    any other unprintable character ``\\uNNNN`` (``\\UNNNNNNNN`` beyond 16 bits), and a backslash
+    ``\\\\``, so the original name can always be recovered from what is shown.
+    """
+    if rel_path.isprintable() and "\\" not in rel_path:
+        return rel_path
+    out = []
+    for ch in rel_path:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the undecodable byte code - 0xDC00
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif not ch.isprintable():
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def manifest_path(rel_path: str, cfg: IngestConfig, salt: bytes) -> str:
-    """The path as written in manifest, report and logs: as given, or a salted hash with --redact-paths."""
-    return f"redacted-{keyed_hash(rel_path, salt)}" if cfg.redact_paths else rel_path
+    """The path as written in manifest, report and logs: shown as given, or a salted hash with --redact-paths."""
+    return f"redacted-{keyed_hash(rel_path, salt)}" if cfg.redact_paths else shown_path(rel_path)
 
 
 def run_chunk(job: ChunkJob) -> ChunkSummary:
@@ -55,6 +85,8 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
     shard_dir.mkdir(parents=True, exist_ok=True)
     for stale in shard_dir.glob(f"shard-{job.chunk:06d}-*.tar"):  # from a killed attempt at this unit
         stale.unlink()
+    worker = shared_worker(Budget(job.cfg.file_timeout_s, job.cfg.max_memory_mb << 20))
+    faults_before = worker.faults
     rows: list[dict] = []
     pending: list[Sample] = []
     pending_rows: list[dict] = []
@@ -73,12 +105,13 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
 
     for task, shown_path, scan_error, duplicate_of in job.files:
         row = {"index": task.index, "path": shown_path, "sha256": task.sha256}
-        if scan_error:
-            row.update(status="rejected", reason=scan_error)
+        if scan_error:  # a second link to a folder listed once is a duplicate, anything else a rejection
+            row.update(status="duplicate" if scan_error.startswith("duplicate_folder") else "rejected",
+                       reason=scan_error)
         elif duplicate_of is not None:
             row.update(status="duplicate", reason=f"duplicate: same content as {duplicate_of}")
         else:
-            outcome = process_file(task, job.cfg, job.salt)
+            outcome = process_file_isolated(worker, task, job.cfg, job.salt)
             row.update(status=outcome.status, reason=outcome.reason, format=outcome.format, modality=outcome.modality)
             if outcome.samples:
                 row.update(samples=[s.key for s in outcome.samples], empty_frames=outcome.empty_frames)
@@ -90,4 +123,5 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
         rows.append(row)
     flush()
     atomic_write_text(part_path(Path(job.out), job.chunk), "".join(json.dumps(r) + "\n" for r in rows))
-    return ChunkSummary(job.chunk, len(job.files), n_samples, time.perf_counter() - start)
+    return ChunkSummary(job.chunk, len(job.files), n_samples, time.perf_counter() - start,
+                        worker.faults - faults_before, worker.peak_rss_bytes)

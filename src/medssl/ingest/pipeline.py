@@ -1,14 +1,16 @@
 """The per-file function: read -> intensity mapping -> 2D frames -> resize -> encoded samples.
 
 It never raises for bad input: every problem becomes a rejection with a specific reason, so one
-broken file cannot stop a run over millions.
+broken file cannot stop a run over millions. Work units call it through ``process_file_isolated``,
+which runs it in a decode worker process (``medssl.io.isolation``): a crash, a hang or a memory
+blow-up in a native decoder then costs that one file, not the run.
 """
 
 from __future__ import annotations
 
 import warnings
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -16,6 +18,7 @@ from PIL import Image
 from medssl.config import IngestConfig
 from medssl.intensity import map_frame
 from medssl.io import Limits, Rejected, SourceImage, read_image
+from medssl.io.isolation import IsolatedWorker, WorkerFault
 from medssl.privacy import keyed_hash, scrub
 from medssl.shard_format import Sample, encode_pixels, storage_for
 
@@ -98,7 +101,8 @@ def process_file(task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome:
 
 
 def _process_file(task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome:
-    limits = Limits(max_pixels=cfg.max_pixels, max_frame_side=cfg.max_frame_side)
+    limits = Limits(max_pixels=cfg.max_pixels, max_frame_side=cfg.max_frame_side,
+                    max_memory_bytes=cfg.max_memory_mb << 20)
     src = None
     try:
         src = read_image(task.path, limits, cfg.planes, cfg.slice_stride, cfg.nifti_modality, cfg.raster_modality)
@@ -114,3 +118,30 @@ def _process_file(task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome
         detail = scrub(f"{type(e).__name__}: {e}", src.identifiers if src else None)
         return FileOutcome("rejected", reason=f"internal_error: {detail}", format=src and src.format,
                            modality=src and src.modality)
+
+
+def process_file_isolated(worker: IsolatedWorker, task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome:
+    """``process_file`` in the decode worker; a worker fault becomes this file's rejection."""
+    args = {"task": asdict(task), "cfg": cfg.model_dump(mode="json"), "salt": salt.hex()}
+    try:
+        result, pngs = worker.call("medssl.ingest.pipeline:serve_process_file", args)
+    except WorkerFault as fault:
+        return FileOutcome("rejected", reason=f"{fault.code}: {fault.detail}")
+    samples = [Sample(key=s["key"], png=png, meta=s["meta"]) for s, png in zip(result.pop("samples"), pngs)]
+    return FileOutcome(**result, samples=samples)
+
+
+_cfg_cache: dict[str, IngestConfig] = {}
+
+
+def serve_process_file(args: dict) -> tuple[dict, list[bytes]]:
+    """The decode worker's side of ``process_file_isolated``: JSON in, JSON and PNG bytes out."""
+    key = repr(args["cfg"])
+    if key not in _cfg_cache:  # one work unit sends the same settings with every file: validate once
+        _cfg_cache.clear()
+        _cfg_cache[key] = IngestConfig.model_validate(args["cfg"])
+    outcome = process_file(FileTask(**args["task"]), _cfg_cache[key], bytes.fromhex(args["salt"]))
+    result = {"status": outcome.status, "reason": outcome.reason, "format": outcome.format,
+              "modality": outcome.modality, "empty_frames": outcome.empty_frames,
+              "samples": [{"key": s.key, "meta": s.meta} for s in outcome.samples]}
+    return result, [s.png for s in outcome.samples]

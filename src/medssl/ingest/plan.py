@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from medssl.config import ConfigError, IngestConfig, dump_config
 PLAN_VERSION = 1
 # Settings that change what a work unit writes; a resumed run must use the same ones.
 PROCESSING_KEYS = ("inputs", "files_per_chunk", "samples_per_shard", "max_side", "planes", "slice_stride",
-                   "max_pixels", "max_frame_side", "percentiles", "nifti_modality", "raster_modality", "redact_paths")
+                   "max_pixels", "max_frame_side", "max_memory_mb", "percentiles", "nifti_modality", "raster_modality", "redact_paths")
 
 
 @dataclass
@@ -69,36 +70,104 @@ def processing_settings(cfg: IngestConfig) -> dict:
     return {k: full[k] for k in PROCESSING_KEYS}
 
 
-def scan(inputs: list[Path], exclude: Path) -> list[tuple[int, str]]:
-    """Every file under the inputs, in a deterministic order, skipping the output folder itself."""
+# What a scan says about an entry that is not a regular file (never opened: a FIFO would block forever).
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind_error(mode: int) -> str | None:
+    for test, what in _SPECIAL:
+        if test(mode):
+            return f"not_a_regular_file: {what}; not opened"
+    return None if stat.S_ISREG(mode) else "not_a_regular_file: neither a file nor a folder; not opened"
+
+
+def scan(inputs: list[Path], exclude: Path) -> list[tuple[int, str, str | None]]:
+    """Every entry under the inputs as (root index, relative path, scan error), in a deterministic order.
+
+    Only regular files are meant to be opened later; anything else gets an error here, from ``stat``
+    alone: FIFOs, devices and sockets (``not_a_regular_file``), folders that cannot be listed
+    (``unreadable_folder``), broken links and entries that cannot be inspected (``unreadable_file``).
+    Symbolic links are followed, to files and to folders; each folder (device and inode) is walked
+    once, so a link back to an ancestor or a second link to the same folder gets a row
+    (``duplicate_folder``) instead of an endless or repeated walk. The output folder is skipped.
+    """
     exclude = exclude.resolve()
-    found: list[tuple[int, str]] = []
+    found: list[tuple[int, str, str | None]] = []
+    walked: set[tuple[int, int]] = set()
     for r, root in enumerate(inputs):
         root = Path(root)
-        if not root.exists():
-            raise ConfigError(f"input {root} does not exist")
-        if root.is_file():
-            found.append((r, ""))
-            continue
-        for dirpath, dirnames, filenames in os.walk(root):
-            here = Path(dirpath).resolve()
-            dirnames[:] = sorted(d for d in dirnames if (here / d).resolve() != exclude)
-            for name in sorted(filenames):
-                found.append((r, os.path.relpath(os.path.join(dirpath, name), root)))
+        try:
+            info = root.stat()
+        except OSError as e:
+            what = "does not exist" if isinstance(e, FileNotFoundError) else f"cannot be read ({e.strerror})"
+            raise ConfigError(f"input {root} {what}") from None
+        if stat.S_ISDIR(info.st_mode):
+            _walk(r, str(root), "", info, exclude, walked, found)
+        else:
+            found.append((r, "", _kind_error(info.st_mode)))
     return found
 
 
+def _walk(r: int, root: str, rel: str, info: os.stat_result, exclude: Path,
+          walked: set[tuple[int, int]], found: list) -> None:
+    """Depth-first over one folder, entries in sorted (byte) order; iterative so depth has no limit."""
+    stack = [(rel, info)]
+    while stack:
+        rel, info = stack.pop()
+        here = os.path.join(root, rel) if rel else root
+        identity = (info.st_dev, info.st_ino)
+        if identity in walked:
+            found.append((r, rel, "duplicate_folder: a link to a folder listed elsewhere in the inputs; "
+                                  "its files are listed there once"))
+            continue
+        walked.add(identity)
+        try:
+            with os.scandir(here) as entries:
+                names = sorted((e.name for e in entries), key=os.fsencode)
+        except OSError as e:
+            found.append((r, rel, f"unreadable_folder: cannot list the folder ({e.strerror}); its files are not ingested"))
+            continue
+        folders = []
+        for name in names:
+            child = os.path.join(rel, name) if rel else name
+            path = os.path.join(here, name)
+            try:
+                child_info = os.stat(path)  # follows symbolic links
+            except OSError as e:
+                why = "a broken symbolic link" if os.path.islink(path) else f"cannot inspect the entry ({e.strerror})"
+                found.append((r, child, f"unreadable_file: {why}"))
+                continue
+            if stat.S_ISDIR(child_info.st_mode):
+                if Path(path).resolve() != exclude:
+                    folders.append((child, child_info))
+            else:
+                found.append((r, child, _kind_error(child_info.st_mode)))
+        stack.extend(reversed(folders))
+
+
 def hash_file(path: str) -> tuple[int, str | None, str | None]:
-    """(size, sha256, error). Reads in 1 MiB blocks so large files cost no memory."""
+    """(size, sha256, error). Reads in 1 MiB blocks so large files cost no memory.
+
+    Opened non-blocking and checked to be a regular file first, so an entry replaced by a FIFO
+    after the scan cannot block the run.
+    """
     try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        return 0, None, f"unreadable_file: cannot open the file ({e.strerror})"
+    with os.fdopen(fd, "rb") as f:
+        kind = _kind_error(os.fstat(fd).st_mode)
+        if kind:
+            return 0, None, kind
         h = hashlib.sha256()
         size = 0
-        with open(path, "rb") as f:
+        try:
             while block := f.read(1 << 20):
                 h.update(block)
                 size += len(block)
-    except OSError as e:
-        return 0, None, f"unreadable_file: cannot read the file ({e.strerror})"
+        except OSError as e:
+            return 0, None, f"unreadable_file: cannot read the file ({e.strerror})"
     if size == 0:
         return 0, None, "empty_file: zero-byte file"
     return size, h.hexdigest(), None
@@ -108,15 +177,18 @@ def build_plan(cfg: IngestConfig, run: Callable[[Callable, Iterable], Iterator],
     """Scan and hash the inputs (hashing runs on the engine, in batches) and mark duplicates."""
     roots = [str(Path(p).resolve()) for p in cfg.inputs]
     listed = scan([Path(r) for r in roots], Path(cfg.out))
-    paths = [os.path.join(roots[r], rel) if rel else roots[r] for r, rel in listed]
+    # Entries the scan already rejected are not opened; the rest are hashed on the engine.
+    paths = [None if error else os.path.join(roots[r], rel) if rel else roots[r] for r, rel, error in listed]
     batch = 256
     batches = [(i, paths[i:i + batch]) for i in range(0, len(paths), batch)]
-    hashes: list = [None] * len(paths)
+    hashes: list = [(0, None, error) for _, _, error in listed]
     for start, result in run(_hash_batch_at, batches):
-        hashes[start:start + len(result)] = result
+        for j, hashed in enumerate(result):
+            if hashed is not None:
+                hashes[start + j] = hashed
         progress(len(result))
     files, first_seen = [], {}
-    for i, ((r, rel), (size, sha, error)) in enumerate(zip(listed, hashes)):
+    for i, ((r, rel, _), (size, sha, error)) in enumerate(zip(listed, hashes)):
         dup = first_seen.setdefault(sha, i) if sha else i
         files.append(PlannedFile(r, rel, size, sha, error, dup if dup != i else None))
     return Plan(roots, processing_settings(cfg), files, cfg.files_per_chunk)
@@ -124,4 +196,4 @@ def build_plan(cfg: IngestConfig, run: Callable[[Callable, Iterable], Iterator],
 
 def _hash_batch_at(item: tuple[int, list[str]]) -> tuple[int, list]:
     start, paths = item
-    return start, [hash_file(p) for p in paths]
+    return start, [hash_file(p) if p is not None else None for p in paths]

@@ -19,6 +19,10 @@ class RunStats:
     workers: int
     engine: str
     resumed_units: int
+    max_memory_mb: int    # the decode workers' budgets
+    file_timeout_s: float
+    worker_faults: int = 0            # files of this run that cost their decode worker
+    worker_peak_rss_bytes: int = 0    # the largest decode worker of this run
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -66,14 +70,28 @@ def finalize(out: Path, n_chunks: int, n_files: int, stats: RunStats) -> dict:
             "files_per_s": _rate(stats.files, stats.seconds), "images_per_s": _rate(stats.samples, stats.seconds),
             "workers": stats.workers, "engine": stats.engine, "units_done_by_earlier_runs": stats.resumed_units,
         },
+        "isolation": {
+            "max_memory_mb": stats.max_memory_mb, "file_timeout_s": stats.file_timeout_s,
+            "worker_peak_rss_mb": round(stats.worker_peak_rss_bytes / 2**20, 1),
+            "worker_faults": stats.worker_faults,
+        },
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
 
 
+# "_" is left alone: inside words (reason codes, most file names) CommonMark never reads it as emphasis.
+_MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*[]<>|"})
+
+
+def _md(text: str) -> str:
+    """Text shown literally in Markdown, also inside a table cell (paths may hold ``|``, ``*``, ``<``)."""
+    return text.translate(_MARKDOWN_SPECIAL)
+
+
 def render_markdown(report: dict) -> str:
-    t = report["throughput"]
+    t, iso = report["throughput"], report["isolation"]
     lines = [
         "# medssl ingest report", "",
         f"{report['files']} input files: " + ", ".join(f"{n} {s}" for s, n in sorted(report["status"].items())) + ".",
@@ -84,15 +102,18 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Throughput (this run)", "",
               f"{t['files_processed']} files and {t['samples_written']} images in {t['seconds']} s "
               f"({t['files_per_s']} files/s, {t['images_per_s']} images/s) with {t['workers']} "
-              f"{t['engine']} worker(s); {t['units_done_by_earlier_runs']} work units were already done.", ""]
+              f"{t['engine']} worker(s); {t['units_done_by_earlier_runs']} work units were already done.",
+              f"Decode workers: budget {iso['max_memory_mb']} MB and {iso['file_timeout_s']:g} s per file; "
+              f"largest {iso['worker_peak_rss_mb']} MB; {iso['worker_faults']} files cost their worker "
+              "(timeout, crash or memory; replaced).", ""]
     if report["rejections_by_code"]:
         lines += ["## Rejected files", "", "| reason | files |", "| --- | ---: |"]
-        lines += [f"| {code} | {n} |" for code, n in sorted(report["rejections_by_code"].items())]
+        lines += [f"| {_md(code)} | {n} |" for code, n in sorted(report["rejections_by_code"].items())]
         lines += ["", "| file | reason |", "| --- | --- |"]
-        lines += [f"| `{r['path']}` | {r['reason'].replace('|', '/')} |" for r in report["rejected"]]
+        lines += [f"| {_md(r['path'])} | {_md(r['reason'])} |" for r in report["rejected"]]
         lines.append("")
     if report["duplicates"]:
         lines += ["## Duplicates (same content as an earlier file; not ingested again)", ""]
-        lines += [f"- `{d['path']}`: {d['reason']}" for d in report["duplicates"]]
+        lines += [f"- {_md(d['path'])}: {_md(d['reason'])}" for d in report["duplicates"]]
         lines.append("")
     return "\n".join(lines)

@@ -41,7 +41,7 @@ class IngestSummary:
 
 
 def _log_to_file(out: Path) -> logging.Handler:
-    handler = logging.FileHandler(out / "ingest.log")
+    handler = logging.FileHandler(out / "ingest.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -95,16 +95,18 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
             return ChunkJob(c, files, unit_cfg, str(out), salt)
 
         start = time.perf_counter()
-        n_files = n_samples = 0
+        n_files = n_samples = faults = peak_rss = 0
         with tqdm(total=sum(len(chunks[c]) for c in todo), desc="ingest", unit="file",
                   disable=not show_progress) as bar:
             for summary in engine.run(run_chunk, (job(c) for c in todo)):
                 n_files += summary.files
                 n_samples += summary.samples
+                faults += summary.worker_faults
+                peak_rss = max(peak_rss, summary.worker_peak_rss_bytes)
                 bar.update(summary.files)
                 bar.set_postfix(images=n_samples)
         stats = RunStats(time.perf_counter() - start, n_files, n_samples, cfg.workers, cfg.engine,
-                         len(chunks) - len(todo))
+                         len(chunks) - len(todo), cfg.max_memory_mb, cfg.file_timeout_s, faults, peak_rss)
         report = finalize(out, len(chunks), len(plan.files), stats)
         for r in report["rejected"]:
             log.info("rejected %s: %s", r["path"], r["reason"])

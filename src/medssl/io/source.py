@@ -24,10 +24,22 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """Guards against decompression bombs and absurd headers, checked before any pixel is decoded."""
+    """Guards against decompression bombs and absurd headers, checked before any pixel is decoded.
+
+    ``max_memory_bytes`` is the memory budget for reading one file: every reader estimates, from the
+    header alone, what decoding will hold at once (the encoded bytes it keeps plus one decoded frame and
+    its float copies, ``FRAME_BYTES_PER_VALUE`` bytes per value) and rejects the file as ``too_large``
+    when that exceeds the budget. The isolated decode worker enforces the same budget as a hard limit.
+    """
 
     max_pixels: int = 1_000_000_000
     max_frame_side: int = 32768
+    max_memory_bytes: int = 4 << 30
+
+
+# Bytes per decoded value of one frame while it is processed: the decoder's array (up to 8), the
+# float32 copy (4) and the intensity-mapped copy (4).
+FRAME_BYTES_PER_VALUE = 16
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medssl.downstream.images import fit_square  # the same input preparation as `medssl finetune`
+from medssl.downstream.decode import fit_square  # the same input preparation as `medssl finetune`
 from medssl.report.samples import ShardImage
 
 MIN_TSNE_POINTS = 20   # below this t-SNE's neighbourhoods are meaningless; PCA shows the spread honestly

@@ -1,0 +1,237 @@
+"""Decode untrusted files in a child process with a time and a memory budget.
+
+A 100-million-file archive holds files that make native decoders panic, crash, loop forever or
+allocate without bound. Python cannot recover from a segfault or interrupt a C loop, so the readers
+run in a separate worker process (``python -m medssl.io.isolation``) and the caller (an ingest work
+unit, the downstream image loader) only sends requests and waits for answers:
+
+- **time**: an answer that does not come within ``timeout_s`` gets the worker killed; the request
+  fails with ``timeout``;
+- **memory**: the worker's address space is capped (``RLIMIT_AS``) at what it held after start-up
+  plus ``memory_bytes``, so an allocation beyond the budget fails inside the worker (``MemoryError``
+  -> ``too_large``) instead of waking the kernel's OOM killer; readers check the same budget from
+  the header before decoding, so the cap is the last line of defence;
+- **crashes**: a worker that dies (segfault, abort, killed) fails the request with
+  ``decoder_crash``; a fresh worker is started for the next request, so the rest of a work unit
+  goes on.
+
+The protocol carries no pickles: a request is JSON, an answer is a JSON header followed by raw byte
+blobs (encoded images, arrays), each message prefixed by its length. The worker runs only functions
+of the ``medssl`` package, named ``module:function``; each takes the request's JSON arguments and
+returns ``(json_result, [blobs])``. Everything the worker writes to stdout or stderr is discarded:
+decoders print header values, which must not reach a console or log.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_LENGTH = struct.Struct("<Q")
+# Decoder libraries should not start thread pools in a worker that decodes one file at a time.
+_WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class WorkerFault(Exception):
+    """A request that cost its worker: ``code`` is ``timeout``, ``too_large`` or ``decoder_crash``."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Budget:
+    timeout_s: float = 300.0
+    memory_bytes: int = 4 << 30
+
+
+class IsolatedWorker:
+    """One decode worker process, started on first use and replaced after every fault."""
+
+    def __init__(self, budget: Budget):
+        self.budget = budget
+        self._proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.faults = 0
+        self.peak_rss_bytes = 0  # the largest resident set any of this object's workers reached
+
+    def call(self, fn: str, args: dict) -> tuple[dict, list[bytes]]:
+        """Run ``fn`` (``medssl.<module>:<function>``) on ``args`` in the worker; raises ``WorkerFault``."""
+        proc = self._ensure_started()
+        deadline = time.monotonic() + self.budget.timeout_s
+        try:
+            _write_message(proc.stdin, json.dumps({"fn": fn, "args": args}).encode())
+            header = json.loads(self._read_message(deadline))
+            blobs = [self._read_message(deadline) for _ in range(header["blobs"])]
+        except _Timeout:
+            self._stop()
+            raise self._fault("timeout", f"no answer within file_timeout_s={self.budget.timeout_s:g} s; "
+                                         "the decode worker was stopped") from None
+        except (EOFError, BrokenPipeError, ConnectionResetError, ValueError):
+            raise self._fault(*self._death_reason()) from None
+        self.peak_rss_bytes = max(self.peak_rss_bytes, header["peak_rss_bytes"])
+        if "error" in header:
+            code, detail = header["error"]
+            if code == "too_large":  # the worker hit its memory cap: its heap may be fragmented, start afresh
+                self._stop()
+            raise self._fault(code, detail)
+        return header["result"], blobs
+
+    def close(self) -> None:
+        self._stop()
+
+    def _fault(self, code: str, detail: str) -> WorkerFault:
+        self.faults += 1
+        return WorkerFault(code, detail)
+
+    def _ensure_started(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            self._stop()
+            env = {**os.environ, **_WORKER_ENV}
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "medssl.io.isolation", str(self.budget.memory_bytes)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                start_new_session=True)  # a Ctrl-C in the terminal reaches the caller, which stops the worker
+            self.starts += 1
+        return self._proc
+
+    def _read_message(self, deadline: float) -> bytes:
+        (n,) = _LENGTH.unpack(self._read_exact(_LENGTH.size, deadline))
+        return self._read_exact(n, deadline)
+
+    def _read_exact(self, n: int, deadline: float) -> bytes:
+        fd = self._proc.stdout.fileno()
+        parts, left = [], n
+        while left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise _Timeout
+            part = os.read(fd, min(left, 1 << 20))
+            if not part:
+                raise EOFError
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+
+    def _death_reason(self) -> tuple[str, str]:
+        proc = self._proc
+        try:
+            status = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # the pipe broke but the process lingers: end it
+            status = None
+        self._stop()
+        if status is not None and status < 0:
+            sig = signal.Signals(-status).name
+            if -status == signal.SIGKILL:  # not sent by us: the kernel's OOM killer, most likely
+                return "too_large", "the decode worker was killed by the system (SIGKILL), most likely out of memory"
+            return "decoder_crash", f"the decode worker died with {sig} while reading this file"
+        return "decoder_crash", f"the decode worker exited (status {status}) while reading this file"
+
+    def _stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:  # a broken pipe on close: the worker is gone anyway
+                pass
+
+
+class _Timeout(Exception):
+    pass
+
+
+_shared: dict[Budget, IsolatedWorker] = {}
+
+
+def shared_worker(budget: Budget) -> IsolatedWorker:
+    """This process's worker for ``budget``, kept across calls (a start costs about half a second).
+
+    It needs no explicit shutdown: a worker exits when its caller's end of the pipe closes, which the
+    operating system does when the calling process ends, however it ends.
+    """
+    if budget not in _shared:
+        _shared[budget] = IsolatedWorker(budget)
+    return _shared[budget]
+
+
+def _write_message(stream, payload: bytes) -> None:
+    stream.write(_LENGTH.pack(len(payload)))
+    stream.write(payload)
+    stream.flush()
+
+
+# --- the worker side ------------------------------------------------------------------------------
+
+def _resolve(name: str) -> Callable[[dict], tuple[dict, list[bytes]]]:
+    module, _, function = name.partition(":")
+    if not module.startswith("medssl.") or not function:
+        raise ValueError(f"the decode worker runs only medssl functions, not {name!r}")
+    return getattr(importlib.import_module(module), function)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _cap_address_space(budget: int) -> None:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[0])
+    limit = pages * os.sysconf("SC_PAGE_SIZE") + budget
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def _answer(fn: Callable, args: dict, budget: int) -> tuple[dict, list[bytes]]:
+    try:
+        result, blobs = fn(args)
+        return {"result": result}, blobs
+    except MemoryError:
+        return {"error": ["too_large", f"decoding needed more than the memory budget "
+                                       f"(max_memory_mb={budget >> 20})"]}, []
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - a native panic (pyo3 PanicException) is a BaseException
+        return {"error": ["decoder_crash", f"the decoder failed outside any known error ({type(e).__name__})"]}, []
+
+
+def serve(budget: int) -> None:
+    """Worker main loop: read requests from stdin, answer on the original stdout, until stdin closes."""
+    answers = os.fdopen(os.dup(1), "wb")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # whatever a decoder prints goes nowhere
+    os.dup2(devnull, 2)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides when the worker stops
+    requests = sys.stdin.buffer
+    import medssl.io  # noqa: F401 - load the readers before the address space is measured and capped
+
+    _cap_address_space(budget)
+    while True:
+        head = requests.read(_LENGTH.size)
+        if len(head) < _LENGTH.size:
+            return  # the caller closed the pipe or died
+        request = json.loads(requests.read(_LENGTH.unpack(head)[0]))
+        header, blobs = _answer(_resolve(request["fn"]), request["args"], budget)
+        header.update(blobs=len(blobs), peak_rss_bytes=_peak_rss_bytes())
+        _write_message(answers, json.dumps(header).encode())
+        for blob in blobs:
+            _write_message(answers, blob)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
