@@ -111,10 +111,14 @@ def scan(inputs: list[Path], exclude: Path) -> list[tuple[int, str, str | None]]
 
 def _walk(r: int, root: str, rel: str, info: os.stat_result, exclude: Path,
           walked: set[tuple[int, int]], found: list) -> None:
-    """Depth-first over one folder, entries in sorted (byte) order; iterative so depth has no limit."""
-    stack = [(rel, info)]
-    while stack:
-        rel, info = stack.pop()
+    """Depth-first over one folder, entries in sorted (byte) order; iterative so depth has no limit.
+
+    Folders reached through a symbolic link are walked after all others, so a folder that is also
+    reachable directly is listed under its own path and the link gets the ``duplicate_folder`` row.
+    """
+    stack, links = [(rel, info)], []
+    while stack or links:
+        rel, info = stack.pop() if stack else links.pop(0)
         here = os.path.join(root, rel) if rel else root
         identity = (info.st_dev, info.st_ino)
         if identity in walked:
@@ -138,11 +142,10 @@ def _walk(r: int, root: str, rel: str, info: os.stat_result, exclude: Path,
                 why = "a broken symbolic link" if os.path.islink(path) else f"cannot inspect the entry ({e.strerror})"
                 found.append((r, child, f"unreadable_file: {why}"))
                 continue
-            if stat.S_ISDIR(child_info.st_mode):
-                if Path(path).resolve() != exclude:
-                    folders.append((child, child_info))
-            else:
+            if not stat.S_ISDIR(child_info.st_mode):
                 found.append((r, child, _kind_error(child_info.st_mode)))
+            elif Path(path).resolve() != exclude:
+                (links if os.path.islink(path) else folders).append((child, child_info))
         stack.extend(reversed(folders))
 
 

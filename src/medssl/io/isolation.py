@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 _LENGTH = struct.Struct("<Q")
+_READY = b"ready"
+_STARTUP_S = 120.0  # imports on a cold or network file system; not counted in any file's time budget
 # Decoder libraries should not start thread pools in a worker that decodes one file at a time.
 _WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -105,6 +107,14 @@ class IsolatedWorker:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                 start_new_session=True)  # a Ctrl-C in the terminal reaches the caller, which stops the worker
             self.starts += 1
+            try:
+                ready = self._read_message(time.monotonic() + _STARTUP_S)
+            except (_Timeout, EOFError):
+                ready = None
+            if ready != _READY:
+                self._stop()
+                raise RuntimeError(f"the decode worker ({sys.executable} -m medssl.io.isolation) did not start "
+                                   f"within {_STARTUP_S:g} s; is the medssl installation complete?")
         return self._proc
 
     def _read_message(self, deadline: float) -> bytes:
@@ -221,6 +231,7 @@ def serve(budget: int) -> None:
     import medssl.io  # noqa: F401 - load the readers before the address space is measured and capped
 
     _cap_address_space(budget)
+    _write_message(answers, _READY)
     while True:
         head = requests.read(_LENGTH.size)
         if len(head) < _LENGTH.size:
