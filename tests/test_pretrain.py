@@ -70,7 +70,7 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path, tiny_shards):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"]
+    done = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"]
     assert 1 <= done < steps, "the run was not interrupted mid-way"
     resumed = subprocess.run(_command(tiny_shards, tmp_path / "killed", steps), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -116,5 +116,5 @@ def test_torchrun_two_processes_gloo(tmp_path, tiny_shards):
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = json.loads((tmp_path / "ddp" / "model_card.json").read_text())
     assert card["steps"] == 3
-    ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
     assert len(ckpt["rng"]) == 2 and ckpt["data"]["world_size"] == 2

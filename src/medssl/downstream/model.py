@@ -96,7 +96,7 @@ def build_networks(cfg: FinetuneConfig, n_outputs: int) -> Networks:
     if not (run / CHECKPOINT).is_file():
         raise ConfigError(f"--mode hybrid needs {run / CHECKPOINT}: the pretrained projection head and prototypes "
                           "are kept only there (encoder.safetensors holds the backbone alone)")
-    ckpt = load_checkpoint(run / CHECKPOINT)
+    ckpt = load_checkpoint(run / CHECKPOINT, keys=("step", "config", "model"))
     if ckpt["step"] != card.get("steps"):
         raise ConfigError(f"{run}: {CHECKPOINT} is at step {ckpt['step']} but the encoder at step {card.get('steps')}; "
                           "finish the pretraining run (rerun its command) before hybrid fine-tuning")
@@ -166,12 +166,13 @@ def load_classifier(out_dir: Path | str) -> tuple[Classifier, dict[str, Any]]:
     """Rebuild the best classifier of a finetune output folder: (model in eval mode, its checkpoint record).
 
     The record holds ``kind``, ``outputs`` (names of the K outputs), ``preprocess`` (input_size, ct_window,
-    percentiles, modalities: how images must be prepared) and ``config``.
+    percentiles, modalities: how images must be prepared) and ``config``. A ``best.pt`` that cannot be
+    loaded without unpickling (older medssl, or crafted) raises ``CheckpointError`` and runs nothing.
     """
     path = Path(out_dir) / BEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {out_dir} the output folder of `medssl finetune`?")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, keys=("model", "architecture", "feature_dim", "outputs"))
     backbone, _ = create_backbone(ckpt["architecture"])
     model = Classifier(backbone, ckpt["feature_dim"], len(ckpt["outputs"]))
     model.load_state_dict(ckpt.pop("model"))
