@@ -37,6 +37,7 @@ class ChunkSummary:
     seconds: float
     worker_faults: int = 0        # files that cost their decode worker (timeout, crash, memory)
     worker_peak_rss_bytes: int = 0
+    worker_cpu_seconds: float = 0.0  # the decode worker's CPU time for this unit (not in this process's)
 
 
 def part_path(out: Path, chunk: int) -> Path:
@@ -86,7 +87,7 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
     for stale in shard_dir.glob(f"shard-{job.chunk:06d}-*.tar"):  # from a killed attempt at this unit
         stale.unlink()
     worker = shared_worker(Budget(job.cfg.file_timeout_s, job.cfg.max_memory_mb << 20))
-    faults_before = worker.faults
+    faults_before, cpu_before = worker.faults, worker.cpu_seconds
     rows: list[dict] = []
     pending: list[Sample] = []
     pending_rows: list[dict] = []
@@ -124,4 +125,4 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
     flush()
     atomic_write_text(part_path(Path(job.out), job.chunk), "".join(json.dumps(r) + "\n" for r in rows))
     return ChunkSummary(job.chunk, len(job.files), n_samples, time.perf_counter() - start,
-                        worker.faults - faults_before, worker.peak_rss_bytes)
+                        worker.faults - faults_before, worker.peak_rss_bytes, worker.cpu_seconds - cpu_before)

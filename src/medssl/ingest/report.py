@@ -23,6 +23,7 @@ class RunStats:
     file_timeout_s: float
     worker_faults: int = 0            # files of this run that cost their decode worker
     worker_peak_rss_bytes: int = 0    # the largest decode worker of this run
+    worker_cpu_seconds: float = 0.0   # decode workers' CPU time (the processes' own usage leaves it out)
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -73,7 +74,7 @@ def finalize(out: Path, n_chunks: int, n_files: int, stats: RunStats) -> dict:
         "isolation": {
             "max_memory_mb": stats.max_memory_mb, "file_timeout_s": stats.file_timeout_s,
             "worker_peak_rss_mb": round(stats.worker_peak_rss_bytes / 2**20, 1),
-            "worker_faults": stats.worker_faults,
+            "worker_faults": stats.worker_faults, "worker_cpu_s": round(stats.worker_cpu_seconds, 2),
         },
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))

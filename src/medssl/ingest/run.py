@@ -96,6 +96,7 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
 
         start = time.perf_counter()
         n_files = n_samples = faults = peak_rss = 0
+        worker_cpu = 0.0
         with tqdm(total=sum(len(chunks[c]) for c in todo), desc="ingest", unit="file",
                   disable=not show_progress) as bar:
             for summary in engine.run(run_chunk, (job(c) for c in todo)):
@@ -103,10 +104,12 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
                 n_samples += summary.samples
                 faults += summary.worker_faults
                 peak_rss = max(peak_rss, summary.worker_peak_rss_bytes)
+                worker_cpu += summary.worker_cpu_seconds
                 bar.update(summary.files)
                 bar.set_postfix(images=n_samples)
         stats = RunStats(time.perf_counter() - start, n_files, n_samples, cfg.workers, cfg.engine,
-                         len(chunks) - len(todo), cfg.max_memory_mb, cfg.file_timeout_s, faults, peak_rss)
+                         len(chunks) - len(todo), cfg.max_memory_mb, cfg.file_timeout_s, faults, peak_rss,
+                         worker_cpu)
         report = finalize(out, len(chunks), len(plan.files), stats)
         for r in report["rejected"]:
             log.info("rejected %s: %s", r["path"], r["reason"])

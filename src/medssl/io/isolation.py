@@ -68,6 +68,8 @@ class IsolatedWorker:
         self.starts = 0
         self.faults = 0
         self.peak_rss_bytes = 0  # the largest resident set any of this object's workers reached
+        self.cpu_seconds = 0.0   # CPU time its workers reported, all of them together
+        self._proc_cpu = 0.0     # ... of which the current worker's
 
     def call(self, fn: str, args: dict) -> tuple[dict, list[bytes]]:
         """Run ``fn`` (``medssl.<module>:<function>``) on ``args`` in the worker; raises ``WorkerFault``."""
@@ -84,6 +86,8 @@ class IsolatedWorker:
         except (EOFError, BrokenPipeError, ConnectionResetError, ValueError):
             raise self._fault(*self._death_reason()) from None
         self.peak_rss_bytes = max(self.peak_rss_bytes, header["peak_rss_bytes"])
+        self.cpu_seconds += header["cpu_seconds"] - self._proc_cpu
+        self._proc_cpu = header["cpu_seconds"]
         if "error" in header:
             code, detail = header["error"]
             if code == "too_large":  # the worker hit its memory cap: its heap may be fragmented, start afresh
@@ -107,6 +111,7 @@ class IsolatedWorker:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                 start_new_session=True)  # a Ctrl-C in the terminal reaches the caller, which stops the worker
             self.starts += 1
+            self._proc_cpu = 0.0
             try:
                 ready = self._read_message(time.monotonic() + _STARTUP_S)
             except (_Timeout, EOFError):
@@ -196,8 +201,10 @@ def _resolve(name: str) -> Callable[[dict], tuple[dict, list[bytes]]]:
     return getattr(importlib.import_module(module), function)
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _usage() -> dict:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return {"peak_rss_bytes": own.ru_maxrss * 1024,  # Linux reports KiB
+            "cpu_seconds": own.ru_utime + own.ru_stime}
 
 
 def _cap_address_space(budget: int) -> None:
@@ -238,7 +245,7 @@ def serve(budget: int) -> None:
             return  # the caller closed the pipe or died
         request = json.loads(requests.read(_LENGTH.unpack(head)[0]))
         header, blobs = _answer(_resolve(request["fn"]), request["args"], budget)
-        header.update(blobs=len(blobs), peak_rss_bytes=_peak_rss_bytes())
+        header.update(blobs=len(blobs), **_usage())
         _write_message(answers, json.dumps(header).encode())
         for blob in blobs:
             _write_message(answers, blob)
