@@ -152,3 +152,15 @@ def test_cli_with_convergence_target(tmp_path, blob_task, tiny_run, capsys):
     # Same seed and settings: the same run again, so it reaches the first run's best exactly at its best step.
     assert second["target_auc"] == first["best_val_auc"]
     assert second["steps_to_target"] == min(h["step"] for h in first["history"] if h["val_auc"] >= first["best_val_auc"])
+
+
+def test_out_naming_a_file_is_a_usage_error(tmp_path, blob_task, capsys):
+    """Found before any image is decoded, as a one-line usage error (exit 2), not a traceback after training."""
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for out in (taken, taken / "sub"):
+        assert main(["finetune", "--task", str(blob_task), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}") and f"{taken} is a file" in err and err.count("\n") == 1
+    assert main(["evaluate", str(tmp_path), "--robustness", "--out", str(tmp_path), "--quiet"]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path} is a folder; name the file to write\n"

@@ -180,3 +180,46 @@ def test_frame_spec_picks_a_volume_slice(tmp_path):
         path, frame = resolve_path(tmp_path, raw)
         values, is_ct = decode_image(path, frame, cfg)
         assert is_ct and float(values.max()) == pytest.approx(100 + 50 * z)
+
+
+# Files that are not CSV text: each must give one line naming the file and the problem, never a traceback.
+NOT_CSV_TEXT = {
+    "latin-1": (b"path,label\na.png,caf\xe9\nb.png,x\n", "is not UTF-8 text (line 2)"),
+    "png": (b"\x89PNG\r\n\x1a\n" + bytes(range(256)), "is not UTF-8 text (line 1)"),
+    "nul-bytes": (b"path,label\n\x00\x00\x00\n", "holds NUL bytes: it is a binary file, not a CSV"),
+    "huge-field": (b"path,label\n" + b"a" * 140_000 + b",x\nb.png,y\n",
+                   "line 2 cannot be read as CSV (field larger than field limit (131072))"),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_CSV_TEXT)
+def test_a_file_that_is_not_csv_text_is_one_line_naming_it(tmp_path, kind):
+    content, problem = NOT_CSV_TEXT[kind]
+    path = tmp_path / "t.csv"
+    path.write_bytes(content)
+    with pytest.raises(TaskError) as e:
+        read_task_csv(path)
+    assert str(e.value).startswith(f"{path} {problem}") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", NOT_CSV_TEXT)
+def test_cli_finetune_on_a_file_that_is_not_csv_text_exits_1(tmp_path, capsys, kind):
+    path = tmp_path / "t.csv"
+    path.write_bytes(NOT_CSV_TEXT[kind][0])
+    assert main(["finetune", "--task", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} {NOT_CSV_TEXT[kind][1]}") and err.count("\n") == 1
+
+
+def test_bench_and_report_read_task_csvs_the_same_way(tmp_path):
+    from medssl.bench.pool import write_task_csv
+    from medssl.config import BenchTask
+    from medssl.report import ReportError
+    from medssl.report.task_labels import TaskLabels
+
+    path = tmp_path / "t.csv"
+    path.write_bytes(NOT_CSV_TEXT["latin-1"][0])
+    with pytest.raises(TaskError, match=r"^task t: .*t\.csv is not UTF-8 text \(line 2\)"):
+        write_task_csv(BenchTask(name="t", csv=path), tmp_path / "bench")
+    with pytest.raises(ReportError, match=r"^--task .*t\.csv is not UTF-8 text \(line 2\)"):
+        TaskLabels(path)

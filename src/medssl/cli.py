@@ -92,6 +92,16 @@ def _run_pretrain(args) -> int:
     return 0
 
 
+def _check_out(out: Path, kind: str) -> None:
+    """A usage error before any work, not a traceback after it: ``out`` names the ``kind`` ("folder" or
+    "file") to write, so it must not be the other kind, and what exists above it must be folders."""
+    if out.exists() and out.is_dir() != (kind == "folder"):
+        raise ConfigError(f"--out {out} is {'a folder' if out.is_dir() else 'a file'}; name the {kind} to write")
+    existing = next((p for p in out.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder")
+
+
 _FINETUNE_FLAGS = ("task", "init", "mode", "label_fraction", "seed", "out", "target_auc", "target_from", "skip_bad")
 
 
@@ -124,6 +134,7 @@ def _run_finetune(args) -> int:
     cfg = load_config(FinetuneConfig, args.config, flags, args.overrides)
     if cfg.task is None or cfg.out is None:
         raise ConfigError("finetune needs --task TASK.csv and --out DIR")
+    _check_out(Path(cfg.out), "folder")
     try:
         m = run_finetune(cfg, show_progress=not args.quiet)
     except TaskError as e:
@@ -215,6 +226,8 @@ def _run_evaluate(args) -> int:
     if not args.robustness:
         raise ConfigError("evaluate needs --robustness (the test AUC under perturbations, the one evaluation so "
                           "far; the clean test AUC is already in the run's metrics.json)")
+    if args.out is not None:
+        _check_out(args.out, "file")
     try:
         r = evaluate_robustness(args.run_dir, sweeps=_parse_levels(args.levels), only=args.only, out=args.out,
                                 show_progress=not args.quiet)

@@ -18,7 +18,7 @@ from pathlib import Path
 from medssl.atomic import atomic_write_text
 from medssl.config import BenchTask
 from medssl.downstream.decode import resolve_path
-from medssl.downstream.tasks import Task, TaskError
+from medssl.downstream.tasks import Task, TaskError, read_csv_rows
 from medssl.ingest.plan import hash_file
 
 
@@ -27,11 +27,10 @@ def write_task_csv(task: BenchTask, folder: Path) -> Path:
     src = Path(task.csv)
     if not src.is_file():
         raise TaskError(f"task {task.name}: task CSV {src} does not exist")
-    with open(src, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        rows = list(reader)
+    try:
+        columns, rows = read_csv_rows(src)
+    except TaskError as e:
+        raise TaskError(f"task {task.name}: {e}") from None
     if "path" not in columns or "label" not in columns:
         raise TaskError(f"task {task.name}: {src} needs the columns path,label (has {columns})")
     unknown = set(task.relabel) - {part.strip() for r in rows for part in (r["label"] or "").split("|")}

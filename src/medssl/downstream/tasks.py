@@ -17,6 +17,7 @@ time, stratified by class, seeded by ``split_seed``.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -78,16 +79,43 @@ def _row_labels(label: str, multilabel: bool) -> list[str]:
     return [label.strip()]
 
 
+def read_csv_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The column names (stripped) and rows of a UTF-8 CSV file.
+
+    A file that is not CSV text (another encoding, a binary file, a field longer than the csv module's
+    limit of 131,072 characters, which no path or label needs) is a one-line ``TaskError`` naming it.
+    The whole file is read first so that an encoding error can be placed on its line.
+    """
+    try:
+        data = Path(csv_path).read_bytes()
+    except OSError as e:
+        raise TaskError(f"{csv_path} cannot be read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")  # utf-8-sig: spreadsheets write a BOM
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise TaskError(f"{csv_path} is not UTF-8 text (line {line}): save it as a UTF-8 CSV, or check that it is "
+                        "a CSV at all") from None
+    if "\x00" in text:  # valid UTF-8 can still hold NUL bytes, which no text file has
+        raise TaskError(f"{csv_path} holds NUL bytes: it is a binary file, not a CSV")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        columns = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = columns
+        rows = list(reader)
+    except csv.Error as e:
+        # reader.reader: DictReader's own line_num is updated only after a row was read whole.
+        raise TaskError(f"{csv_path} line {reader.reader.line_num} cannot be read as CSV ({e}): check that it is "
+                        "a CSV of paths and labels") from None
+    return columns, rows
+
+
 def read_task_csv(csv_path: Path, task_type: str = "auto", positive_class: str | None = None) -> TaskTable:
     """Parse and check a task CSV; every problem of the file is reported in one ``TaskError``."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise TaskError(f"task CSV {csv_path} does not exist")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheets write a BOM
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        rows = list(reader)
+    columns, rows = read_csv_rows(csv_path)
     missing = [c for c in ("path", "label") if c not in columns]
     if missing:
         raise TaskError(f"{csv_path}: no column {' or '.join(missing)} in the header {columns}; "

@@ -7,11 +7,11 @@ only; otherwise every image of the file carries the row's label.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import re
 from pathlib import Path
 
+from medssl.downstream.tasks import TaskError, read_csv_rows
 from medssl.report.collect import ReportError
 
 _FRAME_SPEC = re.compile(r"^(.*)#(\d+)$")
@@ -24,11 +24,10 @@ class TaskLabels:
         self.rows = 0
         self.missing: list[str] = []
         try:
-            with open(self.csv, newline="", encoding="utf-8-sig") as f:
-                rows = list(csv.DictReader(f))
-        except OSError as e:
-            raise ReportError(f"--task {self.csv}: cannot be read ({e})") from None
-        if not rows or not {"path", "label"} <= set(rows[0]):
+            columns, rows = read_csv_rows(self.csv)
+        except TaskError as e:
+            raise ReportError(f"--task {e}") from None
+        if not rows or not {"path", "label"} <= set(columns):
             raise ReportError(f"--task {self.csv}: needs a header with columns path,label and at least one row")
         for row in rows:
             path, frame = self._resolve(row["path"].strip())
