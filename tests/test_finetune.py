@@ -154,6 +154,56 @@ def test_cli_with_convergence_target(tmp_path, blob_task, tiny_run, capsys):
     assert second["steps_to_target"] == min(h["step"] for h in first["history"] if h["val_auc"] >= first["best_val_auc"])
 
 
+def _nan_loss_from_call(monkeypatch, first_bad):
+    import medssl.downstream.training as training
+
+    real, calls = training._supervised_loss, []
+
+    def loss(logits, targets, kind):
+        calls.append(1)
+        value = real(logits, targets, kind)
+        return value * float("nan") if len(calls) >= first_bad else value
+
+    monkeypatch.setattr(training, "_supervised_loss", loss)
+
+
+def test_a_diverged_finetune_stops_and_reports_the_best_checkpoint_before_it(tmp_path, blob_task, tiny_run, monkeypatch):
+    """FAST: 3 steps per epoch. The loss of step 4 is NaN: training stops there, status 'diverged', and the test
+    score is that of the best evaluation before it (epoch 1), never one computed from NaN scores."""
+    _nan_loss_from_call(monkeypatch, 4)
+    metrics = finetune(blob_task, init=str(tiny_run), mode="linear", out=tmp_path / "div", **FAST)
+    assert metrics["status"] == "diverged"
+    assert metrics["diverged"] == {"after_step": 3, "epoch": 2, "what": "training loss"}
+    assert [h["epoch"] for h in metrics["history"]] == [1] and metrics["steps"] == 3
+    assert metrics["best_step"] == 3 and 0 <= metrics["test_auc"] <= 1
+    assert json.loads((tmp_path / "div" / "metrics.json").read_text()) == metrics
+
+
+def test_a_finetune_diverged_before_any_evaluation_fails_clearly(tmp_path, blob_task, tiny_run, monkeypatch):
+    _nan_loss_from_call(monkeypatch, 1)
+    with pytest.raises(RuntimeError, match="non-finite at step 1 .*lower lr"):
+        finetune(blob_task, init=str(tiny_run), mode="finetune", out=tmp_path / "div", **FAST)
+    assert not (tmp_path / "div" / "metrics.json").exists()
+
+
+def test_non_finite_validation_scores_end_the_run_as_diverged(tmp_path, blob_task, tiny_run, monkeypatch):
+    import medssl.downstream.training as training
+
+    real, calls = training.predict, []
+
+    def predict(*args, **kwargs):
+        calls.append(1)
+        probs = real(*args, **kwargs)
+        return probs * np.nan if len(calls) == 2 else probs  # the 2nd validation of a linear probe
+
+    monkeypatch.setattr(training, "predict", predict)
+    metrics = finetune(blob_task, init=str(tiny_run), mode="linear", out=tmp_path / "div", **{**FAST, "epochs": 3})
+    assert metrics["status"] == "diverged"
+    assert metrics["diverged"] == {"after_step": 6, "epoch": 2, "what": "validation scores"}
+    assert [h["val_auc"] is None for h in metrics["history"]] == [False, True]
+    assert metrics["best_epoch"] == 1 and 0 <= metrics["test_auc"] <= 1
+
+
 def test_out_naming_a_file_is_a_usage_error(tmp_path, blob_task, capsys):
     """Found before any image is decoded, as a one-line usage error (exit 2), not a traceback after training."""
     taken = tmp_path / "taken"

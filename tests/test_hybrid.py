@@ -59,33 +59,36 @@ def test_rejects_inconsistent_settings(kwargs):
         HybridLoss(**kwargs)
 
 
-def test_queue_joins_sinkhorn_once_full_and_is_filled_after_scoring():
+def test_queue_joins_sinkhorn_once_full_and_is_filled_by_enqueue():
     queue_length = 2 * BATCH
     loss = HybridLoss(w_contrast=0.0, queue=FeatureQueue(N_GLOBAL, queue_length, DIM))
     for step in range(2):  # fill the queue; no queue scores yet
         embeddings, scores, prototypes = crops(seed=step)
         total, _ = loss(embeddings, scores, prototypes)
         torch.testing.assert_close(total, SwAVLoss(N_GLOBAL)(scores))
+        loss.enqueue(embeddings)
     assert loss.queue.full
     stored = loss.queue.features.clone()
     embeddings, scores, prototypes = crops(seed=2)
     total, _ = loss(embeddings, scores, prototypes)
     queue_scores = [prototypes(f).detach() for f in stored]  # the queue before this batch joined it
     torch.testing.assert_close(total, SwAVLoss(N_GLOBAL)(scores, queue_scores))
+    loss.enqueue(embeddings)
     torch.testing.assert_close(loss.queue.features[:, :BATCH], torch.stack(embeddings[:N_GLOBAL]).detach())
 
 
-def test_eval_mode_leaves_the_queue_untouched():
-    loss = HybridLoss(queue=FeatureQueue(N_GLOBAL, BATCH, DIM)).eval()
+def test_forward_leaves_the_queue_untouched_even_in_training_mode():
+    """Only ``enqueue`` fills the queue: the loop commits a step's features once its loss is known finite."""
+    loss = HybridLoss(queue=FeatureQueue(N_GLOBAL, BATCH, DIM)).train()
     embeddings, scores, prototypes = crops()
-    loss(embeddings, scores, prototypes)
+    loss([e * float("nan") for e in embeddings], scores, prototypes)
     assert loss.queue.filled == 0 and not loss.queue.features.any()
 
 
 def test_queue_is_part_of_the_state_dict():
     loss = HybridLoss(queue=FeatureQueue(N_GLOBAL, BATCH, DIM))
     embeddings, scores, prototypes = crops()
-    loss(embeddings, scores, prototypes)
+    loss.enqueue(embeddings)
     restored = HybridLoss(queue=FeatureQueue(N_GLOBAL, BATCH, DIM))
     restored.load_state_dict(loss.state_dict())
     assert restored.queue.full

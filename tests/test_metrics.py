@@ -81,3 +81,25 @@ def test_steps_to_target():
     assert steps_to_target(history, 0.8) == 20
     assert steps_to_target(history, 0.65) == 20
     assert steps_to_target(history, 0.9) is None
+
+
+@pytest.mark.parametrize("order", [slice(None), slice(None, None, -1), [1, 3, 0, 2, 5, 4]])
+def test_non_finite_scores_give_no_auc(order):
+    """A diverged model's NaN scores have no ranking: no AUC, whatever the row order (was 0.44, 0.56 or 0)."""
+    targets = np.array([[1], [0], [1], [0], [1], [0]])[order]
+    nan = np.full((6, 1), np.nan)
+    assert roc_auc(targets[:, 0], nan[:, 0]) is None
+    assert macro_auc(targets, nan) is None
+    report = auc_report(targets, nan, ["a"], n_bootstrap=20)
+    assert report["auc"] is None and report["auc_ci"] is None and report["per_label"] == {"a": None}
+    assert np.isnan(weighted_auc(targets[:, 0].astype(bool), nan[:, 0], np.ones((3, 6)))).all()
+    assert accuracy("binary", targets, nan) is None
+
+
+def test_one_non_finite_score_leaves_that_label_and_the_macro_undefined():
+    targets, scores = _data(n=60, k=2)
+    scores[5, 1] = np.inf
+    report = auc_report(targets, scores, ["a", "b"], n_bootstrap=20)
+    assert report["per_label"]["a"] == pytest.approx(roc_auc_score(targets[:, 0], scores[:, 0]), abs=1e-12)
+    assert report["per_label"]["b"] is None and report["auc"] is None and report["auc_ci"] is None
+    assert macro_auc(targets, scores) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -75,10 +76,10 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path, tiny_shards):
     resumed = subprocess.run(_command(tiny_shards, tmp_path / "killed", steps), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
-    # Every step's logged loss is the same (a resumed step logs again: later lines win).
+    # Every step is logged once (what was logged after the checkpoint is dropped), with the same loss.
     def losses(run):
         lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        return {m["step"]: m["loss"] for m in lines}
+        return [(m["step"], m["loss"]) for m in lines]
 
     assert losses("killed") == losses("straight")
     a = load_file(str(tmp_path / "straight" / "encoder.safetensors"))
@@ -118,3 +119,127 @@ def test_torchrun_two_processes_gloo(tmp_path, tiny_shards):
     assert card["steps"] == 3
     ckpt = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
     assert len(ckpt["rng"]) == 2 and ckpt["data"]["world_size"] == 2
+
+
+def _nan_at_call(monkeypatch, bad_calls):
+    """The model's outputs are NaN on the given forward calls (1-based): a batch that blows up."""
+    from medssl.models.ssl_model import SSLModel
+
+    real, calls = SSLModel.forward, []
+
+    def forward(self, crops):
+        calls.append(1)
+        embeddings, scores = real(self, crops)
+        if len(calls) in bad_calls:
+            return [e * float("nan") for e in embeddings], [s * float("nan") for s in scores]
+        return embeddings, scores
+
+    monkeypatch.setattr(SSLModel, "forward", forward)
+
+
+def _record_batches(monkeypatch):
+    """(stream epoch, sample keys) of every batch the loop draws."""
+    from medssl.data.stream import ShardLoader
+
+    real, seen = ShardLoader.__iter__, []
+
+    def iterate(self):
+        for batch in real(self):
+            seen.append((self.stream.epoch, tuple(batch["key"])))
+            yield batch
+
+    monkeypatch.setattr(ShardLoader, "__iter__", iterate)
+    return seen
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_skipped_batch_does_not_poison_the_feature_queue(tmp_path, tiny_shards, monkeypatch):
+    """The bad batch's NaN features must not enter the queue: the queue (full after 4 steps) would make
+    every later code NaN and the run would stop after max_bad_steps."""
+    _nan_at_call(monkeypatch, {6})
+    cfg = PretrainConfig(shards=[tiny_shards], out=tmp_path / "run", max_steps=9, max_bad_steps=3,
+                         **{**TINY, "queue_length": 16})
+    pretrain(cfg, show_progress=False)
+    log = _log(tmp_path / "run")
+    assert [e["consecutive"] for e in log if "event" in e] == [1]
+    assert [m["step"] for m in log if "loss" in m] == list(range(1, 10))
+    assert all(math.isfinite(m["loss"]) for m in log if "loss" in m)
+    queue = next(v for k, v in load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loss"][0].items()
+                 if k.endswith("features"))
+    assert torch.isfinite(queue).all()
+
+
+def test_a_skipped_batch_does_not_replay_the_epoch(tmp_path, tiny_shards, monkeypatch):
+    """40 samples in batches of 4: 10 batches per epoch. One skipped batch must not make the loop go back
+    to the start of epoch 0 (same samples, same crops) once epoch 0 is used up."""
+    _nan_at_call(monkeypatch, {2})
+    seen = _record_batches(monkeypatch)
+    pretrain(PretrainConfig(shards=[tiny_shards], out=tmp_path / "run", max_steps=12, **TINY), show_progress=False)
+    assert len(seen) == 13  # 12 steps and the skipped batch
+    assert [epoch for epoch, _ in seen] == [0] * 10 + [1] * 3
+    assert sorted(k for _, keys in seen[:10] for k in keys) == sorted({k for _, keys in seen[:10] for k in keys})
+    assert seen[10][1] != seen[0][1]
+
+
+def test_resume_after_a_skipped_batch_continues_the_data_where_it_stopped(tmp_path, tiny_shards, monkeypatch):
+    """Interrupted after epoch 0 ran out (with one batch skipped) and resumed, a run draws the batches an
+    uninterrupted one draws."""
+    _nan_at_call(monkeypatch, {2})
+    straight = _record_batches(monkeypatch)
+    pretrain(PretrainConfig(shards=[tiny_shards], out=tmp_path / "a", max_steps=12, **TINY), show_progress=False)
+
+    monkeypatch.undo()
+    _nan_at_call(monkeypatch, {2})
+    resumed = _record_batches(monkeypatch)
+    pretrain(PretrainConfig(shards=[tiny_shards], out=tmp_path / "b", max_steps=10, **TINY), show_progress=False)
+    ckpt = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert ckpt["step"] == 10 and ckpt["data"]["epoch"] == 1 and ckpt["data"]["consumed"] == 4
+    pretrain(PretrainConfig(shards=[tiny_shards], out=tmp_path / "b", max_steps=12, **TINY), show_progress=False)
+    assert resumed == straight
+
+
+def test_resume_drops_the_log_written_after_the_checkpoint(tmp_path, tiny_shards, monkeypatch):
+    """Killed after steps 3 and 4 were logged but only step 2 checkpointed, the resumed run logs 3 and 4
+    again: metrics.jsonl and TensorBoard must each hold every step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import medssl.train.pretrain as loop
+
+    real, saves = loop.save_checkpoint, []
+
+    def save_then_die(path, state):
+        saves.append(state["step"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # the process dies before its second checkpoint is written
+        real(path, state)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    settings = {**TINY, "checkpoint_every": 2}
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(PretrainConfig(shards=[tiny_shards], out=tmp_path / "run", max_steps=6, **settings), show_progress=False)
+    assert [m["step"] for m in _log(tmp_path / "run")] == [1, 2, 3, 4]
+    monkeypatch.undo()
+    pretrain(PretrainConfig(shards=[tiny_shards], out=tmp_path / "run", max_steps=6, **settings), show_progress=False)
+    assert [m["step"] for m in _log(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("pretrain/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_queue_that_cannot_be_split_over_the_processes_is_a_config_error(tmp_path, tiny_shards, monkeypatch):
+    import medssl.train.pretrain as loop
+    from medssl.config import ConfigError
+    from medssl.distributed import DistInfo
+
+    monkeypatch.setattr(loop, "init_distributed", lambda device: DistInfo(0, 3, 0, torch.device("cpu")))
+    cfg = PretrainConfig(shards=[tiny_shards], out=tmp_path / "run", max_steps=1, **{**TINY, "queue_length": 8})
+    with pytest.raises(ConfigError, match="queue_length 8 .* 3 processes"):
+        pretrain(cfg, show_progress=False)
+
+
+def test_a_queue_without_the_swav_term_is_a_config_error():
+    with pytest.raises(ValueError, match="queue_length"):
+        PretrainConfig(queue_length=8, w_cluster=0)

@@ -252,3 +252,17 @@ def test_split_and_resume_over_many_layouts(monkeypatch):
             resumed.load_state_dict({**resumed.state_dict(), "consumed": stop * batch})
             assert round_robin(resumed, workers) == full[stop:]
         assert len(seen) == len(set(seen)) and total - len(seen) < world * batch
+
+
+def test_a_position_saved_after_the_last_batch_goes_on_with_the_next_epoch(archives):
+    """A checkpoint taken right after an epoch's last batch holds (epoch, all consumed); iterating a loader on
+    the restored stream reads the next epoch, not an empty one (a loop that never calls set_epoch relies on it)."""
+    def make() -> ShardStream:
+        return ShardStream(archives, batch_size=2, num_workers=2, shuffle_buffer=3, seed=3)
+
+    resumed = make()
+    resumed.load_state_dict({**resumed.state_dict(), "consumed": resumed.samples_per_rank})
+    following = make()
+    following.set_epoch(1)
+    assert [b["key"] for b in resumed.loader()] == [b["key"] for b in following.loader()]
+    assert (resumed.epoch, resumed.consumed) == (2, 0)

@@ -174,7 +174,7 @@ def _run_bench(args) -> int:
 
     cfg = load_config(BenchConfig, args.config, {"out": args.out, "workers": args.workers}, args.overrides)
     try:
-        command = " ".join(shlex.quote(a) for a in ["medssl", *sys.argv[1:]])  # recorded in results.md
+        command = shlex.join(["medssl", *args.argv])  # recorded in results.md
         summary = run_bench(cfg, show_progress=not args.quiet, command=command)
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -318,6 +318,7 @@ COMMANDS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "finetune": _run_f
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # the command line as given, for the records
     if args.command is None:
         parser.print_help()
         return 0

@@ -83,7 +83,7 @@ class PretrainConfig(StrictModel):
     nce_temperature: float = Field(default=0.1, gt=0)
     sinkhorn_epsilon: float = Field(default=0.05, gt=0)
     sinkhorn_iterations: int = Field(default=3, ge=1)
-    queue_length: int = Field(default=0, ge=0, description="feature queue length over all ranks (0: none)")
+    queue_length: int = Field(default=0, ge=0, description="feature queue length over all ranks, a multiple of their number (0: none)")
     freeze_prototypes_steps: int = Field(default=100, ge=0, description="prototypes get no update for these first steps")
     # optimisation
     batch_size: int = Field(default=64, ge=1, description="per process")
@@ -112,6 +112,9 @@ class PretrainConfig(StrictModel):
     def _check(self) -> PretrainConfig:
         if self.w_cluster + self.w_contrast == 0:
             raise ValueError("w_cluster and w_contrast cannot both be 0")
+        if self.queue_length and self.w_cluster == 0:
+            raise ValueError(f"queue_length {self.queue_length}: the feature queue only serves the SwAV term, but "
+                             "w_cluster is 0; set queue_length to 0 or w_cluster above 0")
         self.multicrop()  # validates the augment overrides now, not at the first batch
         return self
 

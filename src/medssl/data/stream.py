@@ -323,8 +323,11 @@ class ShardLoader:
     """Batches of a ``ShardStream`` from a torch DataLoader, counted into the stream's position.
 
     Iterating it continues the stream's epoch from its position; after a complete epoch the stream
-    moves to the start of the next. ``persistent_workers`` is refused (workers would keep the epoch
-    they started with) and so is ``in_order=False`` (resume relies on the DataLoader's batch order).
+    moves to the start of the next (also when the position was saved after an epoch's last batch and
+    restored). So a training loop that iterates it again and again reads every epoch once, in order,
+    whatever it does with the batches, without calling ``set_epoch``. ``persistent_workers`` is
+    refused (workers would keep the epoch they started with) and so is ``in_order=False`` (resume
+    relies on the DataLoader's batch order).
     """
 
     def __init__(self, stream: ShardStream, **kwargs):
@@ -340,6 +343,8 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator:
         stream = self.stream
+        if stream.consumed == stream.samples_per_rank:  # nothing left of this epoch: start the next
+            stream.set_epoch(stream.epoch + 1)
         for batch in self._loader:
             stream.consumed += stream.batch_size
             yield batch

@@ -5,6 +5,10 @@ negative, ties counting one half (Hanley & McNeil 1982) -- what scikit-learn's `
 computes. Multi-class AUC is one-vs-rest per class; the macro AUC is the plain mean over the labels
 whose AUC is defined (both positives and negatives present).
 
+Non-finite scores (a diverged model) have no AUC: NaN has no rank, and sorting would place it by row
+order, so the "AUC" would depend on the order of the rows. A label with any non-finite score has no AUC,
+and then neither has the macro (it is not quietly averaged over the other labels); accuracy is None too.
+
 The bootstrap (Efron & Tibshirani 1993, percentile interval) resamples images with replacement.
 One resample is a vector of counts per image, so every resample's AUC comes from one sort of the
 original scores: ``weighted_auc`` takes the counts as weights.
@@ -18,8 +22,11 @@ import numpy as np
 def weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """AUC of one label under R weightings of the images: positive (N,) bool, scores (N,), weights (R, N).
 
-    Returns (R,) with NaN where a weighting has no positive or no negative weight.
+    Returns (R,) with NaN where a weighting has no positive or no negative weight, and everywhere if a
+    score is not finite.
     """
+    if not np.isfinite(scores).all():
+        return np.full(len(weights), np.nan)
     order = np.argsort(scores, kind="stable")
     sorted_scores = scores[order]
     starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])  # tie blocks
@@ -34,7 +41,7 @@ def weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) 
 
 
 def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
-    """AUC of one label; None when only one class is present."""
+    """AUC of one label; None when only one class is present or a score is not finite."""
     positive = np.asarray(positive).astype(bool)
     auc = weighted_auc(positive, np.asarray(scores, dtype=np.float64), np.ones((1, len(positive))))[0]
     return None if np.isnan(auc) else float(auc)
@@ -51,7 +58,8 @@ def auc_report(targets: np.ndarray, scores: np.ndarray, names: list[str], n_boot
 
     targets, scores: (N, K); names: K label names. Returns ``auc`` (macro), ``auc_ci``, ``per_label``
     {name: auc or None}, ``per_label_ci`` {name: [lo, hi] or None} and ``bootstrap`` (resamples used
-    for the macro interval: those where every label defined on the full set is defined too).
+    for the macro interval: those where every label defined on the full set is defined too). With any
+    non-finite score the macro AUC and its interval are None.
     """
     targets = np.asarray(targets).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
@@ -61,9 +69,10 @@ def auc_report(targets: np.ndarray, scores: np.ndarray, names: list[str], n_boot
     aucs = np.stack([weighted_auc(targets[:, k], scores[:, k], weights) for k in range(targets.shape[1])], axis=1)
     point, resampled = aucs[0], aucs[1:]
     defined = ~np.isnan(point)
-    macro = resampled[:, defined].mean(1) if defined.any() else np.full(n_bootstrap, np.nan)
+    has_macro = defined.any() and np.isfinite(scores).all()
+    macro = resampled[:, defined].mean(1) if has_macro else np.full(n_bootstrap, np.nan)
     return {
-        "auc": float(point[defined].mean()) if defined.any() else None,
+        "auc": float(point[defined].mean()) if has_macro else None,
         "auc_ci": _interval(macro),
         "per_label": {name: (float(a) if ok else None) for name, a, ok in zip(names, point, defined)},
         "per_label_ci": {name: (_interval(resampled[:, k]) if defined[k] else None) for k, name in enumerate(names)},
@@ -72,7 +81,10 @@ def auc_report(targets: np.ndarray, scores: np.ndarray, names: list[str], n_boot
 
 
 def accuracy(kind: str, targets: np.ndarray, probs: np.ndarray) -> float | None:
-    """Binary: threshold 0.5; multi-class: arg-max. None for multi-label (no single meaningful number)."""
+    """Binary: threshold 0.5; multi-class: arg-max. None for multi-label (no single meaningful number) and
+    for non-finite probabilities."""
+    if not np.isfinite(probs).all():
+        return None
     if kind == "binary":
         return float(np.mean((probs[:, 0] >= 0.5) == (targets[:, 0] == 1)))
     if kind == "multiclass":
@@ -81,7 +93,10 @@ def accuracy(kind: str, targets: np.ndarray, probs: np.ndarray) -> float | None:
 
 
 def macro_auc(targets: np.ndarray, scores: np.ndarray) -> float | None:
-    """Mean AUC over the labels where it is defined; None if it is defined for none (no bootstrap)."""
+    """Mean AUC over the labels where it is defined; None if it is defined for none or a score is not
+    finite (no bootstrap)."""
+    if not np.isfinite(scores).all():
+        return None
     aucs = [roc_auc(targets[:, k], scores[:, k]) for k in range(targets.shape[1])]
     defined = [a for a in aucs if a is not None]
     return float(np.mean(defined)) if defined else None

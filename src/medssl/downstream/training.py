@@ -10,9 +10,19 @@
   of training images drawn from all of them, labeled or not (those left out by ``label_fraction``).
 
 Validation AUC is measured after every epoch; the best one's classifier is saved (``best.pt``,
-atomically) and the test score is computed from it. Randomness: ``seed`` fixes initialisation, the
-label subset, batch order and augmentation; the supervised and the self-supervised parts draw from
-separate generators, so finetune and hybrid runs with one seed see the same labeled batches.
+atomically) and the test score is computed from it.
+
+Divergence: training stops at the first non-finite training loss (before its update, so no NaN reaches
+the weights) or after an evaluation whose validation scores are not finite. Skipping such steps, as
+pretraining does, would not help here: on a small labeled set a non-finite loss means the learning rate
+is too high, and every later step would fail the same way. The run is then reported from its best
+evaluation before the divergence, with ``status: "diverged"`` and ``diverged`` (where and what) in
+metrics.json; if no evaluation before it gave a validation AUC, the run fails with a RuntimeError that
+says so, and no metrics.json is written. Non-finite scores never give an AUC (``metrics.py``).
+
+Randomness: ``seed`` fixes initialisation, the label subset, batch order and augmentation; the
+supervised and the self-supervised parts draw from separate generators, so finetune and hybrid runs with
+one seed see the same labeled batches.
 """
 
 from __future__ import annotations
@@ -92,6 +102,12 @@ def _predictions_csv(task: Task, rows: np.ndarray, probs: np.ndarray) -> str:
     return buf.getvalue()
 
 
+def _diverged_text(diverged: dict) -> str:
+    if diverged["what"] == "training loss":
+        return f"the training loss was non-finite at step {diverged['after_step'] + 1} (epoch {diverged['epoch']})"
+    return f"the validation scores were non-finite after step {diverged['after_step']} (epoch {diverged['epoch']})"
+
+
 def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: bool = True) -> dict:
     """Train and evaluate one run; writes ``metrics.json``, ``best.pt``, ``test_predictions.csv`` under ``cfg.out``.
 
@@ -160,9 +176,10 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
     history: list[dict] = []
     best = {"val_auc": -math.inf}
     step, epoch, stale, stopped_early = 0, 0, 0, False
+    diverged: dict | None = None  # where training diverged: {"after_step", "epoch", "what"}
     t0 = time.perf_counter()
     bar = tqdm(total=total_steps, desc=f"{cfg.mode} ({cfg.init})", unit="step", disable=not show_progress)
-    while step < total_steps and not stopped_early:
+    while step < total_steps and not stopped_early and diverged is None:
         epoch += 1
         nets.classifier.train(cfg.mode != "linear")
         if nets.ssl is not None:
@@ -182,6 +199,9 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
                 ssl, _ = nets.ssl_loss(embeddings, scores, nets.ssl.prototypes)
                 loss = sup + cfg.ssl_weight * ssl
                 sums["train_ssl_loss"] += ssl.item()
+            if not torch.isfinite(loss):
+                diverged = {"after_step": step, "epoch": epoch, "what": "training loss"}
+                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -193,7 +213,12 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
             if step >= total_steps:
                 break
 
-        val_auc = macro_auc(task.table.targets[val_rows], val_probs())
+        if diverged is not None:
+            break  # the steps of this epoch before it are not evaluated: the best so far stands
+        probs = val_probs()
+        if not np.isfinite(probs).all():
+            diverged = {"after_step": step, "epoch": epoch, "what": "validation scores"}
+        val_auc = macro_auc(task.table.targets[val_rows], probs)  # None for non-finite scores
         entry = {"epoch": epoch, "step": step, "train_loss": sums["train_loss"] / n_steps, "val_auc": val_auc,
                  "elapsed_s": round(time.perf_counter() - t0, 3)}
         if nets.ssl is not None:
@@ -206,12 +231,16 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
         else:
             stale += 1
             stopped_early = cfg.patience is not None and stale >= cfg.patience
-        bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val_auc=f"{val_auc:.3f}", best=f"{best['val_auc']:.3f}")
+        bar.set_postfix(loss=f"{entry['train_loss']:.3f}", val_auc="none" if val_auc is None else f"{val_auc:.3f}",
+                        best=f"{best['val_auc']:.3f}")
     bar.close()
     train_seconds = time.perf_counter() - t0
+    if "step" not in best and diverged is not None:
+        raise RuntimeError(f"{_diverged_text(diverged)}, before any evaluation gave a validation AUC: "
+                           "lower lr / head_lr (or raise warmup_steps)")
     if "step" not in best:  # also keeps a stale best.pt of an earlier run in this folder from being reported
-        raise RuntimeError(f"no evaluation gave a validation AUC (last: {history[-1]['val_auc']}); the loss is "
-                           f"{history[-1]['train_loss']}: if it is not finite, lower lr / head_lr")
+        raise RuntimeError(f"no evaluation gave a validation AUC: no output has both classes among the "
+                           f"{len(val_rows)} validation images")
 
     # The test score comes from the saved best checkpoint, through the path evaluation will use.
     classifier, _ = load_classifier(out)
@@ -235,6 +264,8 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
         "steps": step,
         "epochs": epoch,
         "stopped_early": stopped_early,
+        "status": "completed" if diverged is None else "diverged",
+        "diverged": diverged,
         "train_seconds": round(train_seconds, 3),
         "history": history,
         "mode": cfg.mode,

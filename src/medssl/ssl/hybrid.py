@@ -27,9 +27,11 @@ class HybridLoss(nn.Module):
     ``prototypes``: the prototype layer (features -> scores), needed only with a ``queue``.
 
     With a ``queue``, Sinkhorn-Knopp also sees the queued features' scores against the current
-    prototypes once the queue is full, and the global crops' embeddings are pushed after the loss
-    is computed, in training mode only (``.eval()`` leaves the queue untouched). The queue is a
-    submodule, so it is part of this module's ``state_dict()``; under DDP each rank has its own.
+    prototypes once the queue is full. ``forward`` never changes the queue: the caller commits a
+    step's global-crop embeddings with ``enqueue`` once the step is known to be finite, so that a
+    skipped step's NaN features cannot enter it (they would make every later code NaN until pushed
+    out). The queue is a submodule, so it is part of this module's ``state_dict()``; under DDP each
+    rank has its own.
     """
 
     def __init__(
@@ -82,8 +84,6 @@ class HybridLoss(nn.Module):
                 # Scored before this batch is pushed: the batch must not be its own queue.
                 queue_scores = self.queue.scores(prototypes)
             swav = self.swav(scores, queue_scores)
-            if self.queue is not None and self.training:
-                self.queue.push(embeddings[: self.queue.n_views])
             total = total + self.w_cluster * swav
             parts["swav"] = swav.detach()
         if self.infonce is not None:
@@ -93,3 +93,8 @@ class HybridLoss(nn.Module):
             total = total + self.w_contrast * nce
             parts["infonce"] = nce.detach()
         return total, parts
+
+    def enqueue(self, embeddings: Sequence[Tensor]) -> None:
+        """Push the global crops' embeddings of a step that was taken into the feature queue, if any."""
+        if self.queue is not None:
+            self.queue.push(embeddings[: self.queue.n_views])

@@ -6,7 +6,14 @@ it. Works the same in one process and under ``torchrun`` (DDP; nccl on GPUs, glo
 Resume: rerunning the same command continues from ``checkpoint.pt`` in the run folder. The checkpoint
 holds model, optimiser, step, the data position, every rank's random state and loss state (the
 feature queue is per rank), so a resumed run takes the same steps an uninterrupted one would
-(bit-exact in fp32 with ``deterministic=True`` on the same machine and process count).
+(bit-exact in fp32 with ``deterministic=True`` on the same machine and process count). What was logged
+after the checkpoint is dropped (metrics.jsonl is cut back to the rows it had then, TensorBoard purges
+later steps), so a resumed run logs every step once.
+
+Non-finite losses: the step is skipped (no update, nothing enters the feature queue) and its batch counts
+as consumed; after ``max_bad_steps`` in a row the run stops. The data position (epoch, samples consumed)
+is the stream's own count of batches drawn, never derived from the step count, which skipped batches
+leave behind: a skip neither replays an epoch nor loses the position on resume.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from medssl import __version__
-from medssl.config import PretrainConfig, dump_config
+from medssl.atomic import atomic_write_text
+from medssl.config import ConfigError, PretrainConfig, dump_config
 from medssl.data.augment import MultiCrop
 from medssl.data.stream import ShardStream
 from medssl.models.export import save_encoder
@@ -61,24 +69,43 @@ def _data_summary(shards: list[Path]) -> dict:
     return summary
 
 
-class _Log:
-    """metrics.jsonl and TensorBoard events, written by rank 0 only."""
+def _queue_per_rank(cfg: PretrainConfig, world_size: int) -> int:
+    """Each process keeps its own queue of queue_length / world_size features; the config cannot check
+    this relation, as the number of processes is known only once training starts."""
+    if cfg.queue_length % world_size:
+        raise ConfigError(f"queue_length {cfg.queue_length} is not a multiple of the {world_size} processes: each "
+                          f"keeps queue_length / {world_size} features; use a multiple of {world_size}")
+    return cfg.queue_length // world_size
 
-    def __init__(self, out: Path, enabled: bool):
-        self.enabled = enabled
+
+class _Log:
+    """metrics.jsonl and TensorBoard events, written by rank 0 only.
+
+    ``rows``: how many rows of an existing metrics.jsonl to keep (those written up to the checkpoint the
+    run resumes from; 0 for a fresh start); the rest is dropped. TensorBoard drops the scalars of steps
+    from ``purge_step`` on. ``rows`` counts the rows written so far, for the next checkpoint.
+    """
+
+    def __init__(self, out: Path, enabled: bool, rows: int, purge_step: int):
+        self.enabled, self.rows = enabled, rows
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.jsonl = open(out / "metrics.jsonl", "a", buffering=1)
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            path = out / "metrics.jsonl"
+            if path.exists():
+                atomic_write_text(path, "".join(path.read_text().splitlines(keepends=True)[:rows]))
+            self.jsonl = open(path, "a", buffering=1)
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         self.jsonl.write(json.dumps(record) + "\n")
+        self.rows += 1
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"pretrain/{k}", v, record["step"])
+        self.tb.flush()  # like the line-buffered jsonl: a killed run keeps every step it logged
 
     def close(self) -> None:
         if self.enabled:
@@ -96,6 +123,7 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = True) -> Path:
 
 
 def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> Path:
+    queue_length = _queue_per_rank(cfg, info.world_size)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + info.rank)
@@ -112,26 +140,29 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> Path:
                      channels_last=cfg.channels_last).to(info.device)
     # Without the SwAV term the prototypes get no gradient, which DDP must be told about.
     ddp = DistributedDataParallel(model, find_unused_parameters=cfg.w_cluster == 0) if info.world_size > 1 else model
-    queue = FeatureQueue(crops.n_global, cfg.queue_length // info.world_size, cfg.proj_dim) if cfg.queue_length else None
+    queue = FeatureQueue(crops.n_global, queue_length, cfg.proj_dim) if queue_length else None
     loss_fn = HybridLoss(cfg.w_cluster, cfg.w_contrast, crops.n_global, cfg.temperature, cfg.nce_temperature,
                          cfg.sinkhorn_epsilon, cfg.sinkhorn_iterations, queue).to(info.device)
     optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
     lr_scale = cfg.batch_size * info.world_size / 256  # linear scaling rule (Goyal et al. 2017)
     bf16 = _use_bf16(cfg, info.device)
 
-    step = 0
+    step, log_rows = 0, 0
     if (out / CHECKPOINT).exists():
-        ckpt = load_checkpoint(out / CHECKPOINT)
+        ckpt = load_checkpoint(out / CHECKPOINT, keys=("model", "optimizer", "loss", "data", "rng", "step", "log_rows"))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         loss_fn.load_state_dict(ckpt["loss"][info.rank])
         stream.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"][info.rank])
-        step = ckpt["step"]
+        step, log_rows = ckpt["step"], ckpt["log_rows"]
+    # TensorBoard can only drop whole steps: a skip event logged after the checkpoint has the checkpoint's
+    # step, so it may show twice there (metrics.jsonl is cut by rows and stays exact).
+    log = _Log(out, info.is_main, log_rows, purge_step=step + 1)
 
     def checkpoint() -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "data": stream.state_dict(), "rng": all_gather_objects(rng_state()),
+                 "data": stream.state_dict(), "rng": all_gather_objects(rng_state()), "log_rows": log.rows,
                  # The queue's state holds a tensor and its fill level (a dict of Python ints).
                  "loss": all_gather_objects({k: v.cpu() if isinstance(v, torch.Tensor) else v
                                              for k, v in loss_fn.state_dict().items()}),
@@ -139,12 +170,10 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> Path:
         if info.is_main:
             save_checkpoint(out / CHECKPOINT, state)
 
-    log = _Log(out, info.is_main)
     bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", disable=not (show_progress and info.is_main))
     bad_steps, seen, t_log = 0, 0, time.perf_counter()
     while step < total_steps:
-        stream.set_epoch(step // stream.steps_per_epoch)
-        for batch in loader:
+        for batch in loader:  # goes on from the stream's position, into the next epoch when one is used up
             views = [v.to(info.device, non_blocking=True) for v in batch["values"]]
             lr = warmup_cosine(step, total_steps, cfg.lr * lr_scale, cfg.final_lr * lr_scale, cfg.warmup_steps)
             for group in optimizer.param_groups:
@@ -168,6 +197,7 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> Path:
                                            "lower lr, raise warmup_steps or check the data")
                 continue
             bad_steps = 0
+            loss_fn.enqueue(embeddings)  # only now that the step is known finite: NaN features would poison the queue
             loss.backward()
             if step < cfg.freeze_prototypes_steps:  # SwAV: fixed prototypes while features are still random
                 model.prototypes.weight.grad = None
