@@ -162,3 +162,109 @@ def test_demo_is_a_valid_bench_on_the_generated_archive(tmp_path):
     assert [t.name for t in cfg.tasks] == [TASK] and cfg.unlabeled == [tmp_path / "data" / "archive"]
     assert {a.init for a in cfg.arms} == {"scratch", "ssl"} and cfg.robustness_fractions
     assert cfg.finetune["input_size"] == cfg.pretrain["augment"]["global_size"]
+
+
+def _fake_bench(tmp_path, test_aucs: dict) -> BenchConfig:
+    """A bench folder of fake finished runs: ``test_aucs[(arm, fraction, seed)]`` = (test AUC, diverged record);
+    every run evaluated at steps 3 and 6 with its best (validation AUC 0.7) at step 6."""
+    from medssl.bench.runs import run_matrix
+
+    cfg = BenchConfig.model_validate({"out": tmp_path, "tasks": [{"name": "t", "csv": "t.csv"}],
+                                      "label_fractions": [0.5, 1.0], "seeds": [0, 1]})
+    for spec in run_matrix(cfg):
+        auc, diverged = test_aucs.get((spec.arm, spec.label_fraction, spec.seed), (0.6 + 0.1 * spec.seed, None))
+        metrics = {"test_auc": auc, "test_auc_ci": None if auc is None else [auc - 0.1, auc + 0.05],
+                   "best_val_auc": 0.7, "best_step": 6, "steps": 6, "train_seconds": 1.0,
+                   "history": [{"epoch": 1, "step": 3, "val_auc": 0.6}, {"epoch": 2, "step": 6, "val_auc": 0.7}],
+                   "task": {"labeled_train": 10, "images": {"test": 8}},
+                   "status": "completed" if diverged is None else "diverged", "diverged": diverged}
+        (tmp_path / spec.folder).mkdir(parents=True)
+        (tmp_path / spec.folder / "metrics.json").write_text(json.dumps(metrics))
+    return cfg
+
+
+def test_runs_without_a_test_auc_are_shown_and_left_out_of_the_means(tmp_path):
+    """A diverged run whose best classifier's test scores are not finite has test_auc null: the results must not
+    fail on it (TypeError), show it, and leave it out of the means and of the paired differences to scratch."""
+    from medssl.bench import plots
+    from medssl.bench.results import load_results, markdown, summarise
+    from medssl.bench.runs import run_matrix
+
+    where = {"after_step": 3, "epoch": 2, "what": "training loss"}
+    cfg = _fake_bench(tmp_path, {("ssl-finetune", 1.0, 0): (None, where), ("ssl-finetune", 1.0, 1): (0.9, where),
+                                 ("ssl-hybrid", 1.0, 0): (None, where), ("ssl-hybrid", 1.0, 1): (None, None),
+                                 ("scratch-finetune", 0.5, 1): (None, None)})
+    results = load_results(cfg, run_matrix(cfg))
+    summary = {"name": "fake", "command": "medssl bench", "pool": None, "pretrain": None, "failures": [], "notes": [],
+               "machine": {"cpu": "cpu", "cores": 2}, "seconds": {"total": 60, "ingest": 0, "pretrain": 0, "runs": 60},
+               **summarise(cfg, results)}
+    rows = {(r["arm"], r["label_fraction"]): r for r in summary["rows"]}
+    ssl = rows[("ssl-finetune", 1.0)]
+    assert ssl["test_auc"] == [None, 0.9] and ssl["test_auc_mean"] == pytest.approx(0.9) and ssl["test_auc_sd"] is None
+    assert ssl["auc_diff"] == [pytest.approx(0.2)] and ssl["seeds_better"] == 1  # seed 1 only: 0.9 - 0.7
+    assert ssl["steps_to_baseline_best"] == [6, 6]  # convergence still counts both (validation AUCs are finite)
+    hybrid = rows[("ssl-hybrid", 1.0)]
+    assert hybrid["test_auc_mean"] is None and hybrid["auc_diff"] == [] and hybrid["test_auc_ci_mean"] == [None, None]
+    assert rows[("ssl-finetune", 0.5)]["auc_diff"] == [pytest.approx(0.0)]  # its seed-1 baseline has no test AUC
+
+    md = markdown(summary)
+    assert "| t | ssl-finetune | 1 | 10 | 0.900 ± — [0.800–0.950] (1/2 seeds) |" in md
+    assert "| t | ssl-hybrid | 1 | 10 | diverged |" in md
+    assert "| t | scratch-finetune | 0.5 | 10 | 0.600 ± — [0.500–0.650] (1/2 seeds) | baseline |" in md
+    notes = md.split("## Notes")[1]
+    assert ("t / ssl-finetune / labels 1 / seed 0: training diverged after step 3 (epoch 2: non-finite training loss)"
+            in notes)
+    assert notes.count("no test AUC") == 4 and "t / ssl-hybrid / labels 1 / seed 1: no test AUC" in notes
+    assert {p.name for p in plots.bench_plots(cfg, results, tmp_path / "plots")} == {"t-convergence.png",
+                                                                                     "t-label-efficiency.png"}
+
+
+def test_a_run_without_a_test_auc_gets_no_robustness_sweep_and_does_not_stop_the_bench(tmp_path, monkeypatch):
+    from medssl.bench import runs
+
+    cfg = _fake_bench(tmp_path, {("ssl-hybrid", 1.0, 0): (None, None)})
+    spec = next(s for s in runs.run_matrix(cfg) if (s.arm, s.label_fraction, s.seed) == ("ssl-hybrid", 1.0, 0))
+    settings = runs.finetune_settings(cfg, spec, tmp_path / "t.csv", tmp_path / "pretrain")
+    metrics = json.loads((tmp_path / spec.folder / "metrics.json").read_text())
+    metrics["config"] = runs.dump_config(runs.FinetuneConfig.model_validate(settings))  # done with these settings
+    (tmp_path / spec.folder / "metrics.json").write_text(json.dumps(metrics))
+    assert spec.robustness and runs.pending_job(spec, settings, {}) is None
+
+    # The progress line of the run pool formats its outcome: no test AUC must not stop the bench there either.
+    monkeypatch.setattr(runs, "_run_one", lambda job: {"run": job.spec.folder, "ok": True, "test_auc": None})
+    outcomes = runs.execute([runs.Job(spec, settings, True, {})], {}, cfg.model_copy(update={"workers": 1}), True)
+    assert outcomes == [{"run": spec.folder, "ok": True, "test_auc": None}]
+
+
+def test_bench_with_a_diverged_pretraining_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import medssl.bench
+    from medssl.train.pretrain import TrainingDiverged
+
+    def run_bench(cfg, show_progress=True, command=None):
+        raise TrainingDiverged("3 consecutive non-finite losses at step 7; lower lr, raise warmup_steps or check the data")
+
+    monkeypatch.setattr(medssl.bench, "run_bench", run_bench)
+    config = tmp_path / "bench.yaml"
+    config.write_text(yaml.safe_dump({"tasks": [{"name": "t", "csv": str(tmp_path / "t.csv")}]}))
+    assert main(["bench", "--config", str(config), "--out", str(tmp_path / "b"), "--quiet"]) == 1
+    assert capsys.readouterr().err == ("error: pretraining diverged: 3 consecutive non-finite losses at step 7; lower "
+                                       "lr, raise warmup_steps or check the data\n")
+
+
+def test_a_finetune_diverged_before_any_evaluation_is_a_failed_run(tmp_path, monkeypatch):
+    """No metrics.json: the run is reported under the failed runs (error.txt), the others go on."""
+    import medssl.downstream
+    from medssl.bench import runs
+    from medssl.downstream.training import TrainingDiverged
+
+    def diverged(task, **settings):
+        raise TrainingDiverged("the training loss was non-finite at step 1 (epoch 1), before any evaluation gave a "
+                               "validation AUC: lower lr / head_lr (or raise warmup_steps)")
+
+    monkeypatch.setattr(medssl.downstream, "finetune", diverged)
+    monkeypatch.setitem(runs._TASKS, "t", None)
+    cfg = BenchConfig.model_validate({"out": tmp_path, "tasks": [{"name": "t", "csv": "t.csv"}]})
+    spec = runs.run_matrix(cfg)[0]
+    outcome = runs._run_one(runs.Job(spec, runs.finetune_settings(cfg, spec, tmp_path / "t.csv", tmp_path), True, {}))
+    assert not outcome["ok"] and outcome["error"].startswith("TrainingDiverged: the training loss was non-finite")
+    assert "lower lr" in outcome["error"] and "Traceback" in outcome["traceback"]

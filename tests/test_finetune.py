@@ -17,6 +17,7 @@ from medssl.downstream import finetune, load_classifier, prepare_task
 from medssl.downstream.images import to_input
 from medssl.downstream.metrics import macro_auc
 from medssl.downstream.model import build_networks
+from medssl.downstream.training import TrainingDiverged
 from medssl.train.checkpoint import load_checkpoint
 from medssl.train.pretrain import pretrain
 
@@ -181,9 +182,66 @@ def test_a_diverged_finetune_stops_and_reports_the_best_checkpoint_before_it(tmp
 
 def test_a_finetune_diverged_before_any_evaluation_fails_clearly(tmp_path, blob_task, tiny_run, monkeypatch):
     _nan_loss_from_call(monkeypatch, 1)
-    with pytest.raises(RuntimeError, match="non-finite at step 1 .*lower lr"):
+    with pytest.raises(TrainingDiverged, match="non-finite at step 1 .*lower lr"):
         finetune(blob_task, init=str(tiny_run), mode="finetune", out=tmp_path / "div", **FAST)
     assert not (tmp_path / "div" / "metrics.json").exists()
+
+
+def _cli_args(blob_task, tiny_run, out):
+    sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    return ["finetune", "--task", str(blob_task), "--init", str(tiny_run), "--mode", "linear", "--out", str(out),
+            "--quiet", *sets]
+
+
+def test_cli_finetune_diverged_before_any_evaluation_is_a_one_line_error(tmp_path, blob_task, tiny_run, monkeypatch,
+                                                                           capsys):
+    _nan_loss_from_call(monkeypatch, 1)
+    assert main(_cli_args(blob_task, tiny_run, tmp_path / "div")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the training loss was non-finite at step 1") and "lower lr" in err
+    assert err.count("\n") == 1
+
+
+def test_cli_pretrain_diverged_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import medssl.train.pretrain as pretraining
+
+    def diverged(cfg, show_progress=True):
+        raise pretraining.TrainingDiverged("3 consecutive non-finite losses at step 7; lower lr")
+
+    monkeypatch.setattr(pretraining, "pretrain", diverged)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "index.json").write_text("{}")
+    assert main(["pretrain", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    assert capsys.readouterr().err == "error: pretraining diverged: 3 consecutive non-finite losses at step 7; lower lr\n"
+
+
+def test_cli_finetune_warns_when_the_run_diverged_after_an_evaluation(tmp_path, blob_task, tiny_run, monkeypatch,
+                                                                       capsys):
+    """FAST: 3 steps per epoch; the loss of step 4 is NaN, so the run is reported from epoch 1, with a warning."""
+    _nan_loss_from_call(monkeypatch, 4)
+    assert main(_cli_args(blob_task, tiny_run, tmp_path / "div")) == 0
+    captured = capsys.readouterr()
+    assert "test AUC" in captured.out
+    assert [line for line in captured.err.splitlines() if line.startswith("warning:")] == [
+        "warning: training diverged after step 3 (epoch 2: non-finite training loss); the results are those of "
+        "the best evaluation before it (step 3): lower lr / head_lr (or raise warmup_steps)"]
+
+
+def test_cli_finetune_without_a_test_auc_says_so(tmp_path, blob_task, tiny_run, monkeypatch, capsys):
+    """Finite validation but non-finite test scores: metrics.json has test_auc null; the summary line says so."""
+    import medssl.downstream.training as training
+
+    real, calls = training.predict, []
+
+    def predict(*args, **kwargs):
+        calls.append(1)
+        probs = real(*args, **kwargs)
+        return probs * np.nan if len(calls) == 3 else probs  # 2 validations of a linear probe, then the test
+
+    monkeypatch.setattr(training, "predict", predict)
+    assert main(_cli_args(blob_task, tiny_run, tmp_path / "nan")) == 0
+    assert json.loads((tmp_path / "nan" / "metrics.json").read_text())["test_auc"] is None
+    assert "test AUC none (the best classifier's test scores are not finite)" in capsys.readouterr().out
 
 
 def test_non_finite_validation_scores_end_the_run_as_diverged(tmp_path, blob_task, tiny_run, monkeypatch):
@@ -214,3 +272,13 @@ def test_out_naming_a_file_is_a_usage_error(tmp_path, blob_task, capsys):
         assert err.startswith(f"error: --out {out}") and f"{taken} is a file" in err and err.count("\n") == 1
     assert main(["evaluate", str(tmp_path), "--robustness", "--out", str(tmp_path), "--quiet"]) == 2
     assert capsys.readouterr().err == f"error: --out {tmp_path} is a folder; name the file to write\n"
+
+
+def test_api_out_naming_a_file_is_a_config_error(tmp_path, blob_task):
+    """The same check as the CLI's, not a FileExistsError from creating the folder after the images are decoded."""
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    with pytest.raises(ConfigError, match=f"^out {taken} is a file; name the folder to write$"):
+        finetune(blob_task, out=taken, **FAST)
+    with pytest.raises(ConfigError, match=f"^out {taken / 'sub'}: {taken} is a file, not a folder$"):
+        finetune(prepare_task(blob_task, input_size=32), out=taken / "sub", **FAST)

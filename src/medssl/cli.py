@@ -78,7 +78,7 @@ def _pretrain_parser(sub) -> None:
 
 
 def _run_pretrain(args) -> int:
-    from medssl.train.pretrain import pretrain
+    from medssl.train.pretrain import TrainingDiverged, pretrain
 
     cfg = load_config(PretrainConfig, args.config, {"shards": args.shards or None, "out": args.out}, args.overrides)
     if not cfg.shards or cfg.out is None:
@@ -86,20 +86,14 @@ def _run_pretrain(args) -> int:
     for folder in cfg.shards:
         if not (Path(folder) / "index.json").exists():
             raise ConfigError(f"{folder} has no index.json: pass folders written by `medssl ingest`")
-    run = pretrain(cfg, show_progress=not args.quiet)
+    try:
+        run = pretrain(cfg, show_progress=not args.quiet)
+    except TrainingDiverged as e:
+        print(f"error: pretraining diverged: {e}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"encoder: {run / 'encoder.safetensors'} (load with medssl.load_encoder({str(run)!r}))")
     return 0
-
-
-def _check_out(out: Path, kind: str) -> None:
-    """A usage error before any work, not a traceback after it: ``out`` names the ``kind`` ("folder" or
-    "file") to write, so it must not be the other kind, and what exists above it must be folders."""
-    if out.exists() and out.is_dir() != (kind == "folder"):
-        raise ConfigError(f"--out {out} is {'a folder' if out.is_dir() else 'a file'}; name the {kind} to write")
-    existing = next((p for p in out.parents if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"--out {out}: {existing} is a file, not a folder")
 
 
 _FINETUNE_FLAGS = ("task", "init", "mode", "label_fraction", "seed", "out", "target_auc", "target_from", "skip_bad")
@@ -126,23 +120,38 @@ def _finetune_parser(sub) -> None:
     _add_config_args(p)
 
 
+def _test_auc_text(m: dict) -> str:
+    if m["test_auc"] is None:
+        return "test AUC none (the best classifier's test scores are not finite)"
+    lo, hi = m["test_auc_ci"] or (float("nan"), float("nan"))
+    return f"test AUC {m['test_auc']:.4f} (95% CI {lo:.4f}-{hi:.4f}, {m['task']['images']['test']} images)"
+
+
+def _diverged_warning(m: dict) -> str:
+    d = m["diverged"]
+    return (f"warning: training diverged after step {d['after_step']} (epoch {d['epoch']}: non-finite {d['what']}); "
+            f"the results are those of the best evaluation before it (step {m['best_step']}): lower lr / head_lr "
+            "(or raise warmup_steps)")
+
+
 def _run_finetune(args) -> int:
     from medssl.downstream import TaskError
-    from medssl.downstream.training import METRICS, run_finetune
+    from medssl.downstream.api import check_out
+    from medssl.downstream.training import METRICS, TrainingDiverged, run_finetune
 
     flags = {k: getattr(args, k) for k in _FINETUNE_FLAGS}
     cfg = load_config(FinetuneConfig, args.config, flags, args.overrides)
     if cfg.task is None or cfg.out is None:
         raise ConfigError("finetune needs --task TASK.csv and --out DIR")
-    _check_out(Path(cfg.out), "folder")
+    check_out(Path(cfg.out), "folder", "--out")
     try:
         m = run_finetune(cfg, show_progress=not args.quiet)
-    except TaskError as e:
+    except (TaskError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    lo, hi = m["test_auc_ci"] or (float("nan"), float("nan"))
-    print(f"test AUC {m['test_auc']:.4f} (95% CI {lo:.4f}-{hi:.4f}, {m['task']['images']['test']} images); "
-          f"best validation AUC {m['best_val_auc']:.4f} at step {m['best_step']} of {m['steps']}")
+    print(f"{_test_auc_text(m)}; best validation AUC {m['best_val_auc']:.4f} at step {m['best_step']} of {m['steps']}")
+    if m["status"] == "diverged":
+        print(_diverged_warning(m), file=sys.stderr)
     if m["task"]["skipped"]:
         print(f"skipped {len(m['task']['skipped'])} unusable images (listed in metrics.json under task.skipped)")
     if m["target_auc"] is not None:
@@ -171,6 +180,7 @@ def _bench_parser(sub) -> None:
 def _run_bench(args) -> int:
     from medssl.bench import run_bench
     from medssl.downstream import TaskError
+    from medssl.train.pretrain import TrainingDiverged
 
     cfg = load_config(BenchConfig, args.config, {"out": args.out, "workers": args.workers}, args.overrides)
     try:
@@ -178,6 +188,9 @@ def _run_bench(args) -> int:
         summary = run_bench(cfg, show_progress=not args.quiet, command=command)
     except TaskError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except TrainingDiverged as e:  # the pretraining stage; a diverged downstream run is a failed run (error.txt)
+        print(f"error: pretraining diverged: {e}", file=sys.stderr)
         return 1
     out = Path(cfg.out)
     print((out / "results.md").read_text())
@@ -221,13 +234,14 @@ def _parse_levels(items: list[str]) -> dict[str, list[float]]:
 
 def _run_evaluate(args) -> int:
     from medssl.downstream import TaskError, evaluate_robustness
+    from medssl.downstream.api import check_out
     from medssl.downstream.robustness import ROBUSTNESS
 
     if not args.robustness:
         raise ConfigError("evaluate needs --robustness (the test AUC under perturbations, the one evaluation so "
                           "far; the clean test AUC is already in the run's metrics.json)")
     if args.out is not None:
-        _check_out(args.out, "file")
+        check_out(args.out, "file", "--out")
     try:
         r = evaluate_robustness(args.run_dir, sweeps=_parse_levels(args.levels), only=args.only, out=args.out,
                                 show_progress=not args.quiet)

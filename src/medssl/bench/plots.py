@@ -57,10 +57,11 @@ def convergence(cfg: BenchConfig, task: str, results: list[RunResult], path: Pat
 
 
 def label_efficiency(cfg: BenchConfig, task: str, results: list[RunResult], path: Path) -> Path:
-    """Test AUC against the label fraction: each run a point, the mean over seeds a line."""
+    """Test AUC against the label fraction: each run a point, the mean over seeds a line (runs without a test
+    AUC, e.g. diverged, are left out)."""
     fig, (ax,) = _panels(1, height=4.0)
     for arm in cfg.arms:
-        runs = [r for r in results if r.spec.arm == arm.name]
+        runs = [r for r in results if r.spec.arm == arm.name and r.metrics["test_auc"] is not None]
         if not runs:
             continue
         style = _style(cfg, arm.name)

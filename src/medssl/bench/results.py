@@ -8,7 +8,10 @@
 3. Robustness: the AUC drop from clean at the worst level of each perturbation sweep.
 
 The scratch baseline of an arm is the scratch arm with the same mode, else the first scratch arm.
-Nothing here is tuned or selected: every run of the matrix is reported, failed ones included.
+Nothing here is tuned or selected: every run of the matrix is reported, failed ones included. A run that
+diverged (``status: "diverged"`` in its metrics.json) is reported from its best evaluation before it, with
+a note; one without a test AUC (its best classifier's test scores are not finite) is shown as such and left
+out of the means and of the differences to scratch.
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ def summarise(cfg: BenchConfig, results: list[RunResult]) -> dict:
                        "best_step": [r.metrics["best_step"] for r in runs], "steps": [r.metrics["steps"] for r in runs],
                        "train_seconds_mean": _mean([r.metrics["train_seconds"] for r in runs]),
                        "labeled_train": runs[0].metrics["task"]["labeled_train"],
-                       "test_images": runs[0].metrics["task"]["images"]["test"], "baseline": base_name}
+                       "test_images": runs[0].metrics["task"]["images"]["test"], "baseline": base_name,
+                       "diverged": [r.metrics.get("diverged") for r in runs]}
                 row |= _against_baseline(runs, by_key, task.name, base_name, fraction)
                 row["robustness"] = _robustness([r.robustness for r in runs if r.robustness])
                 rows.append(row)
@@ -97,7 +101,8 @@ def _against_baseline(runs: list[RunResult], by_key: dict, task: str, base: str,
         b = by_key.get((task, base, fraction, r.spec.seed))
         if b is None:
             continue
-        diffs.append(r.metrics["test_auc"] - b.metrics["test_auc"])
+        if r.metrics["test_auc"] is not None and b.metrics["test_auc"] is not None:  # paired only where both scored
+            diffs.append(r.metrics["test_auc"] - b.metrics["test_auc"])
         target = b.metrics["best_val_auc"]
         reached = steps_to_target(r.metrics["history"], target)
         reached_at.append(reached)
@@ -150,9 +155,11 @@ def _f(value: float | None, digits: int = 3, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
-ACCURACY_LEGEND = ("Test AUC: mean ± sd over seeds [mean bootstrap 95% interval]; Δ: against the scratch baseline, "
-                   "paired by seed (seeds better); steps saved: 1 - (first step reaching the baseline's best validation "
-                   "AUC) / (step of the baseline's best), mean over the seeds that reached it (reached/seeds).")
+ACCURACY_LEGEND = ("Test AUC: mean ± sd over seeds [mean bootstrap 95% interval]; runs without a test AUC (non-finite "
+                   "test scores) are left out of it and of Δ (scored/seeds), \"diverged\" or \"n/a\" if none has one; "
+                   "Δ: against the scratch baseline, paired by seed (seeds better); steps saved: 1 - (first step reaching "
+                   "the baseline's best validation AUC) / (step of the baseline's best), mean over the seeds that reached "
+                   "it (reached/seeds).")
 ROBUSTNESS_LEGEND = ("AUC drop from clean at each sweep's worst level (mean over seeds; the level in brackets; "
                      "\"no drop\": no level lowered the AUC).")
 
@@ -175,11 +182,40 @@ def setup_lines(summary: dict) -> list[str]:
                     f"loss {_f(p['loss_first'], 2)} -> {_f(p['loss_last'], 2)}."]
 
 
+def _diverged(row: dict) -> list:
+    """Per seed of a row, its metrics.json's ``diverged`` record or None (results.json of older versions: none)."""
+    return row.get("diverged") or [None] * len(row["seeds"])
+
+
+def _auc_cell(row: dict) -> str:
+    scored = sum(a is not None for a in row["test_auc"])
+    if not scored:
+        return "diverged" if any(_diverged(row)) else "n/a"
+    ci = row["test_auc_ci_mean"]
+    cell = f"{_f(row['test_auc_mean'])} ± {_f(row['test_auc_sd'])} [{_f(ci[0])}–{_f(ci[1])}]"
+    return cell if scored == len(row["test_auc"]) else f"{cell} ({scored}/{len(row['test_auc'])} seeds)"
+
+
+def run_notes(summary: dict) -> list[str]:
+    """One note per run that diverged or has no test AUC, naming it by its row and seed."""
+    notes = []
+    for row in summary["rows"]:
+        for seed, auc, diverged in zip(row["seeds"], row["test_auc"], _diverged(row)):
+            run = f"{row['task']} / {row['arm']} / labels {row['label_fraction']:g} / seed {seed}"
+            if diverged is not None:
+                notes.append(f"{run}: training diverged after step {diverged['after_step']} (epoch {diverged['epoch']}: "
+                             f"non-finite {diverged['what']}); reported from its best evaluation before it.")
+            if auc is None:
+                notes.append(f"{run}: no test AUC (its best classifier's test scores are not finite); left out of the "
+                             "means and of Δ vs scratch.")
+    return notes
+
+
 def accuracy_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     headers = ["task", "arm", "labels", "train images", "test AUC", "Δ vs scratch", "steps saved", "steps (best / run)"]
     rows = []
     for r in summary["rows"]:
-        auc = f"{_f(r['test_auc_mean'])} ± {_f(r['test_auc_sd'])} [{_f(r['test_auc_ci_mean'][0])}–{_f(r['test_auc_ci_mean'][1])}]"
+        auc = _auc_cell(r)
         is_base = r["arm"] == r["baseline"]
         diff = "baseline" if is_base else f"{_f(r['auc_diff_mean'], sign=True)} ({r['seeds_better']}/{len(r['auc_diff'])})"
         if is_base:
@@ -226,6 +262,7 @@ def markdown(summary: dict) -> str:
         lines += ["", "## Robustness", "", ROBUSTNESS_LEGEND, "", *_md_table(headers, rows, left=2)]
     if summary["failures"]:
         lines += ["", "## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in summary["failures"]]
-    if summary["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in summary["notes"]]
+    notes = summary["notes"] + run_notes(summary)
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"

@@ -57,13 +57,17 @@ def finetune_settings(cfg: BenchConfig, spec: RunSpec, task_csv: Path, pretrain_
             "out": Path(cfg.out) / spec.folder}
 
 
+def _metrics(settings: dict[str, Any]) -> dict | None:
+    try:
+        return json.loads((Path(settings["out"]) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def finetune_done(settings: dict[str, Any]) -> bool:
     """The run folder holds the results of exactly these settings."""
-    try:
-        metrics = json.loads((Path(settings["out"]) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return metrics.get("config") == dump_config(FinetuneConfig.model_validate(settings))
+    metrics = _metrics(settings)
+    return metrics is not None and metrics.get("config") == dump_config(FinetuneConfig.model_validate(settings))
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,12 @@ class Job:
 
 
 def pending_job(spec: RunSpec, settings: dict[str, Any], levels: dict[str, list[float]]) -> Job | None:
-    """What is left to do for a run, or None when it is complete."""
+    """What is left to do for a run, or None when it is complete (a run without a test AUC gets no robustness
+    sweep: there is no clean AUC to measure a drop from)."""
     if not finetune_done(settings):
         return Job(spec, settings, True, levels)
-    if spec.robustness and not (Path(settings["out"]) / "robustness.json").is_file():
+    if (spec.robustness and not (Path(settings["out"]) / "robustness.json").is_file()
+            and _metrics(settings)["test_auc"] is not None):
         return Job(spec, settings, False, levels)
     return None
 
@@ -101,13 +107,19 @@ def _run_one(job: Job) -> dict[str, Any]:
         if job.finetune:
             (Path(settings["out"]) / "robustness.json").unlink(missing_ok=True)  # it scored the previous model
             finetune(task, **{k: v for k, v in settings.items() if k != "task"})  # the prepared task is it
-        if spec.robustness:
-            evaluate_robustness(settings["out"], task=task, sweeps=job.levels or None)
         auc = json.loads((Path(settings["out"]) / "metrics.json").read_text())["test_auc"]
+        if spec.robustness and auc is not None:  # no test AUC: no clean AUC to measure a drop from
+            evaluate_robustness(settings["out"], task=task, sweeps=job.levels or None)
         return {"run": spec.folder, "ok": True, "test_auc": auc}
-    except Exception as e:  # one failing run must not lose the others: it is reported with the results
+    except Exception as e:  # one failing run (TrainingDiverged too) must not lose the others: it goes in the results
         return {"run": spec.folder, "ok": False, "error": f"{type(e).__name__}: {e}",
                 "traceback": traceback.format_exc()}
+
+
+def _outcome_text(outcome: dict[str, Any]) -> str:
+    if not outcome["ok"]:
+        return "FAILED"
+    return "no test AUC" if outcome["test_auc"] is None else f"AUC {outcome['test_auc']:.3f}"
 
 
 def execute(jobs: list[Job], tasks: dict[str, Task],
@@ -131,7 +143,7 @@ def execute(jobs: list[Job], tasks: dict[str, Task],
         for outcome in results:
             outcomes.append(outcome)
             bar.update(1)
-            bar.set_postfix_str(f"{outcome['run']}: " + (f"AUC {outcome['test_auc']:.3f}" if outcome["ok"] else "FAILED"))
+            bar.set_postfix_str(f"{outcome['run']}: {_outcome_text(outcome)}")
     finally:
         if pool is not None:
             pool.close()

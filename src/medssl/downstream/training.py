@@ -17,8 +17,9 @@ the weights) or after an evaluation whose validation scores are not finite. Skip
 pretraining does, would not help here: on a small labeled set a non-finite loss means the learning rate
 is too high, and every later step would fail the same way. The run is then reported from its best
 evaluation before the divergence, with ``status: "diverged"`` and ``diverged`` (where and what) in
-metrics.json; if no evaluation before it gave a validation AUC, the run fails with a RuntimeError that
-says so, and no metrics.json is written. Non-finite scores never give an AUC (``metrics.py``).
+metrics.json; if no evaluation before it gave a validation AUC, the run fails with ``TrainingDiverged``
+(a RuntimeError) that says so, and no metrics.json is written. Non-finite scores never give an AUC
+(``metrics.py``).
 
 Randomness: ``seed`` fixes initialisation, the label subset, batch order and augmentation; the
 supervised and the self-supervised parts draw from separate generators, so finetune and hybrid runs with
@@ -55,6 +56,10 @@ from medssl.train.schedule import warmup_cosine
 
 METRICS = "metrics.json"
 PREDICTIONS = "test_predictions.csv"
+
+
+class TrainingDiverged(RuntimeError):
+    """Training diverged before any evaluation gave a validation AUC: there is no result to report."""
 
 
 def _semantics(task: Task, i: int) -> str:
@@ -236,8 +241,8 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
     bar.close()
     train_seconds = time.perf_counter() - t0
     if "step" not in best and diverged is not None:
-        raise RuntimeError(f"{_diverged_text(diverged)}, before any evaluation gave a validation AUC: "
-                           "lower lr / head_lr (or raise warmup_steps)")
+        raise TrainingDiverged(f"{_diverged_text(diverged)}, before any evaluation gave a validation AUC: "
+                               "lower lr / head_lr (or raise warmup_steps)")
     if "step" not in best:  # also keeps a stale best.pt of an earlier run in this folder from being reported
         raise RuntimeError(f"no evaluation gave a validation AUC: no output has both classes among the "
                            f"{len(val_rows)} validation images")
