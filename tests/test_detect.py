@@ -56,3 +56,11 @@ def test_16bit_png_and_multipage_tiff(tmp_path):
     assert rgb.photometric == "RGB" and next(rgb.frames).pixels.shape == (64, 64, 3)
     src = read_image(tmp_path / "stack.tif")
     assert src.format == "tiff" and len(list(src.frames)) == 3
+
+
+def test_corrupt_gzip_is_not_an_image_not_an_error(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    data = bytearray((tmp_path / "v.nii.gz").read_bytes())
+    data[12:40] = b"\xff" * 28  # the deflate stream's first block: zlib.error (escaped the reader before)
+    (tmp_path / "v.nii.gz").write_bytes(bytes(data))
+    assert detect_format(tmp_path / "v.nii.gz") is None

@@ -83,3 +83,13 @@ def test_constant_frame_is_empty(tmp_path):
     write_ct_dicom(tmp_path / "flat.dcm", np.full((16, 16), 30.0))
     src = read_image(tmp_path / "flat.dcm")
     assert map_frame(src, next(src.frames), (0.5, 99.5)) is None
+
+
+def test_float_values_near_the_float32_limits_are_scaled_not_zeroed(tmp_path):
+    import tifffile
+
+    values = np.linspace(-3e38, 3e38, 256, dtype=np.float32).reshape(16, 16)  # differences overflow float32
+    tifffile.imwrite(tmp_path / "f.tif", values)
+    _, _, (out, _) = _first(tmp_path / "f.tif")
+    assert np.isfinite(out).all() and out.min() == 0 and out.max() == 1  # (old float32 maths: all 0 or NaN)
+    assert np.all(np.diff(out.ravel()) >= 0) and np.unique(out).size > 200

@@ -9,7 +9,7 @@ import pytest
 from helpers import manifest, shard_samples
 from medssl.config import IngestConfig
 from medssl.ingest import ingest
-from medssl.io import read_image
+from medssl.io import Rejected, read_image
 from medssl.shard_format import decode_pixels
 
 NX, NY, NZ = 40, 30, 12
@@ -84,3 +84,79 @@ def test_4d_volume_uses_first_timepoint(tmp_path):
     nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "fmri.nii")
     src = read_image(tmp_path / "fmri.nii", nifti_modality="MR")
     assert len(list(src.frames)) == 3 and "first volume" in src.info["note"]
+
+
+def test_2d_image_is_read_as_one_slice(tmp_path):
+    data = np.random.default_rng(2).random((16, 12)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.8, 1.0, 1.0])), tmp_path / "s.nii")
+    src = read_image(tmp_path / "s.nii", nifti_modality="MR")
+    (frame,) = list(src.frames)
+    assert frame.pixels.shape == (12, 16) and src.spacing_mm == (0.8, 0.5)
+
+
+def test_4d_volume_is_sliced_without_loading_the_first_volume_whole(tmp_path, monkeypatch):
+    data = np.random.default_rng(1).normal(size=(8, 6, 3, 2)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "fmri.nii")
+    src = read_image(tmp_path / "fmri.nii", nifti_modality="MR")
+    reads = []
+    real = nib.arrayproxy.ArrayProxy.__getitem__
+    monkeypatch.setattr(nib.arrayproxy.ArrayProxy, "__getitem__", lambda self, s: reads.append(s) or real(self, s))
+    frames = list(src.frames)
+    assert len(reads) == 3 and all(s[2] != slice(None) and s[3] == 0 for s in reads)  # a slice of volume 0 each
+    np.testing.assert_array_equal(frames[1].pixels, data[::-1, ::-1, 1, 0].T)
+
+
+def _set_sform(path, value: float) -> None:
+    """Overwrite the sform of a saved NIfTI-1 file (nibabel would not write a degenerate one)."""
+    raw = bytearray(path.read_bytes())
+    raw[252:256] = np.array([0, 1], "<i2").tobytes()  # qform_code 0, sform_code 1
+    raw[280:328] = np.full(12, value, "<f4").tobytes()  # srow_x, srow_y, srow_z
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("value, words", [(0.0, "singular"), (np.nan, "NaN")])
+def test_degenerate_affine_is_bad_header(tmp_path, value, words):
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / "v.nii")
+    _set_sform(tmp_path / "v.nii", value)
+    with pytest.raises(Rejected) as err:
+        read_image(tmp_path / "v.nii")
+    assert err.value.code == "bad_header" and words in err.value.detail
+
+
+def test_truncated_or_corrupt_voxel_data_is_rejected_before_or_while_slicing(tmp_path):
+    vol = np.random.default_rng(3).normal(size=(32, 32, 16)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii")
+    data = (tmp_path / "v.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Rejected) as err:
+        read_image(tmp_path / "cut.nii")  # from the header and the file size, before any slice
+    assert err.value.code == "truncated"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
+    gz = (tmp_path / "v.nii.gz").read_bytes()
+    middle = len(gz) // 2
+    # a cut and a corrupt deflate stream (the corrupt one was an internal_error)
+    for data, code, cause in [(gz[:middle], "truncated", "EOFError"),
+                              (gz[:middle] + b"\xff" * 64 + gz[middle + 64:], "decode_failed", "zlib.error")]:
+        (tmp_path / "bad.nii.gz").write_bytes(data)
+        src = read_image(tmp_path / "bad.nii.gz", nifti_modality="MR")
+        with pytest.raises(Rejected) as err:
+            list(src.frames)
+        assert err.value.code == code and "axial slice" in err.value.detail and cause in err.value.detail
+
+
+def test_unsupported_voxel_type_is_named(tmp_path):
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.complex64), np.eye(4)), tmp_path / "c.nii")
+    with pytest.raises(Rejected) as err:
+        read_image(tmp_path / "c.nii")
+    assert err.value.code == "unsupported_encoding" and "complex64" in err.value.detail
+
+
+def test_pair_whose_voxel_file_is_a_fifo_is_rejected_without_opening_it(tmp_path):
+    import os
+
+    nib.save(nib.Nifti1Pair(np.ones((8, 8, 4), np.float32), np.eye(4)), tmp_path / "p.img")
+    (tmp_path / "p.img").unlink()
+    os.mkfifo(tmp_path / "p.img")  # opening it for reading would block forever
+    with pytest.raises(Rejected) as err:
+        read_image(tmp_path / "p.hdr")
+    assert err.value.code == "unreadable_nifti" and "not a regular file" in err.value.detail

@@ -18,6 +18,7 @@ import numpy as np
 from medssl.io.source import Frame, SourceImage
 
 AIR_HU = -1024.0
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -34,6 +35,10 @@ class Intensity:
 
 
 def _percentile_scale(values: np.ndarray, percentiles: tuple[float, float], steps: list[str]) -> np.ndarray:
+    if float(values.max()) - float(values.min()) > _FLOAT32_MAX:
+        # Values near the float32 limits (e.g. a float TIFF holding +-3e38): their differences overflow
+        # float32 to inf and every value would scale to 0, so this frame is scaled in float64.
+        values = values.astype(np.float64)
     lo, hi = (float(v) for v in np.percentile(values, percentiles))
     if hi <= lo:  # e.g. a sparse mask: fewer bright pixels than the upper percentile
         lo, hi = float(values.min()), float(values.max())
@@ -83,7 +88,7 @@ def map_frame(source: SourceImage, frame: Frame, percentiles: tuple[float, float
     if values.ndim == 3:
         values = values[..., :3] @ _LUMA
         steps.append("colour to grey (BT.601 luma)")
-    if np.ptp(values) == 0:
+    if values.min() == values.max():  # (not np.ptp: the difference can overflow float32)
         return None
     if source.modality == "CT" and source.photometric != "RGB":
         steps.append(f"Hounsfield units, clipped below {AIR_HU:g} (padding outside the field of view)")

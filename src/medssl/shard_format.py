@@ -74,7 +74,8 @@ def write_shard(path: Path, samples: list[Sample]) -> int:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
                 _add_member(tar, f"{s.key}.png", s.png)
-                _add_member(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode())
+                # Strict JSON: a NaN or infinity in the metadata is a reader bug and must fail here, loudly.
+                _add_member(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True, allow_nan=False).encode())
     return path.stat().st_size
 
 

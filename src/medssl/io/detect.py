@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 # Groups that can open a DICOM data set written without the 128-byte preamble and "DICM" marker:
@@ -59,7 +60,7 @@ def detect_format(path: Path) -> str | None:
         try:
             with gzip.open(path, "rb") as g:
                 inner = g.read(1024)
-        except (OSError, EOFError):
+        except (OSError, EOFError, zlib.error):  # a corrupt gzip stream: nothing tells what it holds
             return None
         return "nifti" if _is_nifti_header(inner) else None
     if _looks_like_bare_dicom(head):

@@ -3,27 +3,40 @@
 Frames are decoded one at a time (bounded memory for long multi-frame files), converted to RGB
 where the file stores palette or YBR colour, and passed through the modality LUT (rescale
 slope/intercept, also from enhanced multi-frame functional groups), so CT frames come out in HU.
+
+Reading goes in stages, each mapping any failure to its own code (``guard.stage``): parsing
+(``unreadable_dicom``), the image header (``bad_header``, ``too_large``, ``unsupported_encoding``,
+``truncated``), then per frame decoding (``decode_failed``, ``truncated``, ``decoder_crash``) and the
+value transforms (``bad_header``). Everything that can be checked from the header is checked before the
+first pixel is decoded, including the memory decoding will need.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.multival import MultiValue
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.encaps import generate_frames
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from medssl.io.source import Frame, Limits, Rejected, SourceImage
-from medssl.privacy import IDENTIFYING_KEYWORDS, scrub
+from medssl.io.codestream import declared_size
+from medssl.io.dicom_deflate import is_deflated, read_deflated
+from medssl.io.dicom_header import PixelHeader, uid_name
+from medssl.io.guard import check_memory, decoding, stage
+from medssl.io.source import FRAME_BYTES_PER_VALUE, Frame, Limits, Rejected, SourceImage
+from medssl.privacy import IDENTIFYING_KEYWORDS
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_CODE_STRING = re.compile(r"[A-Z0-9_ ]{1,16}")  # DICOM CS value (Modality, BodyPartExamined)
 
 # pydicom logs header values (UIDs, names) in its warnings; keep them out of any log a user configures.
 logging.getLogger("pydicom").propagate = False
@@ -32,21 +45,13 @@ logging.getLogger("pydicom").propagate = False
 def _functional_group_item(ds: Dataset, index: int, sequence: str) -> Dataset | None:
     """The item of ``sequence`` that applies to frame ``index`` (per-frame first, then shared)."""
     for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
-        if groups not in ds:
+        items = ds.get(groups)
+        if not items:
             continue
-        items = ds[groups].value
         item = items[index] if groups.startswith("PerFrame") and index < len(items) else items[0]
-        if sequence in item and len(item[sequence].value):
-            return item[sequence].value[0]
-    return None
-
-
-def _rescale(ds: Dataset, index: int) -> tuple[float, float] | None:
-    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    item = _functional_group_item(ds, index, "PixelValueTransformationSequence")
-    if item is not None and "RescaleSlope" in item:
-        return float(item.RescaleSlope), float(item.get("RescaleIntercept", 0))
+        inner = item.get(sequence)
+        if inner:
+            return inner[0]
     return None
 
 
@@ -54,15 +59,52 @@ def _first(value) -> float:
     return float(value[0] if isinstance(value, MultiValue) else value)
 
 
+def _number(source: Dataset, keyword: str, default: float) -> float:
+    value = source.get(keyword)
+    return default if value is None or value == "" else _first(value)
+
+
+def _rescale(ds: Dataset, index: int) -> tuple[float, float] | None:
+    """(slope, intercept) for frame ``index``; ``bad_header`` when they cannot be applied."""
+    source = ds if "RescaleSlope" in ds or "RescaleIntercept" in ds else \
+        _functional_group_item(ds, index, "PixelValueTransformationSequence")
+    if source is None or "RescaleSlope" not in source and "RescaleIntercept" not in source:
+        return None
+    slope, intercept = _number(source, "RescaleSlope", 1.0), _number(source, "RescaleIntercept", 0.0)
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise Rejected("bad_header", "RescaleSlope or RescaleIntercept is not a finite number")
+    if slope == 0:
+        raise Rejected("bad_header", "RescaleSlope is 0 (every pixel would have the same value)")
+    return slope, intercept
+
+
 def _window(ds: Dataset, index: int) -> tuple[float, float] | None:
-    source = ds if "WindowCenter" in ds else _functional_group_item(ds, index, "FrameVOILUTSequence")
-    if source is None or "WindowCenter" not in source or "WindowWidth" not in source:
-        return None
+    """The VOI window of frame ``index``; None when absent or unusable (a window is optional)."""
     try:
+        source = ds if "WindowCenter" in ds else _functional_group_item(ds, index, "FrameVOILUTSequence")
+        if source is None or "WindowCenter" not in source or "WindowWidth" not in source:
+            return None
         center, width = _first(source.WindowCenter), _first(source.WindowWidth)
-    except (TypeError, ValueError, IndexError):
+    except Exception:  # a malformed window is ignored: intensities then follow the image's own range
         return None
-    return (center, width) if width > 0 else None
+    return (center, width) if math.isfinite(center) and math.isfinite(width) and width > 0 else None
+
+
+def _voi_lut(ds: Dataset, index: int) -> tuple[Callable[[np.ndarray], np.ndarray], int] | None:
+    """The VOI LUT of frame ``index`` as (apply, output bits); applied later, so failures are mapped here."""
+    try:
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+    except Exception:  # a malformed VOI LUT is ignored, like a malformed window
+        return None
+    if not 1 <= bits <= 16:
+        return None
+
+    def apply(values: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings(), stage("bad_header", f"applying the VOI LUT to frame {index}"):
+            warnings.simplefilter("ignore")  # pydicom's warnings quote header values
+            return apply_voi_lut(np.rint(values).astype(np.int32), ds, index=index)
+
+    return apply, bits
 
 
 def _spacing(ds: Dataset) -> tuple[float, float] | None:
@@ -73,10 +115,17 @@ def _spacing(ds: Dataset) -> tuple[float, float] | None:
             if keyword in source:
                 try:
                     row, col = (float(v) for v in source[keyword].value)
-                    return row, col
                 except (TypeError, ValueError):
-                    pass
+                    continue
+                if all(math.isfinite(v) and v > 0 for v in (row, col)):
+                    return row, col
     return None
+
+
+def _code_string(ds: Dataset, keyword: str) -> str | None:
+    """A CS value such as Modality, or None when it is not one (a hostile file may put anything there)."""
+    value = str(ds.get(keyword, "") or "").strip().upper()
+    return value if _CODE_STRING.fullmatch(value) else None
 
 
 def _identifiers(ds: Dataset) -> dict[str, str]:
@@ -92,7 +141,7 @@ def _identifiers(ds: Dataset) -> dict[str, str]:
     return found
 
 
-def _ensure_transfer_syntax(ds: Dataset, path: Path) -> UID:
+def _ensure_transfer_syntax(ds: Dataset) -> UID:
     """Files written without a Transfer Syntax UID: infer it from how the data set was encoded."""
     tsyntax = getattr(ds.file_meta, "TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
     if tsyntax:
@@ -109,97 +158,133 @@ def _ensure_transfer_syntax(ds: Dataset, path: Path) -> UID:
     return tsyntax
 
 
-def _decode_error(exc: Exception, tsyntax: UID, identifiers: dict[str, str]) -> Rejected:
-    text = scrub(" ".join(line.strip() for line in str(exc).splitlines()), identifiers)[:300]
-    if isinstance(exc, NotImplementedError) or "no pixel data decoders" in str(exc).lower():
-        return Rejected("unsupported_encoding", f"no installed decoder supports {tsyntax.name}")
-    if "less than expected" in str(exc) or "truncated" in str(exc).lower():
-        return Rejected("truncated", f"pixel data shorter than the header says ({tsyntax.name})")
-    return Rejected("decode_failed", f"{tsyntax.name}: {type(exc).__name__}: {text}")
+def _read_dataset(path: Path, limits: Limits) -> tuple[Dataset, int]:
+    """The parsed data set and the bytes of it held in memory (the whole file, or the inflated data set)."""
+    if is_deflated(path):
+        return read_deflated(path, limits)
+    size = path.stat().st_size
+    check_memory(size, limits, "the file (read whole)")
+    return pydicom.dcmread(path, force=True), size
+
+
+def _check_decoder(tsyntax: UID, syntax: str) -> None:
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise Rejected("unsupported_encoding", f"pixel data in {syntax}, which no decoder supports") from None
+    if not decoder.is_available:
+        raise Rejected("unsupported_encoding", f"no installed decoder supports {syntax}")
+
+
+def _check_native_length(ds: Dataset, header: PixelHeader) -> None:
+    """Uncompressed pixel data shorter than the header declares is truncated (caught before decoding)."""
+    keyword = next(k for k in _PIXEL_KEYWORDS if k in ds)
+    held, declared = len(ds[keyword].value or b""), header.native_bytes()
+    if held < declared:
+        raise Rejected("truncated", f"the pixel data holds {held:,} bytes, the header declares {declared:,}")
+
+
+def _codestreams(ds: Dataset, header: PixelHeader, tsyntax: UID) -> Iterator[bytes] | None:
+    """The encoded frames, in order, for the syntaxes whose decoders size their output from the codestream
+    (JPEG, JPEG-LS, JPEG 2000); None for the others (RLE is sized from the DICOM header)."""
+    if not tsyntax.is_encapsulated or tsyntax == RLELossless:
+        return None
+    extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths) if "ExtendedOffsetTable" in ds else None
+    return generate_frames(ds.PixelData, number_of_frames=header.frames, extended_offsets=extended)
+
+
+def _check_codestream(frame: bytes | None, index: int, header: PixelHeader) -> None:
+    """A codestream may not declare more values than the DICOM header: the decoder would allocate them."""
+    if frame is None:
+        raise Rejected("truncated", f"frame {index} is missing from the encapsulated pixel data")
+    size = declared_size(frame)
+    if size is not None and size[0] * size[1] * size[2] > header.rows * header.cols * header.samples:
+        raise Rejected("decode_failed", f"the codestream of frame {index} declares {size[0]}x{size[1]}x{size[2]} "
+                                        f"values, more than the header's {header.rows}x{header.cols}x{header.samples}")
 
 
 def read_dicom(path: Path, limits: Limits, stride: int = 1) -> SourceImage:
     # pydicom's warnings quote header values (UIDs, names): they must not reach logs or the console.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            ds = pydicom.dcmread(path, force=True)
-        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise Rejected("unreadable_dicom", f"pydicom cannot parse the header: {type(e).__name__}: {scrub(str(e))}") from None
+        with stage("unreadable_dicom", "parsing the DICOM data set"):
+            ds, held_bytes = _read_dataset(path, limits)
     cut_short = any("End of file reached" in str(w.message) for w in caught)
-    identifiers = _identifiers(ds)
+    with warnings.catch_warnings(), stage("bad_header", "reading the image header"):
+        warnings.simplefilter("ignore")
+        return _source_image(ds, held_bytes, cut_short, limits, stride)
+
+
+def _frame(ds: Dataset, header: PixelHeader, index: int, syntax: str) -> Frame:
+    """Decode frame ``index`` and map it to modality values (or RGB), with its VOI window or LUT."""
+    with decoding(f"decoding frame {index} of {syntax} pixel data"):
+        # allow_excess_frames=False: pixel data longer than the header says must not add frames to this one
+        arr = pixel_array(ds, index=index if header.frames > 1 else None, allow_excess_frames=False)
+    with stage("bad_header", f"applying the colour or modality LUT to frame {index}"):
+        if header.palette:
+            arr = apply_color_lut(arr, ds)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        arr = arr.astype(np.float32) if header.colour else _to_modality_values(arr, ds, index)
+    expected = (header.rows, header.cols, 3) if header.colour else (header.rows, header.cols)
+    if arr.shape != expected:
+        raise Rejected("decode_failed", f"frame {index} decoded to shape {arr.shape}, the header declares {expected}")
+    if header.colour:
+        return Frame(index=index, pixels=arr)
+    voi = _voi_lut(ds, index) if "VOILUTSequence" in ds else None
+    return Frame(index=index, pixels=arr, window=_window(ds, index), voi_lut=voi)
+
+
+def _source_image(ds: Dataset, held_bytes: int, cut_short: bool, limits: Limits, stride: int) -> SourceImage:
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         if cut_short:
             raise Rejected("truncated", "the file ends before its pixel data is complete")
-        sop = UID(str(ds.get("SOPClassUID", ""))).name if "SOPClassUID" in ds else "unknown SOP class"
+        sop = uid_name(ds.get("SOPClassUID"), "SOP class") if "SOPClassUID" in ds else "no SOP Class UID"
         raise Rejected("no_pixel_data", f"DICOM object without pixel data ({sop}: e.g. a report, RT plan or DICOMDIR)")
-    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if k not in ds]
-    if missing:
-        raise Rejected("bad_header", f"pixel data without the required element(s) {', '.join(missing)}")
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        bits_allocated = int(ds.BitsAllocated)
-    except (AttributeError, TypeError, ValueError) as e:
-        raise Rejected("bad_header", f"image pixel module incomplete: {scrub(str(e), identifiers)}") from None
-    if rows <= 0 or cols <= 0 or n_frames <= 0:
-        raise Rejected("bad_header", f"image size {rows}x{cols}x{n_frames} is empty")
-    if max(rows, cols) > limits.max_frame_side:
-        raise Rejected("too_large", f"frame {rows}x{cols} exceeds max_frame_side={limits.max_frame_side}")
-    if rows * cols * n_frames * samples > limits.max_pixels:
-        raise Rejected("too_large", f"{rows}x{cols}x{n_frames}x{samples} values exceed max_pixels={limits.max_pixels}")
-    tsyntax = _ensure_transfer_syntax(ds, path)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    colour = samples == 3 or photometric == "PALETTE COLOR"
-    voi_lut_bits = None
-    if not colour and "VOILUTSequence" in ds:
-        try:
-            voi_lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        except (AttributeError, IndexError, TypeError, ValueError):
-            voi_lut_bits = None
+    header = PixelHeader.of(ds)
+    header.check_size(limits)
+    tsyntax = _ensure_transfer_syntax(ds)
+    syntax = uid_name(tsyntax, "transfer syntax")
+    _check_decoder(tsyntax, syntax)
+    if not tsyntax.is_encapsulated:
+        _check_native_length(ds, header)
+    check_memory(held_bytes + header.frame_values() * FRAME_BYTES_PER_VALUE, limits, "the DICOM file")
+    rescale = _rescale(ds, 0)
+    codestreams = _codestreams(ds, header, tsyntax)
 
     def frames() -> Iterator[Frame]:
-        for index in range(0, n_frames, stride):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    arr = pixel_array(ds, index=index if n_frames > 1 else None)
-                    if photometric == "PALETTE COLOR":
-                        arr = apply_color_lut(arr, ds)
-            except Exception as e:  # decoders raise many types; each becomes a specific rejection
-                raise _decode_error(e, tsyntax, identifiers) from None
-            if arr.ndim == 3 and arr.shape[-1] == 1:
-                arr = arr[..., 0]
-            arr = arr.astype(np.float32) if colour else _to_modality_values(arr, ds, index)
-            voi = None
-            if voi_lut_bits is not None:
-                voi = (lambda a, i=index: apply_voi_lut(np.rint(a).astype(np.int32), ds, index=i), voi_lut_bits)
-            yield Frame(index=index, pixels=arr, window=None if colour else _window(ds, index), voi_lut=voi)
+        for index in range(0, header.frames, stride):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom's warnings quote header values
+                if codestreams is not None:
+                    with decoding(f"reading frame {index} of the encapsulated pixel data"):
+                        for _ in range(stride - 1 if index else 0):  # the frames skipped by the stride
+                            next(codestreams, None)
+                        _check_codestream(next(codestreams, None), index, header)
+                frame = _frame(ds, header, index, syntax)
+            yield frame
 
-    sop_class = UID(str(ds.get("SOPClassUID", ""))).name if "SOPClassUID" in ds else None
-    rescale = _rescale(ds, 0)
     info = {
-        "transfer_syntax": tsyntax.name,
-        "sop_class": sop_class,
-        "photometric_original": photometric,
-        "bits_allocated": bits_allocated,
+        "transfer_syntax": syntax,
+        "sop_class": uid_name(ds.get("SOPClassUID"), "SOP class") if "SOPClassUID" in ds else None,
+        "photometric_original": header.photometric,
+        "bits_allocated": header.bits_allocated,
         "pixel_representation": int(ds.get("PixelRepresentation", 0) or 0),
         "rescale": list(rescale) if rescale else None,
-        "body_part": str(ds.get("BodyPartExamined", "")) or None,
+        "body_part": _code_string(ds, "BodyPartExamined"),
         "manufacturer": str(ds.get("Manufacturer", "")) or None,
     }
     return SourceImage(
         format="dicom",
-        modality=str(ds.get("Modality", "") or "OT").upper(),
-        photometric="RGB" if colour else photometric,
-        n_frames=len(range(0, n_frames, stride)),
-        frame_shape=(rows, cols),
+        modality=_code_string(ds, "Modality") or "OT",
+        photometric="RGB" if header.colour else header.photometric,
+        n_frames=len(range(0, header.frames, stride)),
+        frame_shape=(header.rows, header.cols),
         spacing_mm=_spacing(ds),
-        bits_stored=int(ds.get("BitsStored", bits_allocated) or bits_allocated),
+        bits_stored=int(ds.get("BitsStored", header.bits_allocated) or header.bits_allocated),
         frames=frames(),
         info=info,
-        identifiers=identifiers,
+        identifiers=_identifiers(ds),
     )
 
 

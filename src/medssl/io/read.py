@@ -6,6 +6,7 @@ from pathlib import Path
 
 from medssl.io.detect import detect_format
 from medssl.io.dicom import read_dicom
+from medssl.io.guard import stage
 from medssl.io.nifti import read_nifti
 from medssl.io.raster import read_raster
 from medssl.io.source import Limits, Rejected, SourceImage
@@ -13,18 +14,17 @@ from medssl.io.source import Limits, Rejected, SourceImage
 
 def read_image(path: Path, limits: Limits = Limits(), planes: list[str] | None = None, stride: int = 1,
                nifti_modality: str = "auto", raster_modality: str = "OT") -> SourceImage:
-    """Open any supported file; raise :class:`Rejected` with a specific reason otherwise."""
+    """Open any supported file; raise :class:`Rejected` with a specific reason otherwise.
+
+    Header problems are found before any pixel is decoded; decoding failures surface while iterating
+    ``SourceImage.frames``, also as :class:`Rejected`. No other exception leaves a reader.
+    """
     path = Path(path)
-    try:
+    with stage("unreadable_file", "reading the file's first bytes"):
         size = path.stat().st_size
-    except OSError as e:
-        raise Rejected("unreadable_file", f"cannot stat the file: {e.strerror}") from None
-    if size == 0:
-        raise Rejected("empty_file", "zero-byte file")
-    try:
+        if size == 0:
+            raise Rejected("empty_file", "zero-byte file")
         fmt = detect_format(path)
-    except OSError as e:
-        raise Rejected("unreadable_file", f"cannot read the file: {e.strerror}") from None
     if fmt is None:
         raise Rejected("not_an_image", "not DICOM, NIfTI, PNG, JPEG or TIFF (detected from the file's bytes)")
     if fmt == "dicom":
