@@ -171,3 +171,20 @@ def test_cli(png_run, capsys):
     assert main(["evaluate", str(png_run), "--robustness", "--levels", "rotation:10"]) == 2
     assert main(["evaluate", str(png_run.parent), "--robustness"]) == 2  # not a finetune folder
     assert "best.pt" in capsys.readouterr().err
+
+
+def test_a_classifier_with_non_finite_scores_is_a_one_line_error(png_run, tmp_path, capsys):
+    import shutil
+
+    from medssl.train.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "diverged"
+    shutil.copytree(png_run, run)
+    ckpt = load_checkpoint(run / "best.pt")
+    for name, value in ckpt["model"].items():
+        if value.is_floating_point():
+            value.fill_(float("nan"))
+    save_checkpoint(run / "best.pt", ckpt)
+    assert main(["evaluate", str(run), "--robustness", "--only", "gamma", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite scores" in err and err.count("\n") == 1

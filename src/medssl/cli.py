@@ -137,7 +137,8 @@ def _diverged_warning(m: dict) -> str:
 def _run_finetune(args) -> int:
     from medssl.downstream import TaskError
     from medssl.downstream.api import check_out
-    from medssl.downstream.training import METRICS, TrainingDiverged, run_finetune
+    from medssl.downstream.training import METRICS, run_finetune
+    from medssl.train.pretrain import TrainingDiverged
 
     flags = {k: getattr(args, k) for k in _FINETUNE_FLAGS}
     cfg = load_config(FinetuneConfig, args.config, flags, args.overrides)
@@ -236,6 +237,7 @@ def _run_evaluate(args) -> int:
     from medssl.downstream import TaskError, evaluate_robustness
     from medssl.downstream.api import check_out
     from medssl.downstream.robustness import ROBUSTNESS
+    from medssl.train.pretrain import TrainingDiverged
 
     if not args.robustness:
         raise ConfigError("evaluate needs --robustness (the test AUC under perturbations, the one evaluation so "
@@ -245,13 +247,16 @@ def _run_evaluate(args) -> int:
     try:
         r = evaluate_robustness(args.run_dir, sweeps=_parse_levels(args.levels), only=args.only, out=args.out,
                                 show_progress=not args.quiet)
-    except TaskError as e:
+    except (TaskError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"clean test AUC {r['clean_auc']:.4f} ({r['test_images']} images)")
     print(f"{'sweep':<16} {'worst level':>11} {'AUC':>7} {'drop':>8}")
     for name, worst in r["worst"].items():
-        print(f"{name:<16} {worst['level']:>11g} {worst['auc']:>7.4f} {worst['drop']:>+8.4f}")
+        if worst["auc"] is None:
+            print(f"{name:<16} {worst['level']:>11g} {'n/a':>7} {'(non-finite scores)':>8}")
+        else:
+            print(f"{name:<16} {worst['level']:>11g} {worst['auc']:>7.4f} {worst['drop']:>+8.4f}")
     for name, why in r["skipped"].items():
         print(f"skipped {name}: {why}")
     print(f"robustness: {args.out or args.run_dir / ROBUSTNESS}")

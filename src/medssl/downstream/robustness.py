@@ -38,6 +38,7 @@ from medssl.atomic import atomic_write_text
 from medssl.config import ConfigError, FinetuneConfig
 from medssl.downstream.images import to_input
 from medssl.downstream.metrics import macro_auc
+from medssl.train.pretrain import TrainingDiverged
 from medssl.downstream.model import load_classifier, predict, resolve_device
 from medssl.downstream.tasks import Task, TaskError, check_task, load_task
 
@@ -173,25 +174,30 @@ def evaluate_robustness(run_dir: Path | str, *, task: Task | None = None,
         del levels["ct_window_shift"]
         skipped["ct_window_shift"] = "no test image is CT (the window applies to CT only)"
 
-    def auc(inputs: Tensor) -> float:
-        # Never None: load_task checks that the test split has positives and negatives.
+    def auc(inputs: Tensor) -> float | None:
+        # None only for non-finite scores: load_task checks that the test split has both classes.
         return macro_auc(targets, predict(model, inputs, record["kind"], batch_size, dev))
 
     clean = auc(to_input(images, is_ct, window))
+    if clean is None:
+        raise TrainingDiverged(f"the classifier of {run_dir} gives non-finite scores on the clean test images "
+                               "(a diverged run): there is no clean AUC to measure robustness against")
     results: dict[str, list[dict]] = {}
     bar = tqdm(total=sum(map(len, levels.values())), desc="robustness", unit="level", disable=not show_progress)
     for name, values in levels.items():
         results[name] = []
         for level in values:
             score = auc(perturb(images, is_ct, window, name, level, cfg.seed))
-            results[name].append({"level": level, "auc": score, "drop": clean - score})
+            # A perturbation that makes the scores non-finite is the worst case: AUC 0 for the summary.
+            results[name].append({"level": level, "auc": score, "drop": None if score is None else clean - score})
             bar.update(1)
     bar.close()
 
     report = {
         "clean_auc": clean,
         "sweeps": results,
-        "worst": {name: min(points, key=lambda p: p["auc"]) for name, points in results.items()},
+        "worst": {name: min(points, key=lambda p: p["auc"] if p["auc"] is not None else 0.0)
+                  for name, points in results.items()},
         "test_images": len(rows),
         "task": str(task.table.csv),
         "run": str(run_dir),

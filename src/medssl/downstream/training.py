@@ -52,14 +52,11 @@ from medssl.downstream.metrics import accuracy, auc_report, macro_auc
 from medssl.downstream.model import (BEST, build_networks, build_optimizer, load_classifier, optimizer_groups,
                                      predict, resolve_device, save_classifier)
 from medssl.downstream.tasks import Task, TaskError, check_task, label_subset, load_task
+from medssl.train.pretrain import TrainingDiverged
 from medssl.train.schedule import warmup_cosine
 
 METRICS = "metrics.json"
 PREDICTIONS = "test_predictions.csv"
-
-
-class TrainingDiverged(RuntimeError):
-    """Training diverged before any evaluation gave a validation AUC: there is no result to report."""
 
 
 def _semantics(task: Task, i: int) -> str:

@@ -7,7 +7,7 @@ import base64
 from pathlib import Path
 
 from medssl.bench.results import (ACCURACY_LEGEND, ROBUSTNESS_LEGEND, accuracy_table, robustness_table,
-                                  setup_lines)
+                                  run_notes, setup_lines)
 from medssl.report import html
 
 CAPTIONS = {
@@ -32,7 +32,8 @@ def bench_section(folder: Path, summary: dict, anchor: str) -> html.Section:
         section.blocks.append(html.missing("No run of this bench has a robustness sweep."))
     for failure in summary.get("failures", []):
         section.blocks.append(html.missing(f"Run {failure['run']} failed: {failure['error']}"))
-    section.blocks += [html.paragraph(f"Note: {note}") for note in summary.get("notes", [])]
+    notes = summary.get("notes", []) + run_notes(summary)  # the bench's notes, then diverged / unscored runs
+    section.blocks += [html.paragraph(f"Note: {note}") for note in notes]
     for name in summary.get("plots", []):
         path = folder / name
         if not path.is_file():

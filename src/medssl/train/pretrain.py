@@ -46,7 +46,8 @@ CHECKPOINT = "checkpoint.pt"
 
 
 class TrainingDiverged(RuntimeError):
-    """Raised after ``max_bad_steps`` consecutive non-finite losses."""
+    """Training cannot go on: pretraining after ``max_bad_steps`` consecutive non-finite losses, a
+    fine-tune when it diverged before any evaluation gave a validation AUC (no result to report)."""
 
 
 def _use_bf16(cfg: PretrainConfig, device: torch.device) -> bool:
