@@ -17,7 +17,7 @@ from medssl.ingest import ingest
 # Rejection codes a reader may give; "internal_error" is a bug and must never appear on real files.
 SPECIFIC_CODES = {"unreadable_dicom", "no_pixel_data", "bad_header", "too_large", "unknown_transfer_syntax",
                   "unsupported_encoding", "truncated", "decode_failed", "not_an_image", "empty_file", "empty",
-                  "non_finite", "unreadable_file", "unreadable_image", "unreadable_nifti"}
+                  "non_finite", "unreadable_file", "unreadable_image", "unreadable_nifti", "decoder_crash", "timeout"}
 
 
 def _plain_pydicom_decodes(path: Path) -> bool:

@@ -86,11 +86,11 @@ _DECODE_SETTINGS = ("input_size", "percentiles", "nifti_modality", "raster_modal
 def decode_image_isolated(path: Path, frame: int | None, cfg: FinetuneConfig) -> tuple[np.ndarray, bool]:
     """``decode_image`` in a decode worker process (``medssl.io.isolation``), so that a decoder crash,
     hang or memory blow-up rejects this image instead of ending the run. Raises ``Rejected``."""
-    worker = shared_worker(Budget(cfg.file_timeout_s, cfg.max_memory_mb << 20))
+    worker = shared_worker(Budget(cfg.file_timeout_s, cfg.max_memory_mb << 20), __name__)
     args = {"path": str(path), "frame": frame,
             "settings": {k: getattr(cfg, k) for k in _DECODE_SETTINGS}}
     try:
-        result, blobs = worker.call("medssl.downstream.decode:serve_decode_image", args)
+        result, blobs = worker.call("serve_decode_image", args)
     except WorkerFault as fault:
         raise Rejected(fault.code, fault.detail) from None
     if "rejected" in result:

@@ -86,7 +86,7 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
     shard_dir.mkdir(parents=True, exist_ok=True)
     for stale in shard_dir.glob(f"shard-{job.chunk:06d}-*.tar"):  # from a killed attempt at this unit
         stale.unlink()
-    worker = shared_worker(Budget(job.cfg.file_timeout_s, job.cfg.max_memory_mb << 20))
+    worker = shared_worker(Budget(job.cfg.file_timeout_s, job.cfg.max_memory_mb << 20), "medssl.ingest.pipeline")
     faults_before, cpu_before = worker.faults, worker.cpu_seconds
     rows: list[dict] = []
     pending: list[Sample] = []

@@ -124,7 +124,7 @@ def process_file_isolated(worker: IsolatedWorker, task: FileTask, cfg: IngestCon
     """``process_file`` in the decode worker; a worker fault becomes this file's rejection."""
     args = {"task": asdict(task), "cfg": cfg.model_dump(mode="json"), "salt": salt.hex()}
     try:
-        result, pngs = worker.call("medssl.ingest.pipeline:serve_process_file", args)
+        result, pngs = worker.call("serve_process_file", args)
     except WorkerFault as fault:
         return FileOutcome("rejected", reason=f"{fault.code}: {fault.detail}")
     samples = [Sample(key=s["key"], png=png, meta=s["meta"]) for s, png in zip(result.pop("samples"), pngs)]

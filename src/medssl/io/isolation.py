@@ -16,10 +16,11 @@ unit, the downstream image loader) only sends requests and waits for answers:
   goes on.
 
 The protocol carries no pickles: a request is JSON, an answer is a JSON header followed by raw byte
-blobs (encoded images, arrays), each message prefixed by its length. The worker runs only functions
-of the ``medssl`` package, named ``module:function``; each takes the request's JSON arguments and
-returns ``(json_result, [blobs])``. Everything the worker writes to stdout or stderr is discarded:
-decoders print header values, which must not reach a console or log.
+blobs (encoded images, arrays), each message prefixed by its length. A worker serves the functions of
+one ``medssl`` module, imported at start-up (before its memory is capped and before it reports ready,
+so imports never count against a file's budgets); each takes the request's JSON arguments and returns
+``(json_result, [blobs])``. Everything the worker writes to stdout or stderr is discarded: decoders
+print header values, which must not reach a console or log.
 """
 
 from __future__ import annotations
@@ -60,10 +61,13 @@ class Budget:
 
 
 class IsolatedWorker:
-    """One decode worker process, started on first use and replaced after every fault."""
+    """One decode worker process serving ``module``, started on first use and replaced after every fault."""
 
-    def __init__(self, budget: Budget):
+    def __init__(self, budget: Budget, module: str):
+        if not module.startswith("medssl."):
+            raise ValueError(f"a decode worker serves medssl modules only, not {module!r}")
         self.budget = budget
+        self.module = module
         self._proc: subprocess.Popen | None = None
         self.starts = 0
         self.faults = 0
@@ -71,12 +75,12 @@ class IsolatedWorker:
         self.cpu_seconds = 0.0   # CPU time its workers reported, all of them together
         self._proc_cpu = 0.0     # ... of which the current worker's
 
-    def call(self, fn: str, args: dict) -> tuple[dict, list[bytes]]:
-        """Run ``fn`` (``medssl.<module>:<function>``) on ``args`` in the worker; raises ``WorkerFault``."""
+    def call(self, function: str, args: dict) -> tuple[dict, list[bytes]]:
+        """Run ``module.function(args)`` in the worker; raises ``WorkerFault``."""
         proc = self._ensure_started()
         deadline = time.monotonic() + self.budget.timeout_s
         try:
-            _write_message(proc.stdin, json.dumps({"fn": fn, "args": args}).encode())
+            _write_message(proc.stdin, json.dumps({"function": function, "args": args}).encode())
             header = json.loads(self._read_message(deadline))
             blobs = [self._read_message(deadline) for _ in range(header["blobs"])]
         except _Timeout:
@@ -107,7 +111,7 @@ class IsolatedWorker:
             self._stop()
             env = {**os.environ, **_WORKER_ENV}
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "medssl.io.isolation", str(self.budget.memory_bytes)],
+                [sys.executable, "-m", "medssl.io.isolation", self.module, str(self.budget.memory_bytes)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                 start_new_session=True)  # a Ctrl-C in the terminal reaches the caller, which stops the worker
             self.starts += 1
@@ -172,18 +176,19 @@ class _Timeout(Exception):
     pass
 
 
-_shared: dict[Budget, IsolatedWorker] = {}
+_shared: dict[tuple[Budget, str], IsolatedWorker] = {}
 
 
-def shared_worker(budget: Budget) -> IsolatedWorker:
-    """This process's worker for ``budget``, kept across calls (a start costs about half a second).
+def shared_worker(budget: Budget, module: str) -> IsolatedWorker:
+    """This process's worker for ``budget`` and ``module``, kept across calls (a start costs about half
+    a second).
 
     It needs no explicit shutdown: a worker exits when its caller's end of the pipe closes, which the
     operating system does when the calling process ends, however it ends.
     """
-    if budget not in _shared:
-        _shared[budget] = IsolatedWorker(budget)
-    return _shared[budget]
+    if (budget, module) not in _shared:
+        _shared[budget, module] = IsolatedWorker(budget, module)
+    return _shared[budget, module]
 
 
 def _write_message(stream, payload: bytes) -> None:
@@ -193,13 +198,6 @@ def _write_message(stream, payload: bytes) -> None:
 
 
 # --- the worker side ------------------------------------------------------------------------------
-
-def _resolve(name: str) -> Callable[[dict], tuple[dict, list[bytes]]]:
-    module, _, function = name.partition(":")
-    if not module.startswith("medssl.") or not function:
-        raise ValueError(f"the decode worker runs only medssl functions, not {name!r}")
-    return getattr(importlib.import_module(module), function)
-
 
 def _usage() -> dict:
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -227,7 +225,7 @@ def _answer(fn: Callable, args: dict, budget: int) -> tuple[dict, list[bytes]]:
         return {"error": ["decoder_crash", f"the decoder failed outside any known error ({type(e).__name__})"]}, []
 
 
-def serve(budget: int) -> None:
+def serve(module_name: str, budget: int) -> None:
     """Worker main loop: read requests from stdin, answer on the original stdout, until stdin closes."""
     answers = os.fdopen(os.dup(1), "wb")
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -235,8 +233,9 @@ def serve(budget: int) -> None:
     os.dup2(devnull, 2)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides when the worker stops
     requests = sys.stdin.buffer
-    import medssl.io  # noqa: F401 - load the readers before the address space is measured and capped
-
+    if not module_name.startswith("medssl."):
+        raise SystemExit(f"a decode worker serves medssl modules only, not {module_name!r}")
+    module = importlib.import_module(module_name)  # before the address space is measured and capped
     _cap_address_space(budget)
     _write_message(answers, _READY)
     while True:
@@ -244,7 +243,7 @@ def serve(budget: int) -> None:
         if len(head) < _LENGTH.size:
             return  # the caller closed the pipe or died
         request = json.loads(requests.read(_LENGTH.unpack(head)[0]))
-        header, blobs = _answer(_resolve(request["fn"]), request["args"], budget)
+        header, blobs = _answer(getattr(module, request["function"]), request["args"], budget)
         header.update(blobs=len(blobs), **_usage())
         _write_message(answers, json.dumps(header).encode())
         for blob in blobs:
@@ -252,4 +251,4 @@ def serve(budget: int) -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(sys.argv[1], int(sys.argv[2]))
