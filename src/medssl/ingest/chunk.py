@@ -15,7 +15,7 @@ from pathlib import Path
 from medssl.atomic import atomic_write_text
 from medssl.config import IngestConfig
 from medssl.ingest.pipeline import FileTask, process_file_isolated
-from medssl.io.isolation import Budget, shared_worker
+from medssl.io.isolation import Budget, IsolatedWorker, shared_worker
 from medssl.privacy import keyed_hash
 from medssl.shard_format import Sample, write_shard
 
@@ -80,13 +80,23 @@ def manifest_path(rel_path: str, cfg: IngestConfig, salt: bytes) -> str:
     return f"redacted-{keyed_hash(rel_path, salt)}" if cfg.redact_paths else shown_path(rel_path)
 
 
+def decode_worker(cfg: IngestConfig) -> IsolatedWorker:
+    """This process's decode worker for ``cfg``'s budgets (kept across work units)."""
+    return shared_worker(Budget(cfg.file_timeout_s, cfg.max_memory_mb << 20), "medssl.ingest.pipeline")
+
+
+def prestart_decode_worker(cfg: IngestConfig) -> None:
+    """Start the decode worker early, so its start-up overlaps the scan and hashing."""
+    decode_worker(cfg).start()
+
+
 def run_chunk(job: ChunkJob) -> ChunkSummary:
     start = time.perf_counter()
     shard_dir = Path(job.out) / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     for stale in shard_dir.glob(f"shard-{job.chunk:06d}-*.tar"):  # from a killed attempt at this unit
         stale.unlink()
-    worker = shared_worker(Budget(job.cfg.file_timeout_s, job.cfg.max_memory_mb << 20), "medssl.ingest.pipeline")
+    worker = decode_worker(job.cfg)
     faults_before, cpu_before = worker.faults, worker.cpu_seconds
     rows: list[dict] = []
     pending: list[Sample] = []

@@ -1,7 +1,9 @@
 """Execution engines: run one picklable function over many work items, yielding results as they finish.
 
 - ``local``: a process pool of ``workers`` processes (in-process when workers == 1, which keeps
-  tracebacks and profiles simple).
+  tracebacks and profiles simple; a single item also runs in the driver). ``initializer(*initargs)``
+  runs once in each process that may run items: the driver, as soon as the engine exists, and each
+  pool process when the pool starts.
 - ``ray``: the same function as Ray tasks, on the cluster at ``ray_address`` (or a local Ray started
   on demand). Submission is windowed so that millions of items never sit in the object store at once.
 """
@@ -18,9 +20,12 @@ def _call(fn: Callable, item: Any) -> Any:
 
 
 class LocalEngine:
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, initializer: Callable | None = None, initargs: tuple = ()):
         self.workers = workers
         self._pool = None
+        self._init = (initializer, initargs)
+        if initializer is not None:
+            initializer(*initargs)
 
     def run(self, fn: Callable, items: Iterable) -> Iterator:
         items = list(items)
@@ -29,7 +34,7 @@ class LocalEngine:
             return
         if self._pool is None:
             # spawn: workers start clean (no inherited locks or threads from the parent)
-            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+            self._pool = multiprocessing.get_context("spawn").Pool(self.workers, *self._init)
         yield from self._pool.imap_unordered(fn, items, chunksize=1)
 
     def close(self) -> None:
@@ -67,5 +72,7 @@ class RayEngine:
         pass  # a Ray cluster outlives the ingest; a local Ray stops with the process
 
 
-def make_engine(engine: str, workers: int, ray_address: str | None = None):
-    return RayEngine(ray_address, workers) if engine == "ray" else LocalEngine(workers)
+def make_engine(engine: str, workers: int, ray_address: str | None = None, initializer: Callable | None = None,
+                initargs: tuple = ()):
+    """The engine; ``initializer`` is a start-up hint for local processes (Ray workers are long-lived anyway)."""
+    return RayEngine(ray_address, workers) if engine == "ray" else LocalEngine(workers, initializer, initargs)

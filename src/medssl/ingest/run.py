@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from medssl.atomic import remove_stale_tmp
 from medssl.config import ConfigError, IngestConfig
-from medssl.ingest.chunk import ChunkJob, manifest_path, part_path, run_chunk
+from medssl.ingest.chunk import ChunkJob, manifest_path, part_path, prestart_decode_worker, run_chunk
 from medssl.ingest.engine import make_engine
 from medssl.ingest.pipeline import FileTask
 from medssl.ingest.plan import Plan, build_plan, processing_settings
@@ -77,13 +77,13 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
     remove_stale_tmp(out)
     handler = _log_to_file(out)
     salt = load_salt(cfg.salt_file)
-    engine = make_engine(cfg.engine, cfg.workers, cfg.ray_address)
+    unit_cfg = cfg.model_copy(update={"inputs": []})  # the plan holds the paths; don't pickle them per unit
+    # Decode workers start importing now, while the inputs are scanned and hashed.
+    engine = make_engine(cfg.engine, cfg.workers, cfg.ray_address, prestart_decode_worker, (unit_cfg,))
     try:
         plan = _load_or_build_plan(cfg, out, engine, show_progress)
         chunks = plan.chunks()
         todo = [c for c in range(len(chunks)) if not part_path(out, c).exists()]
-
-        unit_cfg = cfg.model_copy(update={"inputs": []})  # the plan holds the paths; don't pickle them per unit
 
         def job(c: int) -> ChunkJob:
             files = []
