@@ -1490,8 +1490,11 @@ class Campaign:
 
     def progress(self, b: int, result: RunResult) -> None:
         done = sum(r.n for r in self.runs)
+        worker = (result.isolation or {}).get("worker_peak_rss_mb")
         print(f"  batch {b}: {result.n} inputs, {result.verdict}{' (' + result.why + ')' if result.why else ''}, "
-              f"{result.seconds:.1f} s, peak {result.peak_rss_mb:.0f} MB  [{done}/{self.opts.inputs}]", flush=True)
+              f"{result.seconds:.1f} s, peak {result.peak_rss_mb:.0f} MB"
+              f"{f', decode worker {worker:.0f} MB' if worker is not None else ''}  [{done}/{self.opts.inputs}]",
+              flush=True)
 
 
 # ======================================================================================== summary

@@ -112,8 +112,10 @@ def _process_file(task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome
         detail = scrub(r.detail, src.identifiers if src else None)
         return FileOutcome("rejected", reason=f"{r.code}: {detail}", format=src and src.format,
                            modality=src and src.modality)
-    except MemoryError:
-        return FileOutcome("rejected", reason="too_large: out of memory while decoding")
+    except MemoryError:  # the decode worker's memory cap (or the machine's) was reached
+        return FileOutcome("rejected", reason=f"too_large: decoding needed more than the memory budget "
+                                              f"(max_memory_mb={cfg.max_memory_mb})",
+                           format=src and src.format, modality=src and src.modality)
     except Exception as e:  # a bug in medssl: it must not end a run over millions of files
         # The type only: an exception's message may quote header values.
         return FileOutcome("rejected", reason=f"internal_error: {type(e).__name__} in medssl; please report it",

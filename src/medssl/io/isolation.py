@@ -7,8 +7,9 @@ unit, the downstream image loader) only sends requests and waits for answers:
 
 - **time**: an answer that does not come within ``timeout_s`` gets the worker killed; the request
   fails with ``timeout``;
-- **memory**: the worker's address space is capped (``RLIMIT_AS``) at what it held after start-up
-  plus ``memory_bytes``, so an allocation beyond the budget fails inside the worker (``MemoryError``
+- **memory**: the worker's whole address space is capped (``RLIMIT_AS``) at ``memory_bytes`` (never
+  less than what it maps after start-up plus ``MIN_HEADROOM``), so its memory stays within the budget
+  and an allocation beyond it fails inside the worker (``MemoryError``
   -> ``too_large``) instead of waking the kernel's OOM killer; readers check the same budget from
   the header before decoding, so the cap is the last line of defence;
 - **crashes**: a worker that dies (segfault, abort, killed) fails the request with
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 
 _LENGTH = struct.Struct("<Q")
 _READY = b"ready"
+# A budget below what the worker maps after start-up (~200 MB of libraries) still leaves it this much.
+MIN_HEADROOM = 64 << 20
 _STARTUP_S = 120.0  # imports on a cold or network file system; not counted in any file's time budget
 # Decoder libraries should not start thread pools in a worker that decodes one file at a time. And glibc
 # should keep freed decode buffers (up to 32 MiB each, 128 MiB in all) for the next file: with its
@@ -230,8 +233,8 @@ def _usage() -> dict:
 
 def _cap_address_space(budget: int) -> None:
     with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[0])
-    limit = pages * os.sysconf("SC_PAGE_SIZE") + budget
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    limit = max(budget, mapped + MIN_HEADROOM)
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
