@@ -101,11 +101,10 @@ class IsolatedWorker:
         self.peak_rss_bytes = max(self.peak_rss_bytes, header["peak_rss_bytes"])
         self.cpu_seconds += header["cpu_seconds"] - self._proc_cpu
         self._proc_cpu = header["cpu_seconds"]
+        if header["retire"]:  # the worker ends itself after this answer; the next call starts a fresh one
+            self._stop()
         if "error" in header:
-            code, detail = header["error"]
-            if code == "too_large":  # the worker hit its memory cap: its heap may be fragmented, start afresh
-                self._stop()
-            raise self._fault(code, detail)
+            raise self._fault(*header["error"])
         return header["result"], blobs
 
     def close(self) -> None:
@@ -231,11 +230,16 @@ def _usage() -> dict:
             "cpu_seconds": own.ru_utime + own.ru_stime}
 
 
-def _cap_address_space(budget: int) -> None:
+def _mapped_bytes() -> int:
     with open("/proc/self/statm") as f:
-        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    limit = max(budget, mapped + MIN_HEADROOM)
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cap_address_space(budget: int) -> int:
+    """Cap the address space; returns the cap."""
+    limit = max(budget, _mapped_bytes() + MIN_HEADROOM)
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    return limit
 
 
 def _answer(fn: Callable, args: dict, budget: int) -> tuple[dict, list[bytes]]:
@@ -262,7 +266,8 @@ def serve(module_name: str, budget: int) -> None:
     if not module_name.startswith("medssl."):
         raise SystemExit(f"a decode worker serves medssl modules only, not {module_name!r}")
     module = importlib.import_module(module_name)  # before the address space is measured and capped
-    _cap_address_space(budget)
+    limit = _cap_address_space(budget)
+    baseline = _mapped_bytes()
     _write_message(answers, _READY)
     while True:
         head = requests.read(_LENGTH.size)
@@ -270,10 +275,15 @@ def serve(module_name: str, budget: int) -> None:
             return  # the caller closed the pipe or died
         request = json.loads(requests.read(_LENGTH.unpack(head)[0]))
         header, blobs = _answer(getattr(module, request["function"]), request["args"], budget)
-        header.update(blobs=len(blobs), **_usage())
+        # A worker whose address space stayed large (a fragmented heap after a big file) retires after
+        # this answer, so that what one file needed cannot make the next one fail against the cap.
+        retire = _mapped_bytes() - baseline > (limit - baseline) // 4
+        header.update(blobs=len(blobs), retire=retire, **_usage())
         _write_message(answers, json.dumps(header).encode())
         for blob in blobs:
             _write_message(answers, blob)
+        if retire:
+            return
 
 
 if __name__ == "__main__":
