@@ -143,3 +143,39 @@ def test_finetune_skip_bad_survives_a_panicking_decoder(tmp_path):
     images, is_ct, failures = load_images(tmp_path, ["ok.dcm", "bad.dcm"], FinetuneConfig(input_size=16))
     assert [i for i, _ in failures] == [1] and failures[0][1].startswith("decoder_crash:")
     assert bool(is_ct[0]) and images[0].abs().sum() > 0
+
+
+def _unbounded_jpeg(path: Path) -> None:
+    """A 100 x 100 YBR JPEG DICOM whose frame is four copies of its JPEG stream with one byte zeroed (found
+    by benchmarks/fuzz_ingest.py): the header-based estimate sees a small image, but libjpeg allocates
+    without bound while decoding it (24 GB after 60 s outside a worker)."""
+    import io
+    import struct
+
+    from pydicom.encaps import generate_fragments
+
+    ds = pydicom.dcmread(TEST_FILES / "SC_rgb_dcmtk_+eb+cy+s4.dcm")
+    offsets, frame = list(generate_fragments(ds.PixelData))
+    item = lambda b: b"\xfe\xff\x00\xe0" + struct.pack("<I", len(b)) + b  # noqa: E731
+    ds.PixelData = item(offsets) + item(frame) * 4
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    data = bytearray(buffer.getvalue())
+    data[1852] = 0
+    path.write_bytes(bytes(data))
+
+
+def test_a_decoder_that_allocates_without_bound_stops_at_the_budget(tmp_path):
+    bomb = tmp_path / "bomb.dcm"
+    _unbounded_jpeg(bomb)
+    budget = 256 << 20
+    small = IsolatedWorker(Budget(timeout_s=60.0, memory_bytes=budget), "medssl.ingest.pipeline")
+    cfg = IngestConfig(max_memory_mb=256)
+    try:
+        outcome = process_file_isolated(small, _task(bomb), cfg, SALT)
+        # libjpeg reports the failed allocation as an error (decode_failed), numpy as MemoryError (too_large)
+        assert outcome.status == "rejected" and outcome.reason.split(":")[0] in ("decode_failed", "too_large")
+        assert small.peak_rss_bytes <= budget
+        assert process_file_isolated(small, _task(_good(tmp_path), 1), cfg, SALT).status == "ingested"
+    finally:
+        small.close()
