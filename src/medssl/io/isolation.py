@@ -118,7 +118,10 @@ class IsolatedWorker:
         """Start a worker now without waiting for it (it imports while the caller does other work)."""
         if self._proc is None or self._proc.poll() is not None:
             self._stop()
-            env = {**os.environ, **_WORKER_ENV}
+            # The worker must import this very medssl, also when it was found through sys.path edits.
+            package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+            env = {**os.environ, **_WORKER_ENV, "PYTHONPATH": path}
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "medssl.io.isolation", self.module, str(self.budget.memory_bytes)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
