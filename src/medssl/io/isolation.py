@@ -227,10 +227,17 @@ def _write_message(stream, payload: bytes) -> None:
 
 # --- the worker side ------------------------------------------------------------------------------
 
+def _peak_rss_bytes() -> int:
+    """This process's own high-water RSS. Not ``ru_maxrss``: Linux carries that over from the parent
+    across fork and exec, so a worker started by a large process would report the parent's size."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
+
+
 def _usage() -> dict:
     own = resource.getrusage(resource.RUSAGE_SELF)
-    return {"peak_rss_bytes": own.ru_maxrss * 1024,  # Linux reports KiB
-            "cpu_seconds": own.ru_utime + own.ru_stime}
+    return {"peak_rss_bytes": _peak_rss_bytes(), "cpu_seconds": own.ru_utime + own.ru_stime}
 
 
 def _mapped_bytes() -> int:
