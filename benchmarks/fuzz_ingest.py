@@ -992,7 +992,9 @@ def make_bomb(rng: random.Random, seeds: list[Seed], tag: int) -> Mutant:
 def _zip_bytes() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("image.dcm", b"\0" * 128 + b"DICM")
+        # a fixed time stamp: writestr(name) would stamp the current minute, and identical archives
+        # made in different minutes would stop being duplicates of each other
+        z.writestr(zipfile.ZipInfo("image.dcm", date_time=(2020, 1, 1, 0, 0, 0)), b"\0" * 128 + b"DICM")
     return buf.getvalue()
 
 
