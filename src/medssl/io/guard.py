@@ -35,16 +35,24 @@ def _type_name(exc: BaseException) -> str:
 
 def failure(exc: BaseException, code: str, what: str) -> Rejected:
     """The rejection for ``exc`` raised while ``what`` (a phrase such as "parsing the header")."""
-    if isinstance(exc, MemoryError):
-        return Rejected("too_large", f"out of memory while {what}")
+    if isinstance(exc, MemoryError) or code == "too_large":
+        return Rejected("too_large", f"out of memory while {what} (the memory budget is max_memory_mb)")
     if not isinstance(exc, Exception):  # a native library panicked (pyo3's PanicException is a BaseException)
         return Rejected("decoder_crash", f"the decoder crashed while {what} ({_type_name(exc)})")
     return Rejected(code, f"failed while {what} ({_type_name(exc)})")
 
 
+# Phrases of native decoders whose allocation failed (libjpeg: "Out of free memory"): in a decode worker
+# that is the memory budget's cap, the same event as a MemoryError.
+_NO_MEMORY = re.compile(r"out of (free )?memory|insufficient memory|cannot allocate|memory allocation failed",
+                        re.IGNORECASE)
+
+
 def _decode_code(exc: BaseException) -> str:
     if isinstance(exc, NotImplementedError):
         return "unsupported_encoding"
+    if _NO_MEMORY.search(str(exc)):
+        return "too_large"
     if isinstance(exc, EOFError) or _SHORT_DATA.search(str(exc)):
         return "truncated"
     return "decode_failed"
