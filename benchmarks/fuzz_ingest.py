@@ -57,7 +57,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import resource
 import shlex
@@ -73,8 +72,9 @@ import zipfile
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
+
+from machine import machine_facts, version  # benchmarks/machine.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1647,34 +1647,16 @@ def print_examples(summary: dict, limit: int = 12) -> None:
 # ==================================================================================== machine facts
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    ram_gib = None
-    try:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), cpu)
-        ram_gib = next((round(int(ln.split()[1]) / 2**20, 1) for ln in Path("/proc/meminfo").read_text().splitlines()
-                        if ln.startswith("MemTotal:")), None)
-    except OSError:
-        pass
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True)
     return {
-        "cpu": cpu, "usable_cores": len(os.sched_getaffinity(0)), "logical_cores": os.cpu_count(), "ram_gib": ram_gib,
-        "os": platform.platform(), "python": platform.python_version(),
+        **machine_facts(),
         "commit": (commit.stdout.strip() or "unknown") + (" + uncommitted changes" if dirty.stdout.strip() else ""),
-        "versions": {d: _version(d) for d in ("medssl", "pydicom", "pydicom-data", "pylibjpeg", "pylibjpeg-libjpeg",
-                                              "pylibjpeg-openjpeg", "pylibjpeg-rle", "pillow", "tifffile", "nibabel",
-                                              "numpy")},
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "versions": {d: version(d) for d in ("medssl", "pydicom", "pydicom-data", "pylibjpeg", "pylibjpeg-libjpeg",
+                                             "pylibjpeg-openjpeg", "pylibjpeg-rle", "pillow", "tifffile", "nibabel",
+                                             "numpy")},
     }
 
 

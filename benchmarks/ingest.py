@@ -34,7 +34,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -42,13 +41,13 @@ import sys
 import tempfile
 import time
 import warnings
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from PIL import Image
 
+from machine import machine_facts, version  # benchmarks/machine.py
 from medssl.config import IngestConfig
 from medssl.ingest import ingest
 from medssl.shard_format import PNG_COMPRESS_LEVEL, read_shard
@@ -265,37 +264,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable, "ram_gib": ram_gib,
-        "os": platform.platform(), "python": platform.python_version(),
-        "torch": _version("torch"), "pydicom": pydicom.__version__, "pillow": _version("pillow"),
-        "numpy": np.__version__, "pylibjpeg": _version("pylibjpeg"),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+    return {**machine_facts(), "torch": version("torch"), "pydicom": pydicom.__version__, "pillow": version("pillow"),
+            "numpy": np.__version__, "pylibjpeg": version("pylibjpeg")}
 
 
 def print_machine(info: dict) -> None:

@@ -6,7 +6,6 @@ native panic, a zero-filled raster or an unbounded inflation would show here dir
 
 from __future__ import annotations
 
-import io
 import random
 import struct
 import warnings
