@@ -6,9 +6,17 @@ robustness sweeps.
     robustness = evaluate_robustness("results/h")   # also written to results/h/robustness.json
 """
 
-from medssl.downstream.api import finetune, prepare_task
-from medssl.downstream.model import Classifier, load_classifier
-from medssl.downstream.robustness import evaluate_robustness
-from medssl.downstream.tasks import Task, TaskError
+import importlib
 
-__all__ = ["Classifier", "Task", "TaskError", "evaluate_robustness", "finetune", "load_classifier", "prepare_task"]
+# Lazy, as in ``medssl/__init__``: the decode worker imports ``medssl.downstream.decode`` and must not pay
+# for torch (about 3 s and a large share of its memory budget) through this package's exports.
+_EXPORTS = {"finetune": "api", "prepare_task": "api", "Classifier": "model", "load_classifier": "model",
+            "evaluate_robustness": "robustness", "Task": "tasks", "TaskError": "tasks"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"medssl.downstream.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'medssl.downstream' has no attribute {name!r}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,23 @@ from PIL import Image
 from medssl.config import FinetuneConfig
 from medssl.intensity import map_frame
 from medssl.io import Limits, Rejected, read_image
-from medssl.io.isolation import Budget, WorkerFault, shared_worker
+from medssl.io.isolation import Budget, shared_worker
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What ``decode_image`` reads of a ``FinetuneConfig``: all the decode worker is sent. (Validating a
+    whole FinetuneConfig there would import torch, through its nested pretraining settings.)"""
+
+    input_size: int
+    percentiles: tuple[float, float]
+    nifti_modality: str
+    raster_modality: str
+    max_memory_mb: int
+
+    @classmethod
+    def of(cls, cfg: FinetuneConfig) -> DecodeSettings:
+        return cls(cfg.input_size, tuple(cfg.percentiles), cfg.nifti_modality, cfg.raster_modality, cfg.max_memory_mb)
+
 
 _FRAME_SPEC = re.compile(r"^(.*)#(\d+)$")
 
@@ -53,7 +70,7 @@ def fit_square(values: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def decode_image(path: Path, frame: int | None, cfg: FinetuneConfig) -> tuple[np.ndarray, bool]:
+def decode_image(path: Path, frame: int | None, cfg: DecodeSettings | FinetuneConfig) -> tuple[np.ndarray, bool]:
     """One task image -> ((input_size, input_size) float32, is CT in HU). Raises ``Rejected``."""
     if not path.is_file():
         raise Rejected("missing", "no such file")
@@ -79,20 +96,12 @@ def decode_image(path: Path, frame: int | None, cfg: FinetuneConfig) -> tuple[np
     return fit_square(values, cfg.input_size), intensity.semantics == "hounsfield"
 
 
-# The settings decode_image reads: all the decode worker needs to know of a FinetuneConfig.
-_DECODE_SETTINGS = ("input_size", "percentiles", "nifti_modality", "raster_modality", "max_memory_mb")
-
-
 def decode_image_isolated(path: Path, frame: int | None, cfg: FinetuneConfig) -> tuple[np.ndarray, bool]:
     """``decode_image`` in a decode worker process (``medssl.io.isolation``), so that a decoder crash,
     hang or memory blow-up rejects this image instead of ending the run. Raises ``Rejected``."""
     worker = shared_worker(Budget(cfg.file_timeout_s, cfg.max_memory_mb << 20), __name__)
-    args = {"path": str(path), "frame": frame,
-            "settings": {k: getattr(cfg, k) for k in _DECODE_SETTINGS}}
-    try:
-        result, blobs = worker.call("serve_decode_image", args)
-    except WorkerFault as fault:
-        raise Rejected(fault.code, fault.detail) from None
+    args = {"path": str(path), "frame": frame, "settings": asdict(DecodeSettings.of(cfg))}
+    result, blobs = worker.call("serve_decode_image", args)  # a worker fault raises Rejected
     if "rejected" in result:
         raise Rejected(*result["rejected"])
     size = cfg.input_size
@@ -101,9 +110,9 @@ def decode_image_isolated(path: Path, frame: int | None, cfg: FinetuneConfig) ->
 
 def serve_decode_image(args: dict) -> tuple[dict, list[bytes]]:
     """The decode worker's side of ``decode_image_isolated``."""
-    cfg = FinetuneConfig.model_validate(args["settings"])
+    settings = DecodeSettings(**args["settings"])
     try:
-        values, is_ct = decode_image(Path(args["path"]), args["frame"], cfg)
+        values, is_ct = decode_image(Path(args["path"]), args["frame"], settings)
     except Rejected as r:
         return {"rejected": [r.code, r.detail]}, []
     except MemoryError:

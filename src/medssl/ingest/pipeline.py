@@ -18,7 +18,7 @@ from PIL import Image
 from medssl.config import IngestConfig
 from medssl.intensity import map_frame
 from medssl.io import Limits, Rejected, SourceImage, read_image
-from medssl.io.isolation import IsolatedWorker, WorkerFault
+from medssl.io.isolation import IsolatedWorker
 from medssl.privacy import keyed_hash, scrub
 from medssl.shard_format import Sample, encode_pixels, storage_for
 
@@ -127,7 +127,7 @@ def process_file_isolated(worker: IsolatedWorker, task: FileTask, cfg: IngestCon
     args = {"task": asdict(task), "cfg": cfg.model_dump(mode="json"), "salt": salt.hex()}
     try:
         result, pngs = worker.call("serve_process_file", args)
-    except WorkerFault as fault:
+    except Rejected as fault:  # the file cost its worker (timeout, crash, memory)
         return FileOutcome("rejected", reason=f"{fault.code}: {fault.detail}")
     samples = [Sample(key=s["key"], png=png, meta=s["meta"]) for s, png in zip(result.pop("samples"), pngs)]
     return FileOutcome(**result, samples=samples)

@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from medssl.io.source import Rejected
+
 _LENGTH = struct.Struct("<Q")
 _READY = b"ready"
 # A budget below what the worker maps after start-up (~200 MB of libraries) still leaves it this much.
@@ -51,15 +53,6 @@ _STARTUP_S = 120.0  # imports on a cold or network file system; not counted in a
 # JPEGs: ~1,500 page faults and +35% decode time per file, against ~0 in a long-lived process).
 _WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}
-
-
-class WorkerFault(Exception):
-    """A request that cost its worker: ``code`` is ``timeout``, ``too_large`` or ``decoder_crash``."""
-
-    def __init__(self, code: str, detail: str):
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -85,7 +78,8 @@ class IsolatedWorker:
         self._proc_cpu = 0.0     # ... of which the current worker's
 
     def call(self, function: str, args: dict) -> tuple[dict, list[bytes]]:
-        """Run ``module.function(args)`` in the worker; raises ``WorkerFault``."""
+        """Run ``module.function(args)`` in the worker. A request that costs the worker rejects its file:
+        ``Rejected`` with code ``timeout``, ``too_large`` or ``decoder_crash``."""
         proc = self._ensure_started()
         deadline = time.monotonic() + self.budget.timeout_s
         try:
@@ -110,9 +104,9 @@ class IsolatedWorker:
     def close(self) -> None:
         self._stop()
 
-    def _fault(self, code: str, detail: str) -> WorkerFault:
+    def _fault(self, code: str, detail: str) -> Rejected:
         self.faults += 1
-        return WorkerFault(code, detail)
+        return Rejected(code, detail)
 
     def start(self) -> None:
         """Start a worker now without waiting for it (it imports while the caller does other work)."""
