@@ -5,6 +5,16 @@ runs chunk.py on each unit, which runs pipeline.py on each file and writes shard
 the per-unit manifests into manifest.jsonl, index.json and report.md. run.py ties them together.
 """
 
-from medssl.ingest.run import IngestSummary, ingest
+import importlib
 
-__all__ = ["IngestSummary", "ingest"]
+# Lazy, as in ``medssl.downstream``: the decode worker imports ``medssl.ingest.pipeline`` and must not pay
+# for the driver's modules (run, plan, report, engine: about a third of its start-up) through this package.
+_EXPORTS = {"IngestSummary": "run", "ingest": "run"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"medssl.ingest.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'medssl.ingest' has no attribute {name!r}")

@@ -2,8 +2,9 @@
 
 - ``local``: a process pool of ``workers`` processes (in-process when workers == 1, which keeps
   tracebacks and profiles simple; a single item also runs in the driver). ``initializer(*initargs)``
-  runs once in each process that may run items: the driver, as soon as the engine exists, and each
-  pool process when the pool starts.
+  runs once in each process that runs most items: the driver as soon as the engine exists when
+  workers == 1, else each pool process when the pool starts (the driver's rare single item then
+  starts what it needs itself, instead of costing CPU the pool processes need while they start).
 - ``ray``: the same function as Ray tasks, on the cluster at ``ray_address`` (or a local Ray started
   on demand). Submission is windowed so that millions of items never sit in the object store at once.
 """
@@ -24,7 +25,7 @@ class LocalEngine:
         self.workers = workers
         self._pool = None
         self._init = (initializer, initargs)
-        if initializer is not None:
+        if initializer is not None and workers == 1:
             initializer(*initargs)
 
     def run(self, fn: Callable, items: Iterable) -> Iterator:
