@@ -6,7 +6,9 @@ it. Works the same in one process and under ``torchrun`` (DDP; nccl on GPUs, glo
 Resume: rerunning the same command continues from ``checkpoint.pt`` in the run folder. The checkpoint
 holds model, optimiser, step, the data position, every rank's random state and loss state (the
 feature queue is per rank), so a resumed run takes the same steps an uninterrupted one would
-(bit-exact in fp32 with ``deterministic=True`` on the same machine and process count). What was logged
+(bit-exact in fp32 with ``deterministic=True`` on the same machine and process count). It needs as many
+processes as wrote the checkpoint, spread over nodes in any way, and mid-epoch the same data layout
+(``_check_resume_layout`` says why and refuses otherwise, before anything is built). What was logged
 after the checkpoint is dropped (metrics.jsonl is cut back to the rows it had then, TensorBoard purges
 later steps), so a resumed run logs every step once.
 
@@ -79,6 +81,37 @@ def _queue_per_rank(cfg: PretrainConfig, world_size: int) -> int:
     return cfg.queue_length // world_size
 
 
+# What a user calls each part of the stream's data layout (``ShardStream.state_dict``), in messages.
+_LAYOUT_NAMES = {"world_size": "processes", "num_workers": "workers", "samples": "samples in the shard folders"}
+
+
+def _check_resume_layout(ckpt: dict, stream: ShardStream, path: Path) -> None:
+    """Refuse a resume that cannot go on as the checkpointed run would have (a ConfigError: exit 2).
+
+    The number of processes is part of the recipe, not of the machine: the global batch is batch_size x
+    processes and the learning rate is scaled from it, InfoNCE gathers its negatives over the processes,
+    and the feature queue and the random states are kept per process. So a run resumes only with as many
+    processes as wrote the checkpoint (how they are spread over nodes does not matter). The rest of the
+    data layout (DataLoader workers, batch size, seed, shards) decides which samples the rest of an epoch
+    holds, so it may change only at an epoch boundary, where the stream deals the next epoch out afresh.
+    """
+    saved, now = ckpt["data"], stream.state_dict()
+    changed = [k for k in now if k not in ("epoch", "consumed") and saved.get(k) != now[k]]
+    if not changed or ("world_size" not in changed and not saved["consumed"]):
+        return
+    diffs = ", ".join(f"{_LAYOUT_NAMES.get(k, k)} {saved.get(k)} -> {now[k]}" for k in changed)
+    written = f"step {ckpt['step']}, epoch {saved['epoch']}, {saved['consumed']} samples per process into it"
+    if "world_size" in changed:
+        n = saved["world_size"]
+        todo = (f"the global batch (batch_size x processes), the learning rate scaled from it, the feature queue and "
+                f"the random states depend on the process count: relaunch with {n} process{'es' if n > 1 else ''} "
+                "in all (nodes x processes per node, any split), or pretrain into a new --out")
+    else:
+        todo = ("the rest of this epoch is dealt out to processes and workers by the old values: resume with "
+                "them (they may change once an epoch is complete), or pretrain into a new --out")
+    raise ConfigError(f"cannot resume {path} ({written}) with {diffs}: {todo}")
+
+
 class _Log:
     """metrics.jsonl and TensorBoard events, written by rank 0 only.
 
@@ -135,6 +168,10 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> Path:
                          shuffle_buffer=cfg.shuffle_buffer, transform=MultiCrop(crops),
                          rank=info.rank, world_size=info.world_size)
     loader = stream.loader(pin_memory=info.device.type == "cuda")
+    ckpt = None
+    if (out / CHECKPOINT).exists():
+        ckpt = load_checkpoint(out / CHECKPOINT, keys=("model", "optimizer", "loss", "data", "rng", "step", "log_rows"))
+        _check_resume_layout(ckpt, stream, out / CHECKPOINT)
     total_steps = min(cfg.epochs * stream.steps_per_epoch, cfg.max_steps or math.inf)
 
     model = SSLModel(cfg.backbone, cfg.proj_hidden, cfg.proj_dim, cfg.n_prototypes,
@@ -149,8 +186,7 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> Path:
     bf16 = _use_bf16(cfg, info.device)
 
     step, log_rows = 0, 0
-    if (out / CHECKPOINT).exists():
-        ckpt = load_checkpoint(out / CHECKPOINT, keys=("model", "optimizer", "loss", "data", "rng", "step", "log_rows"))
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         loss_fn.load_state_dict(ckpt["loss"][info.rank])
