@@ -104,20 +104,21 @@ def test_buffered_shuffle_is_bounded_and_shuffles():
     assert list(BufferedShuffle(20, 1, np.random.default_rng(0))) == list(range(20))
 
 
-def test_stream_holds_at_most_the_buffer(archives, monkeypatch):
-    read = 0
+def test_stream_holds_at_most_the_buffer_and_one_sample_per_part(archives, monkeypatch):
+    kept = 0  # samples a part handed on (the samples skipped to reach a part's start are dropped at once)
+    read_part = ShardStream._read
 
-    def counting_read_shard(path):
-        nonlocal read
-        for sample in read_shard(path):
-            read += 1
-            yield sample
+    def counting_read(self, segments, keep, start):
+        nonlocal kept
+        for item in read_part(self, segments, keep, start):
+            kept += 1
+            yield item
 
-    monkeypatch.setattr(stream_module, "read_shard", counting_read_shard)
+    monkeypatch.setattr(ShardStream, "_read", counting_read)
     yielded = 0
-    for _ in ShardStream(archives, shuffle_buffer=4):
+    for _ in ShardStream(archives, shuffle_buffer=4, interleave=3):
         yielded += 1
-        assert read - yielded <= 4 + 1
+        assert kept - yielded <= 4 + 1 + 3
     assert yielded == TOTAL
 
 
@@ -234,12 +235,12 @@ def test_split_and_resume_over_many_layouts(monkeypatch):
     monkeypatch.setattr(ShardStream, "_decode", lambda self, sample, epoch, restore_rngs: {"key": sample.key})
     total = int(sizes.sum())
     for _ in range(25):
-        world, workers, batch, buffer = (int(x) for x in rng.integers(1, [5, 5, 7, 10]))
+        world, workers, batch, buffer, parts = (int(x) for x in rng.integers(1, [5, 5, 7, 10, 9]))
         seen = []
         for rank in range(world):
             def make() -> ShardStream:
                 s = ShardStream([], batch_size=batch, num_workers=workers, rank=rank, world_size=world,
-                                shuffle_buffer=buffer, seed=7)
+                                shuffle_buffer=buffer, interleave=parts, seed=7)
                 s.set_epoch(3)
                 return s
 
@@ -266,3 +267,66 @@ def test_a_position_saved_after_the_last_batch_goes_on_with_the_next_epoch(archi
     following.set_epoch(1)
     assert [b["key"] for b in resumed.loader()] == [b["key"] for b in following.loader()]
     assert (resumed.epoch, resumed.consumed) == (2, 0)
+
+
+# 40 series of 12 slices in folder order, written as ingest does: shards of 48 samples, 4 series each.
+SERIES, SLICES, SHARD_SAMPLES = 40, 12, 48
+
+
+@pytest.fixture
+def series_shards(monkeypatch):
+    """Synthetic shards whose sample keys are ``<series>-<slice>``, without files."""
+    from medssl.data.stream import Shard
+    from medssl.shard_format import Sample
+
+    n_shards = SERIES * SLICES // SHARD_SAMPLES
+    monkeypatch.setattr(stream_module, "list_shards",
+                        lambda roots: [Shard(Path(str(i)), SHARD_SAMPLES) for i in range(n_shards)])
+
+    def read(path):
+        first = int(str(path)) * SHARD_SAMPLES
+        return (Sample(f"{g // SLICES}-{g % SLICES}", b"", {}) for g in range(first, first + SHARD_SAMPLES))
+
+    monkeypatch.setattr(stream_module, "read_shard", read)
+    monkeypatch.setattr(ShardStream, "_decode", lambda self, sample, epoch, restore_rngs: {"key": sample.key})
+
+
+def mean_same_series_share(interleave: int) -> float:
+    shares = []
+    for epoch in range(4):
+        stream = ShardStream([], batch_size=16, num_workers=2, shuffle_buffer=32, interleave=interleave, seed=1)
+        stream.set_epoch(epoch)
+        for batch in round_robin(stream, 2):
+            series = [key.split("-")[0] for key in batch]
+            shares.append(sum(series.count(s) * (series.count(s) - 1) for s in set(series)) / (16 * 15))
+    return float(np.mean(shares))
+
+
+def test_batches_mix_series_about_as_a_random_draw(series_shards):
+    """Each shard holds 4 whole series, so a reader that streams one run of shards through a 32-sample buffer
+    makes batches of a few series (interleave=1, the stream before issue 10: about 7x the i.i.d. share);
+    32 parts read side by side bring the batches within 2x of drawing 16 samples at random from all 480."""
+    iid = (SLICES - 1) / (SERIES * SLICES - 1)
+    assert mean_same_series_share(1) > 4 * iid
+    assert mean_same_series_share(32) < 2 * iid
+
+
+def test_resume_is_exact_at_every_batch_with_interleaved_parts(series_shards):
+    def make() -> ShardStream:
+        s = ShardStream([], batch_size=8, num_workers=3, shuffle_buffer=20, interleave=5, seed=2, rank=1,
+                        world_size=2)
+        s.set_epoch(1)
+        return s
+
+    full = round_robin(make(), 3)
+    assert len(full) == make().steps_per_epoch == SERIES * SLICES // 2 // 8
+    for stop in range(len(full) + 1):
+        resumed = make()
+        resumed.load_state_dict({**resumed.state_dict(), "consumed": stop * 8})
+        assert round_robin(resumed, 3) == full[stop:]
+
+
+def test_resume_with_another_interleave_is_refused(archives):
+    state = {**ShardStream(archives, interleave=4).state_dict(), "consumed": 2}
+    with pytest.raises(ValueError, match="interleave: 4 -> 8"):
+        ShardStream(archives, interleave=8).load_state_dict(state)

@@ -1,29 +1,42 @@
 """Stream the shards of ``medssl ingest`` into training: epoch-shuffled, split across DDP ranks and
-DataLoader workers, buffer-shuffled, resumable mid-epoch, in memory independent of the data set's size.
+DataLoader workers, mixed across the epoch, resumable mid-epoch, in memory independent of the data set's size.
 
 How an epoch is cut. Every rank and worker computes the same plan from (seed, epoch); nothing is
 communicated, so all ranks must use the same seed, shards, batch size and worker count.
 
 1. The shards of all archives are put in a seeded random order. Their samples, concatenated in that
    order, form the epoch's sequence of N samples (per-shard counts come from each ``index.json``).
-2. Rank r takes a contiguous run starting at r * (N // world_size), cut to a whole number of batches,
-   so every rank has exactly ``steps_per_epoch`` full batches: DDP needs the same step count on every
-   rank. The rest (fewer than world_size * batch_size samples) is dropped for this epoch; it sits at
-   the ends of rank runs in a fresh shard order, so each epoch drops different samples.
-3. A rank's batches are dealt to its DataLoader workers in the order the DataLoader collects them
-   (batch j comes from worker j % num_workers). Each worker's batches are one contiguous run of the
-   sequence, so a worker opens only its own shards and reads at most one partial shard at each end.
-4. Each worker shuffles its run through a bounded buffer seeded by (seed, epoch, rank, worker).
+2. Every rank gets the same number of samples, a whole number of batches: DDP needs the same step count
+   on every rank. A rank's batches are dealt to its DataLoader workers in the order the DataLoader
+   collects them (batch j comes from worker j % num_workers), which fixes each worker's sample count.
+   The rest (fewer than world_size * batch_size samples) is dropped for this epoch; it sits at the end
+   of the sequence in a fresh shard order, so each epoch drops different samples.
+3. Every (rank, worker) reader takes ``interleave`` (K) parts of the sequence, spread over all of it:
+   the sequence is cut into K rounds, and each round holds one contiguous part of every reader, of
+   1/K of its samples. A reader reads its K parts at once, one open shard each, taking samples from
+   them in turn (sample t of the reader is sample t // K of part t % K), and shuffles that through a
+   bounded buffer seeded by (seed, epoch, rank, worker).
+
+Why parts. A shard holds a few series in folder order (the slices of one series are neighbours), so a
+reader that streams one shard at a time fills its buffer from a handful of series, and the batches it
+makes hold near-copies. With K parts open, a buffer of B samples holds about B / K neighbouring
+samples from each part, so a batch mixes about K + B / L series (L: slices per series): a same-series
+pair share of about 1 / (K + B / L). On a small archive the parts are finer than a series and spread
+over the whole epoch, so the reader's samples are a fair sample of the data set and batches are close to
+i.i.d.; on a large one the share stays near 1 / (K + B / L), above the i.i.d. share of one series'
+samples among all N (a sequential reader cannot do better without shards that are already mixed:
+benchmarks/mixing.py and BENCHMARKS.md, "Batch mixing", measure both). The cost of a part is its first
+shard, read from the start up to the part: at most K extra shard reads per reader and epoch.
 
 Resume. The position is (epoch, samples of this rank consumed in it), counted by ``ShardLoader`` as it
-hands out batches. Because step 3 fixes which worker made which batch, a restarted worker knows how many
+hands out batches. Because step 2 fixes which worker made which batch, a restarted worker knows how many
 of its own samples were consumed (a new DataLoader starts at worker 0, so after b batches worker k plays
 the part of worker (k + b) % num_workers). The buffer shuffles positions, not samples, so fast-forwarding
 draws only random numbers (about 0.2 s per 10^6 skipped samples); then the worker reads just the shards
 that still hold samples it owes: those left in the buffer (at most about shuffle_buffer * ln(shuffle_buffer)
-positions back, a few shards) and everything after. Skipped samples are never decoded or transformed.
-Exact resume needs the same seed, shards, world size, batch size and worker count; ``load_state_dict``
-checks them.
+positions back) and everything after, in each part. Skipped samples are never decoded or transformed.
+Exact resume needs the same seed, shards, world size, batch size, worker count and ``interleave``;
+``load_state_dict`` checks them.
 
 Augmentations are reproducible too: ``transform`` runs with torch's CPU generator and numpy's and
 Python's global generators seeded from (seed, epoch, sample key), so a resumed run draws the same crops,
@@ -31,13 +44,17 @@ whichever rank or worker reads the sample. In the main process (num_workers=0) t
 restored afterwards, so the trainer's random state does not depend on the data. A transform holding its
 own seeded generator (e.g. ``MultiCrop(seed=...)``) is outside this and will not resume exactly.
 
-Memory per worker: at most ``shuffle_buffer`` + 1 encoded samples (16-bit PNG bytes, ~0.1-0.5 MB at
-512 px), plus one decoded image at a time.
+Memory per worker: at most ``shuffle_buffer`` + ``interleave`` + 1 encoded samples (16-bit PNG bytes,
+~0.1-0.5 MB at 512 px) and ``interleave`` open shard readers (a file handle and a 10 KB tar buffer
+each), plus one decoded image at a time.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import heapq
+import itertools
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -56,6 +73,11 @@ INDEX_FORMAT = "medssl-shards/1"
 # First word of every SeedSequence we build, so the streams of different purposes never coincide.
 _SHARD_ORDER, _BUFFER = 0, 1
 _DRAW_BLOCK = 4096  # random buffer slots drawn per numpy call: per-call overhead dominates single draws
+# Parts a reader reads at once (module docstring, step 3), chosen on BENCHMARKS.md, "Batch mixing": with 32
+# the demo pool's batches are i.i.d. (16: 1.2x); at 1M samples the same-series share halves from 16 to 32
+# (about 1 / (K + B / L)) for 7% more samples read (parts starting inside a shard), and 32 open shard
+# readers per worker are still cheap on a local disk and on object storage.
+DEFAULT_INTERLEAVE = 32
 
 
 @dataclass(frozen=True)
@@ -66,7 +88,7 @@ class Shard:
 
 @dataclass(frozen=True)
 class Segment:
-    """Samples ``first .. first + count - 1`` of a shard, at positions ``pos .. pos + count - 1`` of a run."""
+    """Samples ``first .. first + count - 1`` of a shard, at positions ``pos .. pos + count - 1`` of a part."""
 
     shard: Shard
     first: int
@@ -106,16 +128,56 @@ def worker_consumed(consumed_batches: int, num_workers: int, worker: int) -> int
     return max(0, consumed_batches - worker + num_workers - 1) // num_workers
 
 
-def run_segments(shards: list[Shard], start: int, stop: int) -> list[Segment]:
-    """Cut positions ``start .. stop - 1`` of the concatenated samples of ``shards`` into per-shard pieces."""
-    segments, offset = [], 0
-    for shard in shards:
-        lo, hi = max(start, offset), min(stop, offset + shard.samples)
-        if lo < hi:
-            segments.append(Segment(shard, lo - offset, hi - lo, lo - start))
-        offset += shard.samples
+def epoch_shard_order(n_shards: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's seeded shard order (module docstring, step 1)."""
+    return np.random.default_rng([_SHARD_ORDER, seed, epoch]).permutation(n_shards)
+
+
+def reader_parts(counts: list[int], reader: int, parts: int) -> list[tuple[int, int]]:
+    """(start, count) in the epoch's sequence of each of the ``parts`` parts of ``reader``, where ``counts``
+    are the sample counts of all readers (rank-major). Round k holds part k of every reader, in reader
+    order, so each reader's parts are spread over the whole sequence; part sizes differ by at most one."""
+    counts_a = np.asarray(counts, dtype=np.int64)
+    sizes = counts_a[:, None] // parts + (np.arange(parts)[None, :] < counts_a[:, None] % parts)
+    in_sequence = sizes.T.ravel()  # round by round, reader by reader
+    starts = (np.cumsum(in_sequence) - in_sequence).reshape(parts, len(counts))
+    return [(int(starts[k, reader]), int(sizes[reader, k])) for k in range(parts)]
+
+
+def part_of(t: int, n: int, parts: int) -> tuple[int, int]:
+    """(part, index in the part) of sample ``t`` of a reader with ``n`` samples taken from its parts in
+    turn: t // parts of part t % parts, and the parts holding one more sample end the last turn."""
+    whole = n // parts * parts
+    return (t % parts, t // parts) if t < whole else (t - whole, n // parts)
+
+
+def reader_index(part: int, index: int, n: int, parts: int) -> int:
+    """The inverse of ``part_of``: which sample of the reader ``index`` of ``part`` is."""
+    turns = n // parts
+    return index * parts + part if index < turns else turns * parts + part
+
+
+def first_index_from(part: int, t: int, n: int, parts: int) -> int:
+    """The first index of ``part`` whose reader sample is ``t`` or later (past the part's end if none)."""
+    turns = n // parts
+    index = max(0, -(-(t - part) // parts))
+    if index < turns:
+        return index
+    return turns if turns * parts + part >= t else turns + 1
+
+
+def run_segments(shards: list[Shard], ends: list[int], start: int, stop: int) -> list[Segment]:
+    """Cut positions ``start .. stop - 1`` of the concatenated samples of ``shards`` (whose cumulative
+    counts are ``ends``) into per-shard pieces."""
+    segments = []
+    if start >= stop:
+        return segments
+    for i in range(bisect.bisect_right(ends, start), len(shards)):
+        offset = ends[i] - shards[i].samples
         if offset >= stop:
             break
+        lo, hi = max(start, offset), min(stop, ends[i])
+        segments.append(Segment(shards[i], lo - offset, hi - lo, lo - start))
     return segments
 
 
@@ -148,6 +210,16 @@ class BufferedShuffle:
         self.rng.shuffle(self.buffer)
         while self.buffer:
             yield self.buffer.pop()
+
+
+@dataclass
+class ReaderPlan:
+    """One reader's epoch: the segments of each of its parts, its sample count, and the shuffle of its
+    positions (position t is index ``part_of(t, samples, len(parts))`` of a part)."""
+
+    parts: list[list[Segment]]
+    samples: int
+    shuffle: BufferedShuffle
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:
@@ -200,15 +272,16 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, roots: Path | str | list[Path | str], *, batch_size: int = 1, num_workers: int = 0,
-                 seed: int = 0, shuffle_buffer: int = 1000, transform: Callable | None = None,
-                 rank: int | None = None, world_size: int | None = None):
-        if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1 or seed < 0:
-            raise ValueError("need batch_size >= 1, num_workers >= 0, shuffle_buffer >= 1 and seed >= 0")
+                 seed: int = 0, shuffle_buffer: int = 1000, interleave: int = DEFAULT_INTERLEAVE,
+                 transform: Callable | None = None, rank: int | None = None, world_size: int | None = None):
+        if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1 or interleave < 1 or seed < 0:
+            raise ValueError("need batch_size >= 1, num_workers >= 0, shuffle_buffer >= 1, interleave >= 1 "
+                             "and seed >= 0")
         self.roots = [Path(r) for r in (roots if isinstance(roots, list) else [roots])]
         self.shards = list_shards(self.roots)
         self.total = sum(s.samples for s in self.shards)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.shuffle_buffer, self.transform = shuffle_buffer, transform
+        self.shuffle_buffer, self.interleave, self.transform = shuffle_buffer, interleave, transform
         self.rank, self.world_size = _distributed_layout(rank, world_size)
         self.samples_per_rank = rank_samples(self.total, self.world_size, batch_size)
         if self.samples_per_rank == 0:
@@ -232,7 +305,8 @@ class ShardStream(IterableDataset):
 
     def _layout(self) -> dict:
         return {"seed": self.seed, "world_size": self.world_size, "num_workers": self.num_workers,
-                "batch_size": self.batch_size, "samples": self.total, "shards": len(self.shards)}
+                "batch_size": self.batch_size, "interleave": self.interleave, "samples": self.total,
+                "shards": len(self.shards)}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, **self._layout()}
@@ -268,21 +342,15 @@ class ShardStream(IterableDataset):
 
     def _iterate(self, epoch: int, consumed_batches: int, worker: int, num_workers: int,
                  in_worker: bool) -> Iterator[dict]:
-        order = np.random.default_rng([_SHARD_ORDER, self.seed, epoch]).permutation(len(self.shards))
-        first, count = worker_batches(self.steps_per_epoch, num_workers, worker)
-        start = self.rank * (self.total // self.world_size) + first * self.batch_size
-        n = count * self.batch_size
-        segments = run_segments([self.shards[i] for i in order], start, start + n)
-
-        shuffle = BufferedShuffle(n, self.shuffle_buffer,
-                                  np.random.default_rng([_BUFFER, self.seed, epoch, self.rank, worker]))
-        positions = iter(shuffle)
+        plan = self.reader_plan(epoch, worker, num_workers)
+        positions = iter(plan.shuffle)
         for _ in range(worker_consumed(consumed_batches, num_workers, worker) * self.batch_size):
             next(positions)
-        samples = self._read(segments, keep=set(shuffle.buffer), start=shuffle.pulled)
+        samples = self._read_parts(plan.parts, plan.samples, keep=set(plan.shuffle.buffer), start=plan.shuffle.pulled)
 
         # Samples arrive in position order and wait here until the shuffle asks for them; this holds
-        # only samples whose positions sit in the shuffle buffer, so at most shuffle_buffer + 1.
+        # only samples whose positions sit in the shuffle buffer, so at most shuffle_buffer + 1 (and
+        # the merge of the parts holds the next sample of each part).
         pending: dict[int, Sample] = {}
         for pos in positions:
             while pos not in pending:
@@ -290,9 +358,44 @@ class ShardStream(IterableDataset):
                 pending[got] = sample
             yield self._decode(pending.pop(pos), epoch, restore_rngs=not in_worker)
 
+    def reader_plan(self, epoch: int, worker: int, num_workers: int) -> ReaderPlan:
+        """What this rank's ``worker`` reads in ``epoch``, and in which order (module docstring, steps 1-3).
+        Opens nothing: benchmarks/mixing.py plans 10^6 samples with it."""
+        order = epoch_shard_order(len(self.shards), self.seed, epoch)
+        shards = [self.shards[i] for i in order]
+        ends = list(itertools.accumulate(s.samples for s in shards))
+        worker_counts = [worker_batches(self.steps_per_epoch, num_workers, w)[1] * self.batch_size
+                         for w in range(num_workers)]
+        reader = self.rank * num_workers + worker
+        spans = reader_parts(worker_counts * self.world_size, reader, self.interleave)
+        n = worker_counts[worker]
+        return ReaderPlan(parts=[run_segments(shards, ends, start, start + count) for start, count in spans],
+                          samples=n, shuffle=BufferedShuffle(n, self.shuffle_buffer, np.random.default_rng(
+                              [_BUFFER, self.seed, epoch, self.rank, worker])))
+
+    def _read_parts(self, parts: list[list[Segment]], n: int, keep: set[int],
+                    start: int) -> Iterator[tuple[int, Sample]]:
+        """(reader position, sample) for the positions in ``keep`` or from ``start`` on, in position
+        order: the parts are read side by side, each opening only the shards that hold some."""
+        keep_in: list[set[int]] = [set() for _ in parts]
+        for pos in keep:
+            part, index = part_of(pos, n, len(parts))
+            keep_in[part].add(index)
+        cursors = [self._cursor(self._read(segments, keep_in[part], first_index_from(part, start, n, len(parts))),
+                                part, n, len(parts))
+                   for part, segments in enumerate(parts)]
+        return heapq.merge(*cursors, key=lambda item: item[0])
+
+    @staticmethod
+    def _cursor(samples: Iterator[tuple[int, Sample]], part: int, n: int,
+                parts: int) -> Iterator[tuple[int, Sample]]:
+        """The (index in part, sample) pairs of one part as (reader position, sample)."""
+        for index, sample in samples:
+            yield reader_index(part, index, n, parts), sample
+
     def _read(self, segments: list[Segment], keep: set[int], start: int) -> Iterator[tuple[int, Sample]]:
-        """(position, sample) for the positions in ``keep`` or from ``start`` on, opening only the shards
-        that hold some; a resumed worker skips the shards it has consumed entirely."""
+        """(position in the part, sample) for the positions in ``keep`` or from ``start`` on, opening only
+        the shards that hold some; a resumed worker skips the shards it has consumed entirely."""
         for seg in segments:
             end = seg.pos + seg.count
             wanted = [p for p in keep if seg.pos <= p < end]
