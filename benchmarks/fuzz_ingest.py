@@ -1243,7 +1243,7 @@ def run_cli(folder: Path, out: Path, opts, timeout: float) -> RunResult:
         result.verdict, result.why = "crash", f"exit status {rc}: " + _last_line(stderr)
     elif rc == 1 and "Traceback (most recent call last)" in stderr:
         result.verdict, result.why = "crash", "traceback: " + _last_line(stderr)
-    elif not (out / "manifest.jsonl").exists():
+    elif not (out / "report.json").exists():  # written last, after every manifest part
         result.verdict, result.why = "crash", f"exit status {rc} without a manifest: " + _last_line(stderr)
     elif "Traceback (most recent call last)" in stderr:  # finished, but printed a traceback at the user
         result.why = "printed a traceback: " + _last_line(stderr)
@@ -1326,11 +1326,13 @@ def account(folder: Path, out: Path, entries: list[Entry], findings: Findings) -
     for e in entries:
         for k in _row_keys(root, e):
             by_key.setdefault(k, e)
-    for line in (out / "manifest.jsonl").read_text(errors="replace").splitlines():
+    lines = [line for part in sorted((out / "manifest").glob("chunk-*.jsonl"))
+             for line in part.read_text(errors="replace").splitlines()]
+    for line in lines:
         try:
             row = _strict_json(line)
         except ValueError as err:
-            findings.invalid_json.append({"file": "manifest.jsonl", "error": str(err), "line": line[:300]})
+            findings.invalid_json.append({"file": "manifest/", "error": str(err), "line": line[:300]})
             row = json.loads(line)
         entry = by_key.get(_row_name(row.get("path") or ""))
         if entry is None:

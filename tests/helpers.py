@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,9 @@ def shard_samples(out: Path) -> dict[str, tuple[str, dict]]:
 
 
 def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    from medssl.ingest.report import read_manifest
+
+    return list(read_manifest(out))
 
 
 def write_ct_dicom(path: Path, hu: np.ndarray, **tags) -> None:

@@ -8,13 +8,14 @@ import shutil
 
 import pytest
 import yaml
+from helpers import manifest
 
 from medssl.bench.pool import pretraining_pool, write_task_csv
 from medssl.cli import main
 from medssl.config import BenchConfig, BenchTask, ConfigError, load_config
 from medssl.demo import generate_demo_archive
 from medssl.downstream import TaskError, prepare_task
-from medssl.ingest.plan import hash_file
+from medssl.ingest.pipeline import hash_file
 
 TINY_PRETRAIN = {"max_steps": 2, "batch_size": 8, "workers": 0, "proj_hidden": 32, "proj_dim": 16, "n_prototypes": 8,
                  "warmup_steps": 1, "freeze_prototypes_steps": 1, "augment": {"global_size": 32, "local_size": 16, "n_local": 2}}
@@ -57,7 +58,7 @@ def test_bench_end_to_end_and_resume(tmp_path, phantoms):
     # No validation or test image (nor a copy of one) reached pretraining.
     task = prepare_task(out / "tasks" / "ct.csv", input_size=32, ct_window=[40, 80])
     held_out = {hash_file(task.table.paths[i])[1] for s in ("val", "test") for i in task.rows(s)}
-    ingested = {json.loads(line).get("sha256") for line in (out / "shards" / "manifest.jsonl").read_text().splitlines()}
+    ingested = {row.get("sha256") for row in manifest(out / "shards")}
     assert held_out and not held_out & ingested
     assert summary["pool"]["sources"][f"unlabeled: {phantoms.archive}"]["held_out_copies"] >= len(held_out)
 

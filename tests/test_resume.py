@@ -39,7 +39,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(_command(src, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    parts = out / "parts"
+    parts = out / "manifest"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         done = len(list(parts.glob("*.jsonl"))) if parts.exists() else 0
@@ -50,7 +50,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     proc.wait()
     done_before = len(list(parts.glob("*.jsonl")))
     assert 3 <= done_before < N_VOLUMES, "the run was not interrupted mid-way"
-    assert not (out / "manifest.jsonl").exists()
+    assert not (out / "report.json").exists()
 
     rerun = subprocess.run(_command(src, out), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr

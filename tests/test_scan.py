@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from helpers import manifest, write_ct_dicom
+
 from medssl.ingest.chunk import shown_path
-from medssl.ingest.plan import scan
+from medssl.ingest.listing import scan
 
 
 def _ingest(src: Path, out: Path) -> subprocess.CompletedProcess:
@@ -65,7 +65,7 @@ def test_an_unreadable_folder_gets_a_row(tmp_path, monkeypatch):
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    assert scan([src], tmp_path / "out") == [
+    assert list(scan([src], tmp_path / "out")) == [
         (0, "locked", "unreadable_folder: cannot list the folder (Permission denied); its files are not ingested"),
         (0, "open/x", None),
     ]

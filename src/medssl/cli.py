@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from medssl import __version__
+from medssl import __version__, storage
 from medssl.config import BenchConfig, ConfigError, FinetuneConfig, IngestConfig, PretrainConfig, load_config
 
 
@@ -30,8 +30,9 @@ def _ingest_parser(sub) -> None:
         "ingest", help="turn folders of DICOM / NIfTI / PNG / JPEG / TIFF into training shards",
         description="Read every file under the inputs (format detected from content), map intensities per "
                     "modality, cut volumes into 2D slices, resize, and write WebDataset tar shards plus "
-                    "manifest.jsonl (one row per input file), index.json and report.md. Rerun the same "
-                    "command to resume an interrupted run.",
+                    "a manifest (manifest/*.jsonl, one row per input file), index.json and report.md. Rerun "
+                    "the same command to resume an interrupted run; on a finished dataset it adds the files "
+                    "the inputs gained since (new shards; the ingested ones are not read again).",
         epilog=_settings_epilog(IngestConfig, ("inputs", "out", "workers", "engine", "ray_address", "strict")),
     )
     p.add_argument("inputs", nargs="*", type=Path, help="folders or files to ingest")
@@ -53,9 +54,10 @@ def _run_ingest(args) -> int:
     summary = ingest(cfg, show_progress=not args.quiet)
     r = summary.report
     print(f"{r['files']} files: " + ", ".join(f"{n} {s}" for s, n in sorted(r["status"].items()))
-          + f"; {r['samples']} images in {r['shards']} shards")
+          + f"; {r['samples']} images in {r['shards']} shards"
+          + (f" ({r['this_run']['files']} files new in this run)" if r["generations"] > 1 else ""))
     print(f"report:   {summary.out / 'report.md'}")
-    print(f"manifest: {summary.out / 'manifest.jsonl'}")
+    print(f"manifest: {summary.out / 'manifest'}/ (one JSON-lines part per work unit)")
     code = summary.exit_code(cfg.strict)
     if code:
         print("error: " + ("nothing could be ingested" if summary.ingested == 0 else
@@ -71,8 +73,8 @@ def _pretrain_parser(sub) -> None:
                     "`torchrun --nproc_per_node 8 -m medssl.cli pretrain ...`.",
         epilog=_settings_epilog(PretrainConfig, ("shards", "out")),
     )
-    p.add_argument("shards", nargs="*", type=Path, help="ingest output folders")
-    p.add_argument("--out", type=Path, help="run folder")
+    p.add_argument("shards", nargs="*", type=storage.location, help="ingest output folders (local or s3://bucket/prefix)")
+    p.add_argument("--out", type=storage.location, help="run folder (local or s3://bucket/prefix)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_args(p)
 
@@ -84,7 +86,7 @@ def _run_pretrain(args) -> int:
     if not cfg.shards or cfg.out is None:
         raise ConfigError("pretrain needs shard folders and --out RUN_DIR")
     for folder in cfg.shards:
-        if not (Path(folder) / "index.json").exists():
+        if not storage.exists(storage.join(folder, "index.json")):
             raise ConfigError(f"{folder} has no index.json: pass folders written by `medssl ingest`")
     try:
         run = pretrain(cfg, show_progress=not args.quiet)
@@ -92,7 +94,7 @@ def _run_pretrain(args) -> int:
         print(f"error: pretraining diverged: {e}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"encoder: {run / 'encoder.safetensors'} (load with medssl.load_encoder({str(run)!r}))")
+        print(f"encoder: {storage.join(run, 'encoder.safetensors')} (load with medssl.load_encoder({str(run)!r}))")
     return 0
 
 

@@ -19,7 +19,7 @@ from medssl.atomic import atomic_write_text
 from medssl.config import BenchTask
 from medssl.downstream.decode import resolve_path
 from medssl.downstream.tasks import Task, TaskError, read_csv_rows
-from medssl.ingest.plan import hash_file
+from medssl.ingest.pipeline import hash_file
 
 
 def write_task_csv(task: BenchTask, folder: Path) -> Path:

@@ -1,8 +1,12 @@
-"""A work unit: process a fixed, planned list of files and write their shards and manifest rows.
+"""A work unit: process a fixed, planned list of entries and write their shards and manifest rows.
 
-The unit's manifest part (``parts/chunk-NNNNNN.jsonl``) is written last and atomically: it is the
-unit's completion mark. A unit without it is redone from scratch on resume (its shards are
-rewritten with identical content, since keys and pixels depend only on the files and settings).
+Each file is hashed and then decoded by the decode worker, from one read of storage (the decode finds
+the bytes in the page cache). A file with the same content as an earlier one of the same unit is a
+duplicate and is not decoded; duplicates across units are resolved when the generation is finished
+(``dedup.py``). The unit's manifest part (``manifest/chunk-NNNNNN.jsonl``) is written last and
+atomically: it is the unit's completion mark. A unit without it is redone from scratch on resume (its
+shards are rewritten with identical content, since keys and pixels depend only on the files and
+settings).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 from medssl.atomic import atomic_write_text
 from medssl.config import IngestConfig
-from medssl.ingest.pipeline import FileTask, process_file_isolated
+from medssl.ingest.pipeline import FileTask, hash_file_isolated, process_file_isolated
 from medssl.io.isolation import Budget, IsolatedWorker, shared_worker
 from medssl.privacy import keyed_hash
 from medssl.shard_format import Sample, write_shard
@@ -23,7 +27,7 @@ from medssl.shard_format import Sample, write_shard
 @dataclass(frozen=True)
 class ChunkJob:
     chunk: int
-    files: list[tuple[FileTask, str, str | None, str | None]]  # (task, manifest path, scan error, duplicate-of path)
+    files: list[tuple[int, str, str, str | None]]  # (entry index, path, manifest path, scan error)
     cfg: IngestConfig
     out: str
     salt: bytes
@@ -35,13 +39,15 @@ class ChunkSummary:
     files: int
     samples: int
     seconds: float
+    bytes_read: int = 0           # input bytes read (hashed) by this unit
     worker_faults: int = 0        # files that cost their decode worker (timeout, crash, memory)
     worker_peak_rss_bytes: int = 0
     worker_cpu_seconds: float = 0.0  # the decode worker's CPU time for this unit (not in this process's)
 
 
 def part_path(out: Path, chunk: int) -> Path:
-    return Path(out) / "parts" / f"chunk-{chunk:06d}.jsonl"
+    """A unit's manifest rows; all parts in name order are the dataset's manifest."""
+    return Path(out) / "manifest" / f"chunk-{chunk:06d}.jsonl"
 
 
 def shard_name(chunk: int, part: int) -> str:
@@ -86,7 +92,7 @@ def decode_worker(cfg: IngestConfig) -> IsolatedWorker:
 
 
 def prestart_decode_worker(cfg: IngestConfig) -> None:
-    """Start the decode worker early, so its start-up overlaps the scan and hashing."""
+    """Start the decode worker early, so its start-up overlaps the listing."""
     decode_worker(cfg).start()
 
 
@@ -114,15 +120,25 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
             part += 1
         pending, pending_rows = [], []
 
-    for task, shown_path, scan_error, duplicate_of in job.files:
-        row = {"index": task.index, "path": shown_path, "sha256": task.sha256}
+    first_with: dict[str, str] = {}  # content hash -> manifest path of the unit's first file with it
+    bytes_read = 0
+    for index, path, shown, scan_error in job.files:
+        row = {"index": index, "path": shown, "sha256": None}
         if scan_error:  # a second link to a folder listed once is a duplicate, anything else a rejection
             row.update(status="duplicate" if scan_error.startswith("duplicate_folder") else "rejected",
                        reason=scan_error)
-        elif duplicate_of is not None:
-            row.update(status="duplicate", reason=f"duplicate: same content as {duplicate_of}")
+            rows.append(row)
+            continue
+        size, sha, error = hash_file_isolated(worker, path)
+        bytes_read += size
+        row["sha256"] = sha
+        if error:
+            row.update(status="rejected", reason=error)
+        elif sha in first_with:
+            row.update(status="duplicate", reason=f"duplicate: same content as {first_with[sha]}")
         else:
-            outcome = process_file_isolated(worker, task, job.cfg, job.salt)
+            first_with[sha] = shown
+            outcome = process_file_isolated(worker, FileTask(index, path, sha), job.cfg, job.salt)
             row.update(status=outcome.status, reason=outcome.reason, format=outcome.format, modality=outcome.modality)
             if outcome.samples:
                 row.update(samples=[s.key for s in outcome.samples], empty_frames=outcome.empty_frames)
@@ -134,5 +150,5 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
         rows.append(row)
     flush()
     atomic_write_text(part_path(Path(job.out), job.chunk), "".join(json.dumps(r) + "\n" for r in rows))
-    return ChunkSummary(job.chunk, len(job.files), n_samples, time.perf_counter() - start,
+    return ChunkSummary(job.chunk, len(job.files), n_samples, time.perf_counter() - start, bytes_read,
                         worker.faults - faults_before, worker.peak_rss_bytes, worker.cpu_seconds - cpu_before)

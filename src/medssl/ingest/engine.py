@@ -1,10 +1,12 @@
 """Execution engines: run one picklable function over many work items, yielding results as they finish.
 
 - ``local``: a process pool of ``workers`` processes (in-process when workers == 1, which keeps
-  tracebacks and profiles simple; a single item also runs in the driver). ``initializer(*initargs)``
-  runs once in each process that runs most items: the driver as soon as the engine exists when
-  workers == 1, else each pool process when the pool starts (the driver's rare single item then
-  starts what it needs itself, instead of costing CPU the pool processes need while they start).
+  tracebacks and profiles simple). ``initializer(*initargs)`` runs once in each process that runs
+  items: the driver as soon as the engine exists when workers == 1, else each pool process when the
+  pool starts.
+
+Both engines take items from a stream as they go and keep only a window of them in flight (a few per
+worker), so the item stream (a listing of millions of files) is never held in memory.
 - ``ray``: the same function as Ray tasks, on the cluster at ``ray_address`` (or a local Ray started
   on demand). Submission is windowed so that millions of items never sit in the object store at once.
 """
@@ -12,8 +14,11 @@
 from __future__ import annotations
 
 import multiprocessing
+import queue
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+ITEMS_PER_WORKER = 2  # in flight per local worker: one running, one queued behind it
 
 
 def _call(fn: Callable, item: Any) -> Any:
@@ -29,20 +34,36 @@ class LocalEngine:
             initializer(*initargs)
 
     def run(self, fn: Callable, items: Iterable) -> Iterator:
-        items = list(items)
-        if self.workers == 1 or len(items) <= 1:
+        if self.workers == 1:
             yield from map(fn, items)
             return
         if self._pool is None:
             # spawn: workers start clean (no inherited locks or threads from the parent)
             self._pool = multiprocessing.get_context("spawn").Pool(self.workers, *self._init)
-        yield from self._pool.imap_unordered(fn, items, chunksize=1)
+        finished: queue.SimpleQueue = queue.SimpleQueue()  # (ok, result or exception), in finishing order
+        in_flight = 0
+        for item in items:
+            self._pool.apply_async(fn, (item,), callback=lambda r: finished.put((True, r)),
+                                   error_callback=lambda e: finished.put((False, e)))
+            in_flight += 1
+            if in_flight >= ITEMS_PER_WORKER * self.workers:
+                in_flight -= 1
+                yield _result(finished.get())
+        for _ in range(in_flight):
+            yield _result(finished.get())
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
             self._pool.join()
             self._pool = None
+
+
+def _result(outcome: tuple[bool, Any]) -> Any:
+    ok, value = outcome
+    if not ok:
+        raise value
+    return value
 
 
 class RayEngine:

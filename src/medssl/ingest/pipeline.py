@@ -8,14 +8,16 @@ blow-up in a native decoder then costs that one file, not the run.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
-
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from medssl.config import IngestConfig
+from medssl.ingest.listing import kind_error
 from medssl.intensity import map_frame
 from medssl.io import Limits, Rejected, SourceImage, read_image
 from medssl.io.isolation import IsolatedWorker
@@ -43,6 +45,49 @@ class FileOutcome:
     modality: str | None = None
     samples: list[Sample] = field(default_factory=list)
     empty_frames: int = 0
+
+
+def hash_file(path: str) -> tuple[int, str | None, str | None]:
+    """(size, sha256, error). Reads in 1 MiB blocks so large files cost no memory.
+
+    Opened non-blocking and checked to be a regular file first, so an entry replaced by a FIFO
+    after the scan cannot block the run. In an ingest this runs in the decode worker right before the
+    file is decoded: a read that hangs costs that file (``timeout``), and decoding finds the bytes in
+    the page cache, so storage is read once.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        return 0, None, f"unreadable_file: cannot open the file ({e.strerror})"
+    with os.fdopen(fd, "rb") as f:
+        kind = kind_error(os.fstat(fd).st_mode)
+        if kind:
+            return 0, None, kind
+        h = hashlib.sha256()
+        size = 0
+        try:
+            while block := f.read(1 << 20):
+                h.update(block)
+                size += len(block)
+        except OSError as e:
+            return 0, None, f"unreadable_file: cannot read the file ({e.strerror})"
+    if size == 0:
+        return 0, None, "empty_file: zero-byte file"
+    return size, h.hexdigest(), None
+
+
+def hash_file_isolated(worker: IsolatedWorker, path: str) -> tuple[int, str | None, str | None]:
+    """``hash_file`` in the decode worker; a worker fault (a read that hangs) becomes the file's error."""
+    try:
+        result, _ = worker.call("serve_hash_file", {"path": path})
+    except Rejected as fault:
+        return 0, None, f"{fault.code}: {fault.detail}"
+    return result["size"], result["sha256"], result["error"]
+
+
+def serve_hash_file(args: dict) -> tuple[dict, list[bytes]]:
+    size, sha, error = hash_file(args["path"])
+    return {"size": size, "sha256": sha, "error": error}, []
 
 
 def resize_longest_side(values: np.ndarray, max_side: int) -> np.ndarray:

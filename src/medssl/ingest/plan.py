@@ -1,67 +1,108 @@
-"""Plan an ingest: list every input file, hash it, mark exact duplicates, cut the list into work units.
+"""The plan of a dataset: which input entries each work unit covers, stored in parts as the listing streams.
 
-The plan is saved (atomically) before any image is processed. A rerun of the same command loads it,
-so resuming never rescans or rehashes, and each work unit always covers the same files: that is
-what makes a resumed run produce exactly the samples of an uninterrupted one.
+A dataset folder is append-only. Each ingest run into it is a *generation*: the first lists the whole
+archive, a later one (on a finished dataset) lists it again and plans only the entries no earlier
+generation listed (``listing.unseen``). A generation's entries are cut, in listing order, into work
+units of ``files_per_chunk`` entries, numbered on from the previous generation's; unit ``c`` is saved
+as ``plan/chunk-NNNNNN.json`` before it is handed out, and entry indexes (the manifest's ``index``)
+count on across generations too. ``plan/dataset.json`` holds the settings, the inputs and the
+generations; it is replaced atomically.
+
+Resume: an interrupted generation keeps its saved units (each always covers the same files, which is
+what makes a resumed run produce exactly the samples of an uninterrupted one) and lists on after the
+last planned entry. The driver holds one unit at a time: its memory does not grow with the archive.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import stat
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medssl.atomic import atomic_write_text
 from medssl.config import ConfigError, IngestConfig, dump_config
+from medssl.ingest.listing import Entry, entry_key, scan, unseen
+from medssl.privacy import keyed_hash
 
-PLAN_VERSION = 1
-# Settings that change what a work unit writes; a resumed run must use the same ones.
+PLAN_VERSION = 2
+# Settings that change what a work unit writes; every generation of a dataset uses the same ones.
 PROCESSING_KEYS = ("inputs", "files_per_chunk", "samples_per_shard", "max_side", "planes", "slice_stride",
                    "max_pixels", "max_frame_side", "max_memory_mb", "percentiles", "nifti_modality", "raster_modality", "redact_paths")
 
 
 @dataclass
-class PlannedFile:
-    root: int             # index into the input roots
-    rel: str              # path relative to its root ("" when the root is the file itself)
-    size: int
-    sha256: str | None    # None when the file could not be read during the scan
-    error: str | None     # scan-time rejection ("code: detail")
-    duplicate_of: int | None = None  # plan index of the first file with the same content
+class Generation:
+    first_chunk: int
+    first_index: int
+    chunks: int | None = None   # set when its listing is complete
+    files: int | None = None
+    finished: bool = False      # merged into the manifest index and report
 
 
 @dataclass
-class Plan:
-    roots: list[str]
+class Unit:
+    chunk: int
+    first: int                  # entry index of entries[0]
+    entries: list[Entry]
+
+
+@dataclass
+class DatasetPlan:
     settings: dict
-    files: list[PlannedFile]
-    files_per_chunk: int
+    roots: list[str]
+    generations: list[Generation] = field(default_factory=list)
+    paths_dropped: bool = False  # --redact-paths: the plan's paths were deleted after the ingest
 
-    def path(self, i: int) -> str:
-        f = self.files[i]
-        return os.path.join(self.roots[f.root], f.rel) if f.rel else self.roots[f.root]
+    def drop_paths(self, out: Path, salt: bytes) -> None:
+        """--redact-paths: once a generation is finished, delete its units and keep the inputs only as
+        salted hashes (enough to recognise the same command, not to read the paths back)."""
+        gen = self.current
+        for chunk in range(gen.first_chunk, gen.first_chunk + gen.chunks):
+            unit_path(out, chunk).unlink()
+        self.roots = redacted(self.roots, salt)
+        self.settings["inputs"] = self.roots
+        self.paths_dropped = True
 
-    def chunks(self) -> list[list[int]]:
-        n, k = len(self.files), self.files_per_chunk
-        return [list(range(start, min(start + k, n))) for start in range(0, n, k)]
+    @property
+    def current(self) -> Generation:
+        return self.generations[-1]
 
-    def save(self, path: Path) -> None:
-        body = {"version": PLAN_VERSION, "roots": self.roots, "settings": self.settings,
-                "files_per_chunk": self.files_per_chunk,
-                "files": [[f.root, f.rel, f.size, f.sha256, f.error, f.duplicate_of] for f in self.files]}
-        atomic_write_text(path, json.dumps(body))
+    def path(self, entry: Entry) -> str:
+        return os.path.join(self.roots[entry.root], entry.rel) if entry.rel else self.roots[entry.root]
 
-    @classmethod
-    def load(cls, path: Path) -> Plan:
-        body = json.loads(Path(path).read_text())
-        if body.get("version") != PLAN_VERSION:
-            raise ConfigError(f"{path} was written by an incompatible medssl version; ingest into a new --out")
-        return cls(body["roots"], body["settings"], [PlannedFile(*row) for row in body["files"]],
-                   body["files_per_chunk"])
+    def shown(self, entry: Entry) -> str:
+        """An entry's path as shown to people: relative to its root, prefixed by the root's folder name."""
+        root_name = Path(self.roots[entry.root]).name
+        return f"{root_name}/{entry.rel}" if entry.rel else root_name
+
+    def save(self, out: Path) -> None:
+        body = {"version": PLAN_VERSION, "settings": self.settings, "roots": self.roots,
+                "paths_dropped": self.paths_dropped, "generations": [asdict(g) for g in self.generations]}
+        atomic_write_text(state_path(out), json.dumps(body, indent=1))
+
+
+def state_path(out: Path) -> Path:
+    return Path(out) / "plan" / "dataset.json"
+
+
+def unit_path(out: Path, chunk: int) -> Path:
+    return Path(out) / "plan" / f"chunk-{chunk:06d}.json"
+
+
+def save_unit(out: Path, unit: Unit) -> None:
+    atomic_write_text(unit_path(out, unit.chunk), json.dumps(
+        {"chunk": unit.chunk, "first": unit.first, "entries": [list(e) for e in unit.entries]}))
+
+
+def load_unit(out: Path, chunk: int) -> Unit:
+    body = json.loads(unit_path(out, chunk).read_text())
+    return Unit(body["chunk"], body["first"], [Entry(*e) for e in body["entries"]])
+
+
+def redacted(paths: list[str], salt: bytes) -> list[str]:
+    return [f"redacted-{keyed_hash(p, salt)}" for p in paths]
 
 
 def processing_settings(cfg: IngestConfig) -> dict:
@@ -70,133 +111,77 @@ def processing_settings(cfg: IngestConfig) -> dict:
     return {k: full[k] for k in PROCESSING_KEYS}
 
 
-# What a scan says about an entry that is not a regular file (never opened: a FIFO would block forever).
-_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+def open_plan(cfg: IngestConfig, out: Path, salt: bytes) -> tuple[DatasetPlan, str]:
+    """The dataset's plan with the generation this run works on, and what the run does: ``new`` (an
+    empty dataset), ``resume`` (an interrupted generation) or ``add`` (a new generation on a finished
+    dataset). Refuses settings other than the dataset's."""
+    wanted = processing_settings(cfg)
+    if (Path(out) / "plan.json").exists() or (Path(out) / "manifest.jsonl").exists():
+        raise ConfigError(f"{out} was written by an older medssl (one plan.json / manifest.jsonl); "
+                          "ingest into a new --out")
+    if not state_path(out).exists():
+        plan = DatasetPlan(wanted, wanted["inputs"], [Generation(0, 0)])
+        plan.save(out)
+        return plan, "new"
+    body = json.loads(state_path(out).read_text())
+    if body.get("version") != PLAN_VERSION:
+        raise ConfigError(f"{state_path(out)} was written by an incompatible medssl version; ingest into a new --out")
+    plan = DatasetPlan(body["settings"], body["roots"], [Generation(**g) for g in body["generations"]],
+                       body["paths_dropped"])
+    if plan.paths_dropped:
+        wanted["inputs"] = redacted(wanted["inputs"], salt)
+    changed = [k for k in wanted if plan.settings.get(k) != wanted[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {plan.settings.get(k)!r} -> {wanted[k]!r}" for k in changed)
+        raise ConfigError(f"{out} holds an ingest made with other settings ({diffs}). Rerun with the same "
+                          "settings to resume or to add new files, or choose another --out.")
+    if not plan.current.finished:
+        return plan, "resume"
+    if plan.paths_dropped:
+        raise ConfigError(f"{out} was ingested with --redact-paths, so its file paths were not kept and new files "
+                          "cannot be told from ingested ones; ingest the new files into another --out")
+    last = plan.current
+    plan.generations.append(Generation(last.first_chunk + last.chunks, last.first_index + last.files))
+    plan.save(out)
+    return plan, "add"
 
 
-def _kind_error(mode: int) -> str | None:
-    for test, what in _SPECIAL:
-        if test(mode):
-            return f"not_a_regular_file: {what}; not opened"
-    return None if stat.S_ISREG(mode) else "not_a_regular_file: neither a file nor a folder; not opened"
+def planned_units(plan: DatasetPlan, out: Path) -> Iterator[Unit]:
+    """The current generation's units: those saved already, then new ones as the listing streams in.
 
-
-def scan(inputs: list[Path], exclude: Path) -> list[tuple[int, str, str | None]]:
-    """Every entry under the inputs as (root index, relative path, scan error), in a deterministic order.
-
-    Only regular files are meant to be opened later; anything else gets an error here, from ``stat``
-    alone: FIFOs, devices and sockets (``not_a_regular_file``), folders that cannot be listed
-    (``unreadable_folder``), broken links and entries that cannot be inspected (``unreadable_file``).
-    Symbolic links are followed, to files and to folders; each folder (device and inode) is walked
-    once, so a link back to an ancestor or a second link to the same folder gets a row
-    (``duplicate_folder``) instead of an endless or repeated walk. The output folder is skipped.
+    Each new unit is saved before it is yielded; the generation's totals when the listing ends.
     """
-    exclude = exclude.resolve()
-    found: list[tuple[int, str, str | None]] = []
-    walked: set[tuple[int, int]] = set()
-    for r, root in enumerate(inputs):
-        root = Path(root)
-        try:
-            info = root.stat()
-        except OSError as e:
-            what = "does not exist" if isinstance(e, FileNotFoundError) else f"cannot be read ({e.strerror})"
-            raise ConfigError(f"input {root} {what}") from None
-        if stat.S_ISDIR(info.st_mode):
-            _walk(r, str(root), "", info, exclude, walked, found)
-        else:
-            found.append((r, "", _kind_error(info.st_mode)))
-    return found
+    gen = plan.current
+    chunk, index, last = gen.first_chunk, gen.first_index, None
+    while unit_path(out, chunk).exists():
+        unit = load_unit(out, chunk)
+        yield unit
+        chunk, index = chunk + 1, unit.first + len(unit.entries)
+        last = unit.entries[-1]
+    if gen.chunks is not None:
+        return
+    after = entry_key(last.root, last.rel) if last else None
+    listing = scan([Path(r) for r in plan.roots], Path(out), after)
+    earlier = [_entries(out, g) for g in plan.generations[:-1]]
+    batch: list[Entry] = []
+    size = plan.settings["files_per_chunk"]
+    for entry in unseen(listing, earlier) if earlier else listing:
+        batch.append(entry)
+        if len(batch) == size:
+            unit = Unit(chunk, index, batch)
+            save_unit(out, unit)
+            yield unit
+            chunk, index, batch = chunk + 1, index + size, []
+    if batch:
+        unit = Unit(chunk, index, batch)
+        save_unit(out, unit)
+        yield unit
+        chunk, index = chunk + 1, index + len(batch)
+    gen.chunks, gen.files = chunk - gen.first_chunk, index - gen.first_index
+    plan.save(out)
 
 
-def _walk(r: int, root: str, rel: str, info: os.stat_result, exclude: Path,
-          walked: set[tuple[int, int]], found: list) -> None:
-    """Depth-first over one folder, entries in sorted (byte) order; iterative so depth has no limit.
-
-    Folders reached through a symbolic link are walked after all others, so a folder that is also
-    reachable directly is listed under its own path and the link gets the ``duplicate_folder`` row.
-    """
-    stack, links = [(rel, info)], []
-    while stack or links:
-        rel, info = stack.pop() if stack else links.pop(0)
-        here = os.path.join(root, rel) if rel else root
-        identity = (info.st_dev, info.st_ino)
-        if identity in walked:
-            found.append((r, rel, "duplicate_folder: a link to a folder listed elsewhere in the inputs; "
-                                  "its files are listed there once"))
-            continue
-        walked.add(identity)
-        try:
-            with os.scandir(here) as entries:
-                names = sorted((e.name for e in entries), key=os.fsencode)
-        except OSError as e:
-            found.append((r, rel, f"unreadable_folder: cannot list the folder ({e.strerror}); its files are not ingested"))
-            continue
-        folders = []
-        for name in names:
-            child = os.path.join(rel, name) if rel else name
-            path = os.path.join(here, name)
-            try:
-                child_info = os.stat(path)  # follows symbolic links
-            except OSError as e:
-                why = "a broken symbolic link" if os.path.islink(path) else f"cannot inspect the entry ({e.strerror})"
-                found.append((r, child, f"unreadable_file: {why}"))
-                continue
-            if not stat.S_ISDIR(child_info.st_mode):
-                found.append((r, child, _kind_error(child_info.st_mode)))
-            elif Path(path).resolve() != exclude:
-                (links if os.path.islink(path) else folders).append((child, child_info))
-        stack.extend(reversed(folders))
-
-
-def hash_file(path: str) -> tuple[int, str | None, str | None]:
-    """(size, sha256, error). Reads in 1 MiB blocks so large files cost no memory.
-
-    Opened non-blocking and checked to be a regular file first, so an entry replaced by a FIFO
-    after the scan cannot block the run.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        return 0, None, f"unreadable_file: cannot open the file ({e.strerror})"
-    with os.fdopen(fd, "rb") as f:
-        kind = _kind_error(os.fstat(fd).st_mode)
-        if kind:
-            return 0, None, kind
-        h = hashlib.sha256()
-        size = 0
-        try:
-            while block := f.read(1 << 20):
-                h.update(block)
-                size += len(block)
-        except OSError as e:
-            return 0, None, f"unreadable_file: cannot read the file ({e.strerror})"
-    if size == 0:
-        return 0, None, "empty_file: zero-byte file"
-    return size, h.hexdigest(), None
-
-
-def build_plan(cfg: IngestConfig, run: Callable[[Callable, Iterable], Iterator], progress) -> Plan:
-    """Scan and hash the inputs (hashing runs on the engine, in batches) and mark duplicates."""
-    roots = [str(Path(p).resolve()) for p in cfg.inputs]
-    listed = scan([Path(r) for r in roots], Path(cfg.out))
-    # Entries the scan already rejected are not opened; the rest are hashed on the engine.
-    paths = [None if error else os.path.join(roots[r], rel) if rel else roots[r] for r, rel, error in listed]
-    batch = 256
-    batches = [(i, paths[i:i + batch]) for i in range(0, len(paths), batch)]
-    hashes: list = [(0, None, error) for _, _, error in listed]
-    for start, result in run(_hash_batch_at, batches):
-        for j, hashed in enumerate(result):
-            if hashed is not None:
-                hashes[start + j] = hashed
-        progress(len(result))
-    files, first_seen = [], {}
-    for i, ((r, rel, _), (size, sha, error)) in enumerate(zip(listed, hashes)):
-        dup = first_seen.setdefault(sha, i) if sha else i
-        files.append(PlannedFile(r, rel, size, sha, error, dup if dup != i else None))
-    return Plan(roots, processing_settings(cfg), files, cfg.files_per_chunk)
-
-
-def _hash_batch_at(item: tuple[int, list[str]]) -> tuple[int, list]:
-    start, paths = item
-    return start, [hash_file(p) if p is not None else None for p in paths]
+def _entries(out: Path, gen: Generation) -> Iterator[Entry]:
+    """A finished generation's entries, in listing order, one saved unit at a time."""
+    for chunk in range(gen.first_chunk, gen.first_chunk + gen.chunks):
+        yield from load_unit(out, chunk).entries

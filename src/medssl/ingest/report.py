@@ -1,71 +1,132 @@
-"""Finish an ingest: merge the per-unit manifests, index the shards, write the human-readable report."""
+"""Finish a generation of an ingest: resolve duplicates across units, extend the shard index, write the report.
+
+Everything streams over the generation's manifest parts, one unit at a time: the driver's memory does
+not grow with the archive. The report covers the whole dataset (earlier generations' counts come from
+the previous report.json) and lists at most ``LISTED`` rejected and duplicate files; the manifest parts
+hold every row.
+"""
 
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from medssl.atomic import atomic_write_text
 from medssl.ingest.chunk import part_path
+from medssl.ingest.dedup import ContentIndex, resolve_unit
+from medssl.ingest.plan import DatasetPlan
+
+INDEX_FORMAT = "medssl-shards/1"
+LISTED = 1000  # rejected / duplicate files named in the report (all are in the manifest)
 
 
 @dataclass
 class RunStats:
-    seconds: float        # processing time of this run (scan and hashing excluded)
-    files: int            # files processed by this run (resumed units not counted)
+    seconds: float        # processing time of this run (listing overlaps it)
+    files: int            # files processed by this run (units done by an interrupted run not counted)
     samples: int
     workers: int
     engine: str
     resumed_units: int
     max_memory_mb: int    # the decode workers' budgets
     file_timeout_s: float
+    bytes_read: int = 0               # input bytes read by this run
     worker_faults: int = 0            # files of this run that cost their decode worker
     worker_peak_rss_bytes: int = 0    # the largest decode worker of this run
     worker_cpu_seconds: float = 0.0   # decode workers' CPU time (the processes' own usage leaves it out)
+    mode: str = "new"                 # new | resume | add (a generation on a finished dataset)
 
 
 def _rate(n: int, seconds: float) -> float:
     return round(n / seconds, 2) if seconds > 0 else 0.0
 
 
-def finalize(out: Path, n_chunks: int, n_files: int, stats: RunStats) -> dict:
-    rows = []
-    for chunk in range(n_chunks):
-        rows += [json.loads(line) for line in part_path(out, chunk).read_text().splitlines()]
-    if len(rows) != n_files:
-        raise RuntimeError(f"manifest has {len(rows)} rows for {n_files} planned files; rerun the command to repair")
-    rows.sort(key=lambda r: r["index"])
-    atomic_write_text(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+def read_manifest(out: Path) -> Iterator[dict]:
+    """Every manifest row of a dataset, in entry order, one unit's part at a time."""
+    for part in sorted((Path(out) / "manifest").glob("chunk-*.jsonl")):
+        with open(part, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
 
-    shard_samples: Counter = Counter()
-    for r in rows:
-        if r.get("shard"):
-            shard_samples[r["shard"]] += len(r["samples"])
-    shards = [{"name": name, "samples": shard_samples[name], "bytes": (out / "shards" / name).stat().st_size}
-              for name in sorted(shard_samples)]
-    atomic_write_text(out / "index.json", json.dumps(
-        {"format": "medssl-shards/1", "samples": sum(shard_samples.values()), "shards": shards}, indent=1))
 
-    status = Counter(r["status"] for r in rows)
-    by_modality: dict = defaultdict(lambda: {"files": 0, "samples": 0})
-    for r in rows:
+class _Totals:
+    """The report's counts, added up row by row (and carried over from the previous report)."""
+
+    def __init__(self, previous: dict | None):
+        p = previous or {}
+        self.files = p.get("files", 0)
+        self.status = Counter(p.get("status", {}))
+        self.by_modality = {m: dict(v) for m, v in p.get("by_modality", {}).items()}
+        self.by_format = Counter(p.get("by_format", {}))
+        self.codes = Counter(p.get("rejections_by_code", {}))
+        self.rejected = list(p.get("rejected", []))
+        self.duplicates = list(p.get("duplicates", []))
+
+    def add(self, r: dict) -> None:
+        self.files += 1
+        self.status[r["status"]] += 1
         if r["status"] == "ingested":
-            by_modality[r["modality"]]["files"] += 1
-            by_modality[r["modality"]]["samples"] += len(r["samples"])
-    rejected = [{"path": r["path"], "reason": r["reason"]} for r in rows if r["status"] == "rejected"]
+            m = self.by_modality.setdefault(r["modality"], {"files": 0, "samples": 0})
+            m["files"] += 1
+            m["samples"] += len(r["samples"])
+            self.by_format[r.get("format") or "unknown"] += 1
+        elif r["status"] == "rejected":
+            self.codes[r["reason"].split(":")[0]] += 1
+            if len(self.rejected) < LISTED:
+                self.rejected.append({"path": r["path"], "reason": r["reason"]})
+        elif len(self.duplicates) < LISTED:
+            self.duplicates.append({"path": r["path"], "reason": r["reason"]})
+
+
+def finalize(out: Path, plan: DatasetPlan, stats: RunStats) -> dict:
+    """Finish the plan's current generation (its units are all done) and return the dataset's report."""
+    out = Path(out)
+    gen = plan.current
+    first_generation = len(plan.generations) == 1
+    previous = None if first_generation else json.loads((out / "report.json").read_text())
+    index = json.loads((out / "index.json").read_text()) if not first_generation else {"shards": []}
+    totals = _Totals(previous)
+    content = ContentIndex(out / "content.sqlite")
+    new_shards: Counter = Counter()
+    rows_seen = 0
+    try:
+        for chunk in range(gen.first_chunk, gen.first_chunk + gen.chunks):
+            part = part_path(out, chunk)
+            rows = [json.loads(line) for line in part.read_text(encoding="utf-8").splitlines()]
+            for r in resolve_unit(content, rows, part, out / "shards"):
+                totals.add(r)
+                if r.get("shard"):
+                    new_shards[r["shard"]] += len(r["samples"])
+            rows_seen += len(rows)
+            content.commit()
+    finally:
+        content.close()
+    if rows_seen != gen.files:
+        raise RuntimeError(f"the manifest has {rows_seen} rows for the {gen.files} files planned in this run; "
+                           "rerun the command to repair")
+
+    shards = index["shards"] + [{"name": n, "samples": new_shards[n], "bytes": (out / "shards" / n).stat().st_size}
+                                for n in sorted(new_shards)]
+    samples = sum(s["samples"] for s in shards)
+    # The index is what readers see: replaced in one step, listing only finished shards.
+    atomic_write_text(out / "index.json", _index_text(samples, shards))
     report = {
-        "files": len(rows),
-        "status": dict(status),
-        "samples": sum(shard_samples.values()),
+        "files": totals.files,
+        "status": dict(totals.status),
+        "samples": samples,
         "shards": len(shards),
         "shard_bytes": sum(s["bytes"] for s in shards),
-        "by_modality": dict(sorted(by_modality.items())),
-        "by_format": dict(Counter(r.get("format") or "unknown" for r in rows if r["status"] == "ingested")),
-        "rejections_by_code": dict(Counter(r["reason"].split(":")[0] for r in rows if r["status"] == "rejected")),
-        "rejected": rejected,
-        "duplicates": [{"path": r["path"], "reason": r["reason"]} for r in rows if r["status"] == "duplicate"],
+        "by_modality": dict(sorted(totals.by_modality.items())),
+        "by_format": dict(totals.by_format),
+        "rejections_by_code": dict(totals.codes),
+        "rejected": totals.rejected,
+        "duplicates": totals.duplicates,
+        "generations": len(plan.generations),
+        "this_run": {"mode": stats.mode, "files": gen.files, "samples": sum(new_shards.values()),
+                     "bytes_read": stats.bytes_read},
         "throughput": {
             "seconds": round(stats.seconds, 2), "files_processed": stats.files, "samples_written": stats.samples,
             "files_per_s": _rate(stats.files, stats.seconds), "images_per_s": _rate(stats.samples, stats.seconds),
@@ -91,12 +152,22 @@ def _md(text: str) -> str:
     return text.translate(_MARKDOWN_SPECIAL)
 
 
+def _index_text(samples: int, shards: list[dict]) -> str:
+    """index.json with one shard per line: easy to diff, grep and read line by line."""
+    lines = ",\n".join(json.dumps(s) for s in shards)
+    return f'{{"format": "{INDEX_FORMAT}", "samples": {samples}, "shards": [\n{lines}\n]}}\n'
+
+
 def render_markdown(report: dict) -> str:
-    t, iso = report["throughput"], report["isolation"]
+    t, iso, run = report["throughput"], report["isolation"], report["this_run"]
+    added = {"new": "started the dataset", "resume": "finished an interrupted run",
+             "add": "added the files new since the last run"}[run["mode"]]
     lines = [
         "# medssl ingest report", "",
         f"{report['files']} input files: " + ", ".join(f"{n} {s}" for s, n in sorted(report["status"].items())) + ".",
-        f"{report['samples']} images in {report['shards']} shards ({report['shard_bytes'] / 1e6:.1f} MB).", "",
+        f"{report['samples']} images in {report['shards']} shards ({report['shard_bytes'] / 1e6:.1f} MB).",
+        f"This run {added}: {run['files']} files, {run['samples']} images "
+        f"(ingest run {report['generations']} into this dataset).", "",
         "## By modality", "", "| modality | files | images |", "| --- | ---: | ---: |",
     ]
     lines += [f"| {m} | {v['files']} | {v['samples']} |" for m, v in report["by_modality"].items()]
@@ -112,9 +183,17 @@ def render_markdown(report: dict) -> str:
         lines += [f"| {_md(code)} | {n} |" for code, n in sorted(report["rejections_by_code"].items())]
         lines += ["", "| file | reason |", "| --- | --- |"]
         lines += [f"| {_md(r['path'])} | {_md(r['reason'])} |" for r in report["rejected"]]
+        lines += _more(len(report["rejected"]), report["status"].get("rejected", 0))
         lines.append("")
     if report["duplicates"]:
         lines += ["## Duplicates (same content as an earlier file; not ingested again)", ""]
         lines += [f"- {_md(d['path'])}: {_md(d['reason'])}" for d in report["duplicates"]]
+        lines += _more(len(report["duplicates"]), report["status"].get("duplicate", 0))
         lines.append("")
     return "\n".join(lines)
+
+
+def _more(listed: int, total: int) -> list[str]:
+    if total <= listed:
+        return []
+    return ["", f"The first {listed} of {total} are listed; the manifest (manifest/*.jsonl) has every row."]

@@ -1,9 +1,10 @@
-"""Orchestrate an ingest: plan (or load the plan of an interrupted run), run the work units, finish."""
+"""Orchestrate an ingest: open the dataset's plan, stream the listing into work units on the engine, finish."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +12,15 @@ from tqdm import tqdm
 
 from medssl.atomic import remove_stale_tmp
 from medssl.config import ConfigError, IngestConfig
-from medssl.ingest.chunk import ChunkJob, manifest_path, part_path, prestart_decode_worker, run_chunk
+from medssl.ingest.chunk import (
+    ChunkJob,
+    manifest_path,
+    part_path,
+    prestart_decode_worker,
+    run_chunk,
+)
 from medssl.ingest.engine import make_engine
-from medssl.ingest.pipeline import FileTask
-from medssl.ingest.plan import Plan, build_plan, processing_settings
+from medssl.ingest.plan import DatasetPlan, open_plan, planned_units
 from medssl.ingest.report import RunStats, finalize
 from medssl.privacy import load_salt
 
@@ -48,26 +54,9 @@ def _log_to_file(out: Path) -> logging.Handler:
     return handler
 
 
-def _load_or_build_plan(cfg: IngestConfig, out: Path, engine, show_progress: bool) -> Plan:
-    plan_file = out / "plan.json"
-    if plan_file.exists():
-        plan = Plan.load(plan_file)
-        wanted = processing_settings(cfg)
-        changed = [k for k in wanted if plan.settings.get(k) != wanted[k]]
-        if changed:
-            diffs = ", ".join(f"{k}: {plan.settings.get(k)!r} -> {wanted[k]!r}" for k in changed)
-            raise ConfigError(f"{out} holds an ingest made with other settings ({diffs}). "
-                              "Rerun with the same settings to resume, or choose another --out.")
-        log.info("resuming from %s (%d files)", plan_file, len(plan.files))
-        return plan
-    with tqdm(desc="scan + hash", unit="file", disable=not show_progress) as bar:
-        plan = build_plan(cfg, engine.run, bar.update)
-    plan.save(plan_file)
-    log.info("planned %d files in %d work units", len(plan.files), len(plan.chunks()))
-    return plan
-
-
 def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
+    """Ingest ``cfg.inputs`` into the dataset ``cfg.out``: a new dataset, the rest of an interrupted run,
+    or (on a finished dataset) the files the inputs gained since."""
     if not cfg.inputs:
         raise ConfigError("no inputs: give one or more folders or files to ingest")
     if cfg.out is None:
@@ -78,53 +67,58 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
     handler = _log_to_file(out)
     salt = load_salt(cfg.salt_file)
     unit_cfg = cfg.model_copy(update={"inputs": []})  # the plan holds the paths; don't pickle them per unit
-    # Decode workers start importing now, while the inputs are scanned and hashed.
-    engine = make_engine(cfg.engine, cfg.workers, cfg.ray_address, prestart_decode_worker, (unit_cfg,))
     try:
-        plan = _load_or_build_plan(cfg, out, engine, show_progress)
-        chunks = plan.chunks()
-        todo = [c for c in range(len(chunks)) if not part_path(out, c).exists()]
-
-        def job(c: int) -> ChunkJob:
-            files = []
-            for i in chunks[c]:
-                f = plan.files[i]
-                dup = plan.files[f.duplicate_of] if f.duplicate_of is not None else None
-                files.append((FileTask(i, plan.path(i), f.sha256), manifest_path(_rel(plan, i), cfg, salt), f.error,
-                              manifest_path(_rel(plan, f.duplicate_of), cfg, salt) if dup else None))
-            return ChunkJob(c, files, unit_cfg, str(out), salt)
-
-        start = time.perf_counter()
-        n_files = n_samples = faults = peak_rss = 0
-        worker_cpu = 0.0
-        with tqdm(total=sum(len(chunks[c]) for c in todo), desc="ingest", unit="file",
-                  disable=not show_progress) as bar:
-            for summary in engine.run(run_chunk, (job(c) for c in todo)):
-                n_files += summary.files
-                n_samples += summary.samples
-                faults += summary.worker_faults
-                peak_rss = max(peak_rss, summary.worker_peak_rss_bytes)
-                worker_cpu += summary.worker_cpu_seconds
-                bar.update(summary.files)
-                bar.set_postfix(images=n_samples)
-        stats = RunStats(time.perf_counter() - start, n_files, n_samples, cfg.workers, cfg.engine,
-                         len(chunks) - len(todo), cfg.max_memory_mb, cfg.file_timeout_s, faults, peak_rss,
-                         worker_cpu)
-        report = finalize(out, len(chunks), len(plan.files), stats)
-        for r in report["rejected"]:
-            log.info("rejected %s: %s", r["path"], r["reason"])
-        log.info("done: %s", {k: v for k, v in report.items() if k in ("files", "status", "samples", "shards")})
-        if cfg.redact_paths:  # the plan is the one file that must hold real paths; not kept past completion
-            (out / "plan.json").unlink()
-        return IngestSummary(out, report)
+        plan, mode = open_plan(cfg, out, salt)
+        log.info("%s: %s", out, {"new": "new dataset", "resume": "resuming an interrupted run",
+                                 "add": "adding the files not ingested yet"}[mode])
+        # Decode workers start importing now, while the inputs are listed.
+        engine = make_engine(cfg.engine, cfg.workers, cfg.ray_address, prestart_decode_worker, (unit_cfg,))
+        try:
+            return _run(cfg, unit_cfg, out, salt, plan, mode, engine, show_progress)
+        finally:
+            engine.close()
     finally:
-        engine.close()
         log.removeHandler(handler)
         handler.close()
 
 
-def _rel(plan: Plan, i: int) -> str:
-    """A file's path as shown to people: relative to its input root, prefixed by the root's folder name."""
-    f = plan.files[i]
-    root_name = Path(plan.roots[f.root]).name
-    return f"{root_name}/{f.rel}" if f.rel else root_name
+def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: Path, salt: bytes, plan: DatasetPlan, mode: str,
+         engine, show_progress: bool) -> IngestSummary:
+    resumed = 0
+
+    def jobs() -> Iterator[ChunkJob]:
+        nonlocal resumed
+        for unit in planned_units(plan, out):
+            bar.set_postfix(listed=unit.first + len(unit.entries) - plan.current.first_index, images=n_samples)
+            if part_path(out, unit.chunk).exists():  # done by an interrupted run
+                resumed += 1
+                bar.update(len(unit.entries))
+                continue
+            files = [(unit.first + i, plan.path(e), manifest_path(plan.shown(e), cfg, salt), e.error)
+                     for i, e in enumerate(unit.entries)]
+            yield ChunkJob(unit.chunk, files, unit_cfg, str(out), salt)
+
+    start = time.perf_counter()
+    n_files = n_samples = faults = peak_rss = bytes_read = 0
+    worker_cpu = 0.0
+    with tqdm(desc="ingest", unit="file", disable=not show_progress) as bar:
+        for summary in engine.run(run_chunk, jobs()):
+            n_files += summary.files
+            n_samples += summary.samples
+            bytes_read += summary.bytes_read
+            faults += summary.worker_faults
+            peak_rss = max(peak_rss, summary.worker_peak_rss_bytes)
+            worker_cpu += summary.worker_cpu_seconds
+            bar.update(summary.files)
+            bar.set_postfix(images=n_samples)
+    stats = RunStats(time.perf_counter() - start, n_files, n_samples, cfg.workers, cfg.engine, resumed,
+                     cfg.max_memory_mb, cfg.file_timeout_s, bytes_read, faults, peak_rss, worker_cpu, mode)
+    report = finalize(out, plan, stats)
+    plan.current.finished = True
+    if cfg.redact_paths:  # the plan is the one place that must hold real paths; not kept past completion
+        plan.drop_paths(out, salt)
+    plan.save(out)
+    for r in report["rejected"]:
+        log.info("rejected %s: %s", r["path"], r["reason"])
+    log.info("done: %s", {k: v for k, v in report.items() if k in ("files", "status", "samples", "shards")})
+    return IngestSummary(out, report)

@@ -1,0 +1,168 @@
+"""List the inputs of an ingest as a stream of entries, in one fixed order, touching nothing but ``stat``.
+
+The order is lexicographic over path components (bytes), depth first: a folder's entries are listed
+where its name sorts among its siblings. Because of that order
+- the listing never has to be held in memory: it streams straight into work units;
+- "everything up to entry K" is a prefix, so an interrupted listing resumes after its last planned
+  entry (whole folders before it are skipped without being listed), and a listing can be merged with
+  an earlier one (``unseen``) to find the files an archive gained since, in constant memory.
+Memory is bounded by the largest folder's name list and the depth of the tree, not by the archive.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from medssl.config import ConfigError
+
+
+class Entry(NamedTuple):
+    root: int           # index into the input roots
+    rel: str            # path relative to its root, "/"-separated ("" when the root is the file itself)
+    error: str | None   # scan-time rejection ("code: detail"); None for a regular file to process
+
+
+def entry_key(root: int, rel: str) -> tuple[int, tuple[bytes, ...]]:
+    """The listing's sort key: the root, then the path's components as bytes."""
+    return root, tuple(os.fsencode(part) for part in rel.split("/")) if rel else ()
+
+
+# What a scan says about an entry that is not a regular file (never opened: a FIFO would block forever).
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def kind_error(mode: int) -> str | None:
+    """The scan error for an entry of this ``st_mode`` that is not a regular file, else None."""
+    for test, what in _SPECIAL:
+        if test(mode):
+            return f"not_a_regular_file: {what}; not opened"
+    return None if stat.S_ISREG(mode) else "not_a_regular_file: neither a file nor a folder; not opened"
+
+
+_INSIDE_INPUTS = ("duplicate_folder: a link to a folder inside the inputs; "
+                  "its files are listed under their own path")
+_WALKED = "duplicate_folder: a link to a folder listed elsewhere in the inputs; its files are listed there once"
+
+
+def scan(inputs: list[Path], exclude: Path, after: tuple[int, tuple[bytes, ...]] | None = None) -> Iterator[Entry]:
+    """Every entry under the inputs, in the listing order, from ``stat`` alone; with ``after``, only the
+    entries whose key is greater.
+
+    Only regular files are meant to be opened later; anything else gets an error here: FIFOs, devices
+    and sockets (``not_a_regular_file``), folders that cannot be listed (``unreadable_folder``), broken
+    links and entries that cannot be inspected (``unreadable_file``). Symbolic links to files are
+    followed. A link to a folder inside the inputs gets a ``duplicate_folder`` row (its files are listed
+    under their own path); a link to a folder outside them is walked, once: a second link to it, or a
+    loop, gets a ``duplicate_folder`` row. The output folder is skipped.
+    """
+    exclude = exclude.resolve()
+    roots = [Path(r) for r in inputs]
+    resolved = [r.resolve() for r in roots]
+    walked: set[tuple[int, int]] = set()  # folders reached through links (outside the inputs)
+    for r, root in enumerate(roots):
+        if after is not None and r < after[0]:
+            continue
+        try:
+            info = root.stat()
+        except OSError as e:
+            what = "does not exist" if isinstance(e, FileNotFoundError) else f"cannot be read ({e.strerror})"
+            raise ConfigError(f"input {root} {what}") from None
+        if not stat.S_ISDIR(info.st_mode):
+            if after is None or entry_key(r, "") > after:
+                yield Entry(r, "", kind_error(info.st_mode))
+            continue
+        skip = after[1] if after is not None and after[0] == r else None
+        yield from _walk(r, str(root), resolved, exclude, walked, skip)
+
+
+def _inside(path: Path, folders: list[Path]) -> bool:
+    return any(path == f or f in path.parents for f in folders)
+
+
+def _walk(r: int, root: str, inputs: list[Path], exclude: Path, walked: set,
+          skip: tuple[bytes, ...] | None) -> Iterator[Entry]:
+    """Depth first over one root, entries in sorted (byte) order; iterative, so depth has no limit.
+
+    ``skip``: the key of the last entry already planned; folders entirely before it are not listed.
+    """
+    # Each level: (its rel path, the sorted names still to visit, reversed so that pop() takes the next).
+    listing = _list(root, "")
+    if isinstance(listing, str):
+        yield Entry(r, "", listing)
+        return
+    stack = [("", listing)]
+    while stack:
+        rel, names = stack[-1]
+        if not names:
+            stack.pop()
+            continue
+        name = names.pop()
+        child = f"{rel}/{name}" if rel else name
+        key = entry_key(r, child)[1]
+        if skip is not None and key <= skip and skip[:len(key)] != key:
+            continue  # this entry and, for a folder, everything under it were planned already
+        path = os.path.join(root, child)
+        try:
+            info = os.stat(path)  # follows symbolic links
+        except OSError as e:
+            why = "a broken symbolic link" if os.path.islink(path) else f"cannot inspect the entry ({e.strerror})"
+            yield from _emit(r, child, key, skip, f"unreadable_file: {why}")
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            yield from _emit(r, child, key, skip, kind_error(info.st_mode))
+            continue
+        target = Path(path).resolve()
+        if target == exclude:
+            continue
+        if os.path.islink(path):
+            if _inside(target, inputs):
+                yield from _emit(r, child, key, skip, _INSIDE_INPUTS)
+                continue
+            identity = (info.st_dev, info.st_ino)
+            if identity in walked:
+                yield from _emit(r, child, key, skip, _WALKED)
+                continue
+            walked.add(identity)
+        listed = _list(root, child)
+        if isinstance(listed, str):
+            yield from _emit(r, child, key, skip, listed)
+        else:
+            stack.append((child, listed))
+
+
+def _emit(r: int, rel: str, key: tuple[bytes, ...], skip: tuple[bytes, ...] | None,
+          error: str | None) -> Iterator[Entry]:
+    if skip is None or key > skip:
+        yield Entry(r, rel, error)
+
+
+def _list(root: str, rel: str) -> list[str] | str:
+    """A folder's names in reverse sorted (byte) order, or its ``unreadable_folder`` error."""
+    try:
+        with os.scandir(os.path.join(root, rel) if rel else root) as entries:
+            return sorted((e.name for e in entries), key=os.fsencode, reverse=True)
+    except OSError as e:
+        return f"unreadable_folder: cannot list the folder ({e.strerror}); its files are not ingested"
+
+
+def unseen(listing: Iterable[Entry], seen: Iterable[Iterable[Entry]]) -> Iterator[Entry]:
+    """The entries of ``listing`` that are in none of the ``seen`` listings (each in listing order):
+    a merge, so memory stays constant however long the listings are."""
+    earlier = heapq.merge(*seen, key=lambda e: entry_key(e.root, e.rel))
+    last = None
+    for entry in listing:
+        key = entry_key(entry.root, entry.rel)
+        while last is None or last < key:
+            nxt = next(earlier, None)
+            if nxt is None:
+                last = (float("inf"),)
+                break
+            last = entry_key(nxt.root, nxt.rel)
+        if last != key:
+            yield entry
