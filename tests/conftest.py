@@ -66,3 +66,35 @@ def tiny_shards(tmp_path_factory) -> Path:
     out = root / "shards"
     ingest(IngestConfig(inputs=[src], out=out, workers=1, files_per_chunk=10, samples_per_shard=10), show_progress=False)
     return out
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch) -> str:
+    """A real S3 server (moto's server mode) on 127.0.0.1 with one empty bucket, yielded as "s3://bucket".
+
+    The standard AWS variables point at it, so medssl here and in subprocesses finds it with no flags."""
+    import socket
+    import urllib.request
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    # fsspec reuses a file system per set of arguments, which would keep an earlier test's endpoint.
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("bucket")
+    try:
+        yield "s3://bucket"
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        # moto keeps its buckets per process, not per server: empty them for the next test.
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
+        server.stop()

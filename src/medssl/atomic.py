@@ -2,6 +2,7 @@
 
 A crash (even SIGKILL) leaves either the old file or the complete new one, never a partial file.
 Temporary files end in ``.tmp``; ``remove_stale_tmp`` clears those a crashed run left behind.
+An object-storage URL (see ``medssl.storage``) is written whole in one upload, which is atomic there.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from medssl.storage import is_url, upload_atomically
+
 
 @contextlib.contextmanager
-def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    if is_url(path):
+        with upload_atomically(str(path), mode) as f:
+            yield f
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -29,7 +36,7 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
 

@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+
+from medssl.storage import location
 
 
 class ConfigError(ValueError):
@@ -23,6 +26,8 @@ class StrictModel(BaseModel):
 
 
 Plane = Literal["axial", "coronal", "sagittal"]
+# A local folder (Path) or an object-storage URL (str: pathlib would fold its "//"); see medssl.storage.
+Location = Annotated[Path | str, BeforeValidator(location)]
 
 
 class IngestConfig(StrictModel):
@@ -66,8 +71,8 @@ class IngestConfig(StrictModel):
 class PretrainConfig(StrictModel):
     """Settings of ``medssl pretrain`` (see README, section "Pretrain")."""
 
-    shards: list[Path] = Field(default_factory=list, description="ingest output folders (several are combined)")
-    out: Path | None = Field(default=None, description="run folder: checkpoints, encoder, metrics")
+    shards: list[Location] = Field(default_factory=list, description="ingest output folders, local or s3://... (several are combined)")
+    out: Location | None = Field(default=None, description="run folder, local or s3://...: checkpoints, encoder, metrics")
     # model
     backbone: str = Field(default="resnet18", description="timm backbone: resnet18, resnet50, densenet121, vit_small_patch16_224, ...")
     proj_hidden: int = Field(default=2048, ge=1)

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from medssl.atomic import atomic_open
+from medssl.storage import is_url, open_read
 
 HU_OFFSET = -1024.0
 NORMALIZED_SCALE = 1.0 / 65535.0
@@ -68,22 +69,31 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(path: Path, samples: list[Sample]) -> int:
-    """Write one shard atomically; returns its size in bytes."""
+def write_shard(path: str | Path, samples: list[Sample]) -> int:
+    """Write one shard atomically (a local path or an object-storage URL); returns its size in bytes."""
     with atomic_open(path, "wb") as f:
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
                 _add_member(tar, f"{s.key}.png", s.png)
                 # Strict JSON: a NaN or infinity in the metadata is a reader bug and must fail here, loudly.
                 _add_member(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True, allow_nan=False).encode())
-    return path.stat().st_size
+        return f.tell()
 
 
-def read_shard(path_or_stream) -> Iterator[Sample]:
-    """Stream the samples of one shard (a path or a readable binary stream), in order."""
-    mode = "r|"
-    kwargs = {"name": str(path_or_stream)} if isinstance(path_or_stream, (str, Path)) else {"fileobj": path_or_stream}
-    with tarfile.open(mode=mode, **kwargs) as tar:
+def read_shard(source) -> Iterator[Sample]:
+    """Stream the samples of one shard, in order: ``source`` is a local path, an object-storage URL (read
+    a block at a time, never downloaded whole) or a readable binary stream."""
+    if isinstance(source, str) and is_url(source):
+        with open_read(source) as stream:
+            yield from _read_tar(tarfile.open(mode="r|", fileobj=stream))
+    elif isinstance(source, (str, Path)):
+        yield from _read_tar(tarfile.open(mode="r|", name=str(source)))
+    else:
+        yield from _read_tar(tarfile.open(mode="r|", fileobj=source))
+
+
+def _read_tar(tar: tarfile.TarFile) -> Iterator[Sample]:
+    with tar:
         pending: dict[str, dict[str, bytes]] = {}
         for member in tar:
             if not member.isfile():

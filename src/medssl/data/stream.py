@@ -67,6 +67,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from medssl import storage
 from medssl.shard_format import Sample, decode_pixels, read_shard
 
 INDEX_FORMAT = "medssl-shards/1"
@@ -82,7 +83,7 @@ DEFAULT_INTERLEAVE = 32
 
 @dataclass(frozen=True)
 class Shard:
-    path: Path
+    path: str | Path  # a local path or an object-storage URL (medssl.storage)
     samples: int
 
 
@@ -96,18 +97,20 @@ class Segment:
     pos: int
 
 
-def list_shards(roots: list[Path]) -> list[Shard]:
-    """The shards of one or more ingest output folders, in the order of their ``index.json``."""
+def list_shards(roots: list[str | Path]) -> list[Shard]:
+    """The shards of one or more ingest output folders (local or object storage), in the order of their
+    ``index.json``."""
     shards = []
     for root in roots:
-        index_file = Path(root) / "index.json"
-        if not index_file.is_file():
+        index_file = storage.join(root, "index.json")
+        if not storage.exists(index_file):
             raise FileNotFoundError(f"{index_file} is missing: {root} is not a finished `medssl ingest` output "
                                     "(run or resume `medssl ingest ... --out` on it first)")
-        index = json.loads(index_file.read_text())
+        index = json.loads(storage.read_text(index_file))
         if index.get("format") != INDEX_FORMAT:
             raise ValueError(f"{index_file} has format {index.get('format')!r}; this medssl reads {INDEX_FORMAT!r}")
-        shards += [Shard(Path(root) / "shards" / s["name"], int(s["samples"])) for s in index["shards"] if s["samples"]]
+        shards += [Shard(storage.join(root, "shards", s["name"]), int(s["samples"]))
+                   for s in index["shards"] if s["samples"]]
     return shards
 
 
@@ -277,7 +280,7 @@ class ShardStream(IterableDataset):
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1 or interleave < 1 or seed < 0:
             raise ValueError("need batch_size >= 1, num_workers >= 0, shuffle_buffer >= 1, interleave >= 1 "
                              "and seed >= 0")
-        self.roots = [Path(r) for r in (roots if isinstance(roots, list) else [roots])]
+        self.roots = [storage.location(r) for r in (roots if isinstance(roots, list) else [roots])]
         self.shards = list_shards(self.roots)
         self.total = sum(s.samples for s in self.shards)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed

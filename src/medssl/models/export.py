@@ -8,14 +8,14 @@ training config, a summary of the data, and the step it was saved at.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save
 from torch import nn
 
-from medssl.atomic import atomic_write_text
+from medssl import storage
+from medssl.atomic import atomic_open, atomic_write_text
 from medssl.models.backbone import create_backbone
 
 ENCODER_FILE = "encoder.safetensors"
@@ -28,32 +28,34 @@ INTENSITY_CONVENTION = (
 )
 
 
-def save_encoder(run_dir: Path, backbone: nn.Module, card: dict[str, Any]) -> Path:
-    """Write the backbone's weights and its card atomically (card last: its presence marks a complete pair)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f"{ENCODER_FILE}.{os.getpid()}.tmp"
+def save_encoder(run_dir: str | Path, backbone: nn.Module, card: dict[str, Any]) -> str | Path:
+    """Write the backbone's weights and its card atomically (card last: its presence marks a complete pair),
+    in a local folder or under an object-storage URL."""
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    save_file(state, str(tmp))
-    os.replace(tmp, run_dir / ENCODER_FILE)
-    atomic_write_text(run_dir / CARD_FILE, json.dumps({"intensity": INTENSITY_CONVENTION, **card}, indent=1))
-    return run_dir / ENCODER_FILE
+    with atomic_open(storage.join(run_dir, ENCODER_FILE), "wb") as f:
+        f.write(save(state))
+    atomic_write_text(storage.join(run_dir, CARD_FILE), json.dumps({"intensity": INTENSITY_CONVENTION, **card}, indent=1))
+    return storage.join(run_dir, ENCODER_FILE)
 
 
-def read_card(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / CARD_FILE
-    if not path.exists():
+def read_card(run_dir: str | Path) -> dict[str, Any]:
+    path = storage.join(run_dir, CARD_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{run_dir} has no {CARD_FILE}: is it a finished `medssl pretrain` run folder?")
-    return json.loads(path.read_text())
+    return json.loads(storage.read_text(path))
 
 
-def load_encoder(run_dir: Path | str) -> nn.Module:
-    """Rebuild a pretrained encoder from its run folder: ``medssl.load_encoder("runs/ct")``.
+def load_encoder(run_dir: str | Path) -> nn.Module:
+    """Rebuild a pretrained encoder from its run folder: ``medssl.load_encoder("runs/ct")``, or on object
+    storage ``medssl.load_encoder("s3://bucket/runs/ct")``.
 
     Returns the timm backbone (features out, no classifier) in eval mode, with ``.model_card`` attached.
     """
-    card = read_card(Path(run_dir))
+    run_dir = storage.location(run_dir)
+    card = read_card(run_dir)
     backbone, _ = create_backbone(card["architecture"], card["in_chans"])
-    backbone.load_state_dict(load_file(str(Path(run_dir) / ENCODER_FILE)))
+    weights = storage.join(run_dir, ENCODER_FILE)
+    # A local file is memory-mapped; an object is fetched whole (the weights are all needed anyway).
+    backbone.load_state_dict(load(storage.read_bytes(weights)) if storage.is_url(weights) else load_file(weights))
     backbone.model_card = card
     return backbone.eval()

@@ -1,7 +1,7 @@
 """Checkpoints for exact resume: model, optimiser, step, loss state (queue), data position and RNG states.
 
-Written atomically by rank 0 (write to a temporary file, fsync, rename), so a crash at any moment
-leaves the previous checkpoint intact.
+Written atomically by rank 0 (write to a temporary file, fsync, rename; on object storage one upload), so
+a crash at any moment leaves the previous checkpoint intact.
 
 Run folders get shared, so a checkpoint is data, never code: it is read with ``weights_only=True``
 (tensors and plain containers only; unpickling anything else could run code). Everything saved is
@@ -12,6 +12,7 @@ than that (e.g. written by an older medssl, or crafted) is refused with a ``Chec
 
 from __future__ import annotations
 
+import io
 import pickle
 import random
 import warnings
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medssl import storage
 from medssl.atomic import atomic_open
 from medssl.config import ConfigError
 
@@ -55,18 +57,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_open(Path(path), "wb") as f:
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    with atomic_open(path, "wb") as f:
         torch.save(state, f)
 
 
-def load_checkpoint(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The dict saved at ``path``, which must hold ``keys``; loaded without running any code from the file."""
-    path = Path(path)
+def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The dict saved at ``path`` (local or object storage), which must hold ``keys``; loaded without
+    running any code from the file."""
     try:
-        f = open(path, "rb")
+        # An object is fetched whole in one request: a consistent version even while a run replaces it.
+        f = io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else open(path, "rb")
     except OSError as e:
-        raise CheckpointError(f"{path} cannot be read: {e.strerror}") from None
+        raise CheckpointError(f"{path} cannot be read: {e.strerror or type(e).__name__}") from None
     with f, warnings.catch_warnings():
         # torch warns about the pickle protocol of files it did not write, before refusing them anyway.
         warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -12,6 +12,11 @@ processes as wrote the checkpoint, spread over nodes in any way, and mid-epoch t
 after the checkpoint is dropped (metrics.jsonl is cut back to the rows it had then, TensorBoard purges
 later steps), so a resumed run logs every step once.
 
+Object storage: ``shards`` and ``out`` may be URLs (``s3://bucket/prefix``, see ``medssl.storage``). Shards
+are streamed; checkpoints, the encoder and its card are uploaded whole, each atomically. An object cannot
+be appended to, so there metrics.jsonl is uploaded whole before each checkpoint and at the end (a killed
+run loses only rows a resume would drop anyway), and no TensorBoard events are written.
+
 Non-finite losses: the step is skipped (no update, nothing enters the feature queue) and its batch counts
 as consumed; after ``max_bad_steps`` in a row the run stops. The data position (epoch, samples consumed)
 is the stream's own count of batches drawn, never derived from the step count, which skipped batches
@@ -31,7 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from medssl import __version__
+from medssl import __version__, storage
 from medssl.atomic import atomic_write_text
 from medssl.config import ConfigError, PretrainConfig, dump_config
 from medssl.data.augment import MultiCrop
@@ -61,13 +66,13 @@ def _use_bf16(cfg: PretrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def _data_summary(shards: list[Path]) -> dict:
+def _data_summary(shards: list[str | Path]) -> dict:
     summary: dict[str, Any] = {"shard_folders": [str(s) for s in shards], "samples": 0, "by_modality": {}}
     for folder in shards:
-        summary["samples"] += json.loads((Path(folder) / "index.json").read_text())["samples"]
-        report = Path(folder) / "report.json"
-        if report.exists():
-            for modality, counts in json.loads(report.read_text())["by_modality"].items():
+        summary["samples"] += json.loads(storage.read_text(storage.join(folder, "index.json")))["samples"]
+        report = storage.join(folder, "report.json")
+        if storage.exists(report):
+            for modality, counts in json.loads(storage.read_text(report))["by_modality"].items():
                 summary["by_modality"][modality] = summary["by_modality"].get(modality, 0) + counts["samples"]
     return summary
 
@@ -85,7 +90,7 @@ def _queue_per_rank(cfg: PretrainConfig, world_size: int) -> int:
 _LAYOUT_NAMES = {"world_size": "processes", "num_workers": "workers", "samples": "samples in the shard folders"}
 
 
-def _check_resume_layout(ckpt: dict, stream: ShardStream, path: Path) -> None:
+def _check_resume_layout(ckpt: dict, stream: ShardStream, path: str | Path) -> None:
     """Refuse a resume that cannot go on as the checkpointed run would have (a ConfigError: exit 2).
 
     The number of processes is part of the recipe, not of the machine: the global batch is batch_size x
@@ -118,37 +123,58 @@ class _Log:
     ``rows``: how many rows of an existing metrics.jsonl to keep (those written up to the checkpoint the
     run resumes from; 0 for a fresh start); the rest is dropped. TensorBoard drops the scalars of steps
     from ``purge_step`` on. ``rows`` counts the rows written so far, for the next checkpoint.
+    In a local folder every row is on disk when written; on object storage (no appending) the rows are
+    held here and uploaded by ``save`` (before each checkpoint), with no TensorBoard events.
     """
 
-    def __init__(self, out: Path, enabled: bool, rows: int, purge_step: int):
+    def __init__(self, out: str | Path, enabled: bool, rows: int, purge_step: int):
         self.enabled, self.rows = enabled, rows
-        if enabled:
+        self.held: list[str] | None = None  # the rows, on object storage
+        self.jsonl = self.tb = None
+        if not enabled:
+            return
+        self.path = storage.join(out, "metrics.jsonl")
+        found = storage.exists(self.path)
+        kept = storage.read_text(self.path).splitlines(keepends=True)[:rows] if found else []
+        if storage.is_url(out):
+            self.held = kept
+        else:
             from torch.utils.tensorboard import SummaryWriter
 
-            path = out / "metrics.jsonl"
-            if path.exists():
-                atomic_write_text(path, "".join(path.read_text().splitlines(keepends=True)[:rows]))
-            self.jsonl = open(path, "a", buffering=1)
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
+            if found:
+                atomic_write_text(self.path, "".join(kept))
+            self.jsonl = open(self.path, "a", buffering=1)
+            self.tb = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
         self.rows += 1
+        if self.held is not None:
+            self.held.append(line)
+            return
+        self.jsonl.write(line)
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"pretrain/{k}", v, record["step"])
         self.tb.flush()  # like the line-buffered jsonl: a killed run keeps every step it logged
 
+    def save(self) -> None:
+        """Upload the held rows (object storage). Before a checkpoint, so the stored file always has at
+        least the rows that checkpoint counts."""
+        if self.held is not None:
+            atomic_write_text(self.path, "".join(self.held))
+
     def close(self) -> None:
-        if self.enabled:
+        self.save()
+        if self.jsonl is not None:
             self.jsonl.close()
             self.tb.close()
 
 
-def pretrain(cfg: PretrainConfig, show_progress: bool = True) -> Path:
-    """Train; returns the run folder holding ``encoder.safetensors`` and ``model_card.json``."""
+def pretrain(cfg: PretrainConfig, show_progress: bool = True) -> str | Path:
+    """Train; returns the run folder (a Path, or a URL) holding ``encoder.safetensors`` and ``model_card.json``."""
     info = init_distributed(cfg.device)
     try:
         return _pretrain(cfg, info, show_progress)
@@ -156,10 +182,10 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = True) -> Path:
         shutdown_distributed()
 
 
-def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> Path:
+def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> str | Path:
     queue_length = _queue_per_rank(cfg, info.world_size)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = cfg.out
+    storage.makedirs(out)
     torch.manual_seed(cfg.seed + info.rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -168,10 +194,10 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> Path:
                          shuffle_buffer=cfg.shuffle_buffer, transform=MultiCrop(crops),
                          rank=info.rank, world_size=info.world_size)
     loader = stream.loader(pin_memory=info.device.type == "cuda")
-    ckpt = None
-    if (out / CHECKPOINT).exists():
-        ckpt = load_checkpoint(out / CHECKPOINT, keys=("model", "optimizer", "loss", "data", "rng", "step", "log_rows"))
-        _check_resume_layout(ckpt, stream, out / CHECKPOINT)
+    ckpt, checkpoint_file = None, storage.join(out, CHECKPOINT)
+    if storage.exists(checkpoint_file):
+        ckpt = load_checkpoint(checkpoint_file, keys=("model", "optimizer", "loss", "data", "rng", "step", "log_rows"))
+        _check_resume_layout(ckpt, stream, checkpoint_file)
     total_steps = min(cfg.epochs * stream.steps_per_epoch, cfg.max_steps or math.inf)
 
     model = SSLModel(cfg.backbone, cfg.proj_hidden, cfg.proj_dim, cfg.n_prototypes,
@@ -205,7 +231,8 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> Path:
                                              for k, v in loss_fn.state_dict().items()}),
                  "config": dump_config(cfg)}
         if info.is_main:
-            save_checkpoint(out / CHECKPOINT, state)
+            log.save()
+            save_checkpoint(checkpoint_file, state)
 
     bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", disable=not (show_progress and info.is_main))
     bad_steps, seen, t_log = 0, 0, time.perf_counter()
