@@ -43,6 +43,7 @@ class ChunkSummary:
     worker_faults: int = 0        # files that cost their decode worker (timeout, crash, memory)
     worker_peak_rss_bytes: int = 0
     worker_cpu_seconds: float = 0.0  # the decode worker's CPU time for this unit (not in this process's)
+    worker_storage_read_bytes: int = 0  # what the decode worker read from storage (not the page cache)
 
 
 def part_path(out: Path, chunk: int) -> Path:
@@ -103,7 +104,7 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
     for stale in shard_dir.glob(f"shard-{job.chunk:06d}-*.tar"):  # from a killed attempt at this unit
         stale.unlink()
     worker = decode_worker(job.cfg)
-    faults_before, cpu_before = worker.faults, worker.cpu_seconds
+    faults_before, cpu_before, read_before = worker.faults, worker.cpu_seconds, worker.storage_read_bytes
     rows: list[dict] = []
     pending: list[Sample] = []
     pending_rows: list[dict] = []
@@ -151,4 +152,5 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
     flush()
     atomic_write_text(part_path(Path(job.out), job.chunk), "".join(json.dumps(r) + "\n" for r in rows))
     return ChunkSummary(job.chunk, len(job.files), n_samples, time.perf_counter() - start, bytes_read,
-                        worker.faults - faults_before, worker.peak_rss_bytes, worker.cpu_seconds - cpu_before)
+                        worker.faults - faults_before, worker.peak_rss_bytes, worker.cpu_seconds - cpu_before,
+                        worker.storage_read_bytes - read_before)

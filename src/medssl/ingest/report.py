@@ -37,6 +37,7 @@ class RunStats:
     worker_faults: int = 0            # files of this run that cost their decode worker
     worker_peak_rss_bytes: int = 0    # the largest decode worker of this run
     worker_cpu_seconds: float = 0.0   # decode workers' CPU time (the processes' own usage leaves it out)
+    worker_storage_read_bytes: int = 0  # what decode workers read from storage (page-cache hits excluded)
     mode: str = "new"                 # new | resume | add (a generation on a finished dataset)
 
 
@@ -136,6 +137,7 @@ def finalize(out: Path, plan: DatasetPlan, stats: RunStats) -> dict:
             "max_memory_mb": stats.max_memory_mb, "file_timeout_s": stats.file_timeout_s,
             "worker_peak_rss_mb": round(stats.worker_peak_rss_bytes / 2**20, 1),
             "worker_faults": stats.worker_faults, "worker_cpu_s": round(stats.worker_cpu_seconds, 2),
+            "worker_storage_read_bytes": stats.worker_storage_read_bytes,
         },
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))

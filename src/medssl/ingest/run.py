@@ -101,6 +101,7 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: Path, salt: bytes, plan
     start = time.perf_counter()
     n_files = n_samples = faults = peak_rss = bytes_read = 0
     worker_cpu = 0.0
+    storage_read = 0
     with tqdm(desc="ingest", unit="file", disable=not show_progress) as bar:
         for summary in engine.run(run_chunk, jobs()):
             n_files += summary.files
@@ -109,10 +110,11 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: Path, salt: bytes, plan
             faults += summary.worker_faults
             peak_rss = max(peak_rss, summary.worker_peak_rss_bytes)
             worker_cpu += summary.worker_cpu_seconds
+            storage_read += summary.worker_storage_read_bytes
             bar.update(summary.files)
             bar.set_postfix(images=n_samples)
     stats = RunStats(time.perf_counter() - start, n_files, n_samples, cfg.workers, cfg.engine, resumed,
-                     cfg.max_memory_mb, cfg.file_timeout_s, bytes_read, faults, peak_rss, worker_cpu, mode)
+                     cfg.max_memory_mb, cfg.file_timeout_s, bytes_read, faults, peak_rss, worker_cpu, storage_read, mode)
     report = finalize(out, plan, stats)
     plan.current.finished = True
     if cfg.redact_paths:  # the plan is the one place that must hold real paths; not kept past completion

@@ -76,6 +76,8 @@ class IsolatedWorker:
         self.peak_rss_bytes = 0  # the largest resident set any of this object's workers reached
         self.cpu_seconds = 0.0   # CPU time its workers reported, all of them together
         self._proc_cpu = 0.0     # ... of which the current worker's
+        self.storage_read_bytes = 0  # bytes its workers had read from storage (not the page cache)
+        self._proc_read = 0          # ... of which the current worker's
 
     def call(self, function: str, args: dict) -> tuple[dict, list[bytes]]:
         """Run ``module.function(args)`` in the worker. A request that costs the worker rejects its file:
@@ -95,6 +97,8 @@ class IsolatedWorker:
         self.peak_rss_bytes = max(self.peak_rss_bytes, header["peak_rss_bytes"])
         self.cpu_seconds += header["cpu_seconds"] - self._proc_cpu
         self._proc_cpu = header["cpu_seconds"]
+        self.storage_read_bytes += header["read_bytes"] - self._proc_read
+        self._proc_read = header["read_bytes"]
         if header["retire"]:  # the worker ends itself after this answer; the next call starts a fresh one
             self._stop()
         if "error" in header:
@@ -123,6 +127,7 @@ class IsolatedWorker:
             self._ready = False
             self.starts += 1
             self._proc_cpu = 0.0
+            self._proc_read = 0
             _widen_pipe(self._proc.stdout.fileno())
 
     def _ensure_started(self) -> subprocess.Popen:
@@ -229,9 +234,19 @@ def _peak_rss_bytes() -> int:
     return int(line.split()[1]) * 1024  # kB
 
 
+def _storage_read_bytes() -> int:
+    """Bytes this process caused to be read from storage (Linux task I/O accounting; 0 where absent)."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def _usage() -> dict:
     own = resource.getrusage(resource.RUSAGE_SELF)
-    return {"peak_rss_bytes": _peak_rss_bytes(), "cpu_seconds": own.ru_utime + own.ru_stime}
+    return {"peak_rss_bytes": _peak_rss_bytes(), "cpu_seconds": own.ru_utime + own.ru_stime,
+            "read_bytes": _storage_read_bytes()}
 
 
 def _mapped_bytes() -> int:
