@@ -42,8 +42,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
 from machine import machine_facts  # benchmarks/machine.py
+
 from medssl.data.stream import INDEX_FORMAT, ShardStream, part_of
 from medssl.shard_format import read_shard
 
@@ -117,14 +117,22 @@ def iid_batches(args, counts, n_batches: int) -> list[float]:
     return shares[:n_batches]
 
 
-def synthetic_layout(n_samples: int, files: str, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+def synthetic_layout(n_samples: int, files: str, rng: np.random.Generator,
+                     deal: int = 1) -> tuple[list[np.ndarray], np.ndarray]:
     """(series id of every sample of every shard, in index order; samples per series) for an archive
-    written as ``medssl ingest`` does: files in folder order, units of 256 files, shards cut between files."""
+    written as ``medssl ingest`` does: files in folder order, dealt round-robin to the ``deal`` units of
+    each block of deal * 256 files, shards cut between files."""
     lengths = rng.integers(SERIES_SLICES[0], SERIES_SLICES[1] + 1, n_samples // SERIES_SLICES[0] + 1)
     lengths = lengths[:np.searchsorted(np.cumsum(lengths), n_samples) + 1]
     lengths[-1] -= lengths.sum() - n_samples
     series = np.repeat(np.arange(len(lengths)), lengths)
     file_sizes = lengths if files == "volumes" else np.ones(n_samples, dtype=np.int64)
+    file_series = np.arange(len(lengths)) if files == "volumes" else series
+    block = deal * FILES_PER_UNIT
+    order = np.concatenate([np.arange(b, min(b + block, len(file_sizes)))[j::deal]
+                            for b in range(0, len(file_sizes), block) for j in range(deal)])
+    file_sizes, file_series = file_sizes[order], file_series[order]
+    series = np.repeat(file_series, file_sizes)
     file_ends = np.cumsum(file_sizes)
     shards, start = [], 0
     for unit_start in range(0, len(file_sizes), FILES_PER_UNIT):
@@ -177,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", type=int, metavar="N", help="plan N synthetic samples instead of streaming")
     p.add_argument("--files", choices=("volumes", "slices"), default="volumes",
                    help="synthetic archive: one file per series or per slice")
+    p.add_argument("--deal", type=int, default=1, metavar="W",
+                   help="synthetic archive: files dealt round-robin to the W units of a block (ingest's mix_units)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     p.add_argument("--shuffle-buffer", type=int, default=1000)
@@ -194,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.synthetic:
-            shards, lengths = synthetic_layout(args.synthetic, args.files, np.random.default_rng(args.seed))
+            shards, lengths = synthetic_layout(args.synthetic, args.files, np.random.default_rng(args.seed),
+                                              args.deal)
             shard_series = write_index(Path(tmp), shards)
             counts = lengths
             print(f"synthetic archive: {args.files} layout, {len(shards)} shards")

@@ -61,19 +61,24 @@ def _cfg(src, out, **kw):
 def test_an_interrupted_listing_resumes_with_the_same_units(tmp_path):
     _archive(tmp_path / "in", 10)
     reference, out = tmp_path / "ref", tmp_path / "out"
-    plan, _ = open_plan(_cfg(tmp_path / "in", reference), reference, b"salt")
-    expected = [(u.chunk, u.first, u.entries) for u in planned_units(plan, reference)]
-    assert len(expected) == 4
+    cfg = _cfg(tmp_path / "in", reference, mix_units=2)  # blocks of 2 units x 3 files
+    plan, _ = open_plan(cfg, reference, b"salt")
+    expected = [(u.chunk, u.indexes, u.entries) for u in planned_units(plan, reference)]
+    assert [e[1] for e in expected] == [[0, 2, 4], [1, 3, 5], [6, 8], [7, 9]]  # dealt within each block
+    assert all(any(e.rel.startswith("s0/") for e in u[2]) for u in expected[:2])  # a series spreads over units
 
-    plan, _ = open_plan(_cfg(tmp_path / "in", out), out, b"salt")
+    cfg = cfg.model_copy(update={"out": out})
+    plan, _ = open_plan(cfg, out, b"salt")
     units = planned_units(plan, out)
-    next(units), next(units)  # the run dies after planning two units
+    next(units), next(units)  # the run dies after the first block's units were handed out
     units.close()
     assert unit_path(out, 1).exists() and not unit_path(out, 2).exists()
+    # ... and while saving the second block (unit 2 saved, unit 3 not): that block is planned again
+    (out / "plan" / "chunk-000002.json").write_bytes((reference / "plan" / "chunk-000002.json").read_bytes())
 
-    plan, mode = open_plan(_cfg(tmp_path / "in", out), out, b"salt")
+    plan, mode = open_plan(cfg, out, b"salt")
     assert mode == "resume" and plan.current.chunks is None
-    assert [(u.chunk, u.first, u.entries) for u in planned_units(plan, out)] == expected
+    assert [(u.chunk, u.indexes, u.entries) for u in planned_units(plan, out)] == expected
     assert plan.current.chunks == 4 and plan.current.files == 10
     assert load_unit(out, 3).entries == expected[3][2]
 
@@ -118,8 +123,8 @@ def test_a_second_ingest_adds_only_the_new_files(tmp_path):
     assert second["files"] == 23 and second["status"] == {"ingested": 22, "duplicate": 1}
     assert {p.name: _digest(p) for p in (out / "shards").glob("*.tar") if p.name in old_shards} == old_shards
     rows = manifest(out)
-    assert [r["index"] for r in rows] == list(range(23))
-    assert {r["path"] for r in rows[20:]} == {"in/s0/img020.dcm", "in/s1/img021.dcm", "in/s1/resent.dcm"}
+    assert sorted(r["index"] for r in rows) == list(range(23))
+    assert {r["path"] for r in rows if r["index"] >= 20} == {"in/s0/img020.dcm", "in/s1/img021.dcm", "in/s1/resent.dcm"}
     assert rows[[r["path"] for r in rows].index("in/s1/resent.dcm")]["status"] == "duplicate"
     # readers see old and new samples
     assert sum(s.samples for s in list_shards([out])) == 22 == second["samples"] == len(shard_samples(out))

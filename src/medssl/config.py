@@ -40,6 +40,7 @@ class IngestConfig(StrictModel):
     ray_address: str | None = Field(default=None, description="Ray cluster address; None starts a local Ray")
     files_per_chunk: int = Field(default=256, ge=1, description="input files per work unit (one unit writes its own shards; larger units give larger shards)")
     samples_per_shard: int = Field(default=1000, ge=1, description="a work unit starts a new shard after this many samples")
+    mix_units: int = Field(default=256, ge=1, description="the listing is dealt round-robin to blocks of this many work units, so that one series' slices land in many shards and batches mix series (1: each unit takes consecutive files)")
     max_side: int = Field(default=512, ge=8, description="resize so that the longer side is at most this")
     planes: list[Plane] = Field(default_factory=lambda: ["axial"], description="planes sliced from 3D volumes")
     slice_stride: int = Field(default=1, ge=1, description="keep every n-th slice of a volume / frame of a multi-frame file")

@@ -1,13 +1,13 @@
-"""Exact duplicates across work units: the first file (lowest entry index) with a content wins.
+"""Exact duplicates across work units: the file with the lowest entry index (first listed) wins.
 
 Units run in parallel and in any order, each de-duplicating only its own files. When a generation is
-finished, its units' manifest rows are replayed in index order against ``content.sqlite``, the
-dataset's table of content hash -> first file (SQLite: on disk, so the driver's memory does not grow
-with the archive). A row whose content an earlier row holds becomes a duplicate; its samples are
-removed from its unit's shards and the unit's manifest part is rewritten. Files of earlier
-generations always come first, so a re-exported study is a duplicate of the ingested one and the
-dataset's finished shards never change. The outcome depends only on the entry order, never on which
-unit finished first, and replaying again after a crash gives the same outcome.
+finished, its units' manifest rows are replayed twice against ``content.sqlite``, the dataset's table
+of content hash -> first file (SQLite: on disk, so the driver's memory does not grow with the archive):
+the first pass records, for every content, the lowest index that holds it; the second marks every other
+row with that content as a duplicate, removes its samples from its unit's shards and rewrites the unit's
+manifest part. Files of earlier generations have lower indexes, so a re-exported study is a duplicate
+of the ingested one and the dataset's finished shards never change. The outcome depends only on the
+listing, never on which unit finished first, and replaying again after a crash gives the same outcome.
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ class ContentIndex:
         self._db.execute("CREATE TABLE IF NOT EXISTS content "
                          "(sha256 TEXT PRIMARY KEY, idx INTEGER NOT NULL, path TEXT NOT NULL) WITHOUT ROWID")
 
-    def first(self, sha256: str, index: int, path: str) -> tuple[int, str]:
-        """(index, path) of the first file with this content; records this one if it is the first."""
-        found = self._db.execute("SELECT idx, path FROM content WHERE sha256 = ?", (sha256,)).fetchone()
-        if found is None:
-            self._db.execute("INSERT INTO content VALUES (?, ?, ?)", (sha256, index, path))
-            return index, path
-        return found
+    def record(self, sha256: str, index: int, path: str) -> None:
+        """Note that file ``index`` holds this content; the lowest index is kept."""
+        self._db.execute("INSERT INTO content VALUES (?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET "
+                         "idx = excluded.idx, path = excluded.path WHERE excluded.idx < content.idx",
+                         (sha256, index, path))
+
+    def first(self, sha256: str) -> tuple[int, str]:
+        """(index, path) of the first file recorded with this content."""
+        return self._db.execute("SELECT idx, path FROM content WHERE sha256 = ?", (sha256,)).fetchone()
 
     def commit(self) -> None:
         self._db.commit()
@@ -42,8 +44,19 @@ class ContentIndex:
         self._db.close()
 
 
+def _compared(row: dict) -> bool:
+    """Rows that take part: hashed files, apart from the duplicates their own unit found."""
+    return bool(row.get("sha256")) and row["status"] != "duplicate"
+
+
+def record_unit(index: ContentIndex, rows: list[dict]) -> None:
+    for row in rows:
+        if _compared(row):
+            index.record(row["sha256"], row["index"], row["path"])
+
+
 def resolve_unit(index: ContentIndex, rows: list[dict], part: Path, shard_dir: Path) -> list[dict]:
-    """Mark the rows of one unit whose content an earlier file holds as duplicates; returns the rows.
+    """Mark the rows of one unit whose content a lower index holds as duplicates; returns the rows.
 
     Their samples leave the unit's shards first, then the part is rewritten (each atomically), so a
     crash in between is repaired by the next replay.
@@ -51,9 +64,9 @@ def resolve_unit(index: ContentIndex, rows: list[dict], part: Path, shard_dir: P
     drop: dict[str, set[str]] = {}  # shard name -> sample keys to remove
     changed = False
     for row in rows:
-        if row["status"] == "duplicate" or not row.get("sha256"):
+        if not _compared(row):
             continue
-        first, first_path = index.first(row["sha256"], row["index"], row["path"])
+        first, first_path = index.first(row["sha256"])
         if first == row["index"]:
             continue
         if row.get("samples"):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from medssl.atomic import atomic_write_text
 from medssl.ingest.chunk import part_path
-from medssl.ingest.dedup import ContentIndex, resolve_unit
+from medssl.ingest.dedup import ContentIndex, record_unit, resolve_unit
 from medssl.ingest.plan import DatasetPlan
 
 INDEX_FORMAT = "medssl-shards/1"
@@ -45,8 +45,13 @@ def _rate(n: int, seconds: float) -> float:
     return round(n / seconds, 2) if seconds > 0 else 0.0
 
 
+def _rows(part: Path) -> list[dict]:
+    return [json.loads(line) for line in part.read_text(encoding="utf-8").splitlines()]
+
+
 def read_manifest(out: Path) -> Iterator[dict]:
-    """Every manifest row of a dataset, in entry order, one unit's part at a time."""
+    """Every manifest row of a dataset, one unit's part at a time (units take their files from all over a
+    block of the listing: sort by ``index`` for listing order)."""
     for part in sorted((Path(out) / "manifest").glob("chunk-*.jsonl")):
         with open(part, encoding="utf-8") as f:
             for line in f:
@@ -93,10 +98,14 @@ def finalize(out: Path, plan: DatasetPlan, stats: RunStats) -> dict:
     content = ContentIndex(out / "content.sqlite")
     new_shards: Counter = Counter()
     rows_seen = 0
+    chunks = range(gen.first_chunk, gen.first_chunk + gen.chunks)
     try:
-        for chunk in range(gen.first_chunk, gen.first_chunk + gen.chunks):
+        for chunk in chunks:
+            record_unit(content, _rows(part_path(out, chunk)))
+        content.commit()
+        for chunk in chunks:
             part = part_path(out, chunk)
-            rows = [json.loads(line) for line in part.read_text(encoding="utf-8").splitlines()]
+            rows = _rows(part)
             for r in resolve_unit(content, rows, part, out / "shards"):
                 totals.add(r)
                 if r.get("shard"):

@@ -84,18 +84,19 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
 
 def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: Path, salt: bytes, plan: DatasetPlan, mode: str,
          engine, show_progress: bool) -> IngestSummary:
-    resumed = 0
+    resumed = listed = 0
 
     def jobs() -> Iterator[ChunkJob]:
-        nonlocal resumed
+        nonlocal resumed, listed
         for unit in planned_units(plan, out):
-            bar.set_postfix(listed=unit.first + len(unit.entries) - plan.current.first_index, images=n_samples)
+            listed += len(unit.entries)
+            bar.set_postfix(listed=listed, images=n_samples)
             if part_path(out, unit.chunk).exists():  # done by an interrupted run
                 resumed += 1
                 bar.update(len(unit.entries))
                 continue
-            files = [(unit.first + i, plan.path(e), manifest_path(plan.shown(e), cfg, salt), e.error)
-                     for i, e in enumerate(unit.entries)]
+            files = [(i, plan.path(e), manifest_path(plan.shown(e), cfg, salt), e.error)
+                     for i, e in zip(unit.indexes, unit.entries)]
             yield ChunkJob(unit.chunk, files, unit_cfg, str(out), salt)
 
     start = time.perf_counter()
