@@ -19,7 +19,7 @@ import medssl
 from medssl import storage
 from medssl.atomic import atomic_open
 from medssl.data.stream import ShardStream, list_shards
-from medssl.shard_format import read_shard, write_shard
+from medssl.shard_format import Sample, read_shard, write_shard
 from medssl.train.checkpoint import load_checkpoint
 from test_pretrain import TINY
 
@@ -43,6 +43,16 @@ def test_shards_stream_from_s3_as_from_disk(tiny_shards, s3_bucket):
         return [x["key"] for x in ShardStream(root, batch_size=4, seed=3, shuffle_buffer=8)]
 
     assert keys(dataset) == keys(tiny_shards)
+
+
+def test_a_shard_on_s3_streams_in_blocks_not_whole(s3_bucket):
+    url, png = f"{s3_bucket}/big.tar", os.urandom(2**20)
+    write_shard(url, [Sample(f"k{i:02d}", png, {"i": i}) for i in range(3 * storage.READ_BLOCK // 2**20)])
+    with storage.open_read(url) as f:
+        first = next(read_shard(f))
+        fetched = f.cache.total_requested_bytes
+    assert first.key == "k00" and first.png == png
+    assert fetched <= storage.READ_BLOCK + 2**20 + 4096  # the first sample and one block ahead of it
 
 
 def test_object_writes_are_whole_or_absent(s3_bucket):

@@ -46,7 +46,7 @@ own seeded generator (e.g. ``MultiCrop(seed=...)``) is outside this and will not
 
 Memory per worker: at most ``shuffle_buffer`` + ``interleave`` + 1 encoded samples (16-bit PNG bytes,
 ~0.1-0.5 MB at 512 px) and ``interleave`` open shard readers (a file handle and a 10 KB tar buffer
-each), plus one decoded image at a time.
+each; on object storage a ``medssl.storage.READ_BLOCK`` of 4 MiB each), plus one decoded image at a time.
 """
 
 from __future__ import annotations
