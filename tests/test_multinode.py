@@ -1,6 +1,7 @@
 """torchrun across nodes: two launchers joined by c10d rendezvous on 127.0.0.1 (two "nodes" on this
 machine, gloo) train exactly as one launcher with the same number of processes; and a run resumed
-with a different number of processes is refused with a one-line error (exit 2, like a config error).
+with a different number of processes (or, mid-epoch, DataLoader workers) is refused with a one-line
+error (exit 2, like a config error).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import socket
 import subprocess
 import sys
 
-from medssl.config import PretrainConfig
+import pytest
+
+from medssl.config import ConfigError, PretrainConfig
 from medssl.train.checkpoint import load_checkpoint
 from medssl.train.pretrain import pretrain
 from test_pretrain import TINY, _command
@@ -65,9 +68,10 @@ def test_two_nodes_train_like_one_node_with_the_same_processes(tmp_path, tiny_sh
     assert len(_losses(tmp_path / "one")) == steps
 
 
-def test_resuming_with_more_processes_is_refused(tmp_path, tiny_shards):
+def test_resuming_with_another_process_count_or_mid_epoch_layout_is_refused(tmp_path, tiny_shards):
     """A 1-process run resumed by 2 processes: before, rank 1 failed on the checkpoint's single RNG state
-    (an IndexError traceback); now every rank stops before training with the same one-line error."""
+    (an IndexError traceback); now every rank stops before training with the same one-line error. Then,
+    mid-epoch, another DataLoader worker count (before: the stream's ValueError, a traceback)."""
     run = tmp_path / "run"
     settings = {**TINY, "deterministic": True, "checkpoint_every": 1}
     pretrain(PretrainConfig(shards=[tiny_shards], out=run, max_steps=2, **settings), show_progress=False)
@@ -81,3 +85,7 @@ def test_resuming_with_more_processes_is_refused(tmp_path, tiny_shards):
     assert "relaunch with 1 process" in errors[0]
     assert "exitcode  : 2" in proc.stderr  # torchrun's summary of the failed ranks
     assert ((run / "checkpoint.pt").read_bytes(), (run / "metrics.jsonl").read_text()) == before
+
+    with pytest.raises(ConfigError, match=r"step 2, epoch 0, 8 samples per process into it\) with workers 0 -> 1: "):
+        pretrain(PretrainConfig(shards=[tiny_shards], out=run, max_steps=4, **{**settings, "workers": 1}),
+                 show_progress=False)
