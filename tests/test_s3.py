@@ -14,21 +14,50 @@ import pytest
 import s3fs
 import torch
 from safetensors.torch import load
+from test_pretrain import TINY
 
 import medssl
 from medssl import storage
 from medssl.atomic import atomic_open
+from medssl.config import IngestConfig
 from medssl.data.stream import ShardStream, list_shards
+from medssl.ingest import ingest
+from medssl.ingest.report import read_manifest
 from medssl.shard_format import Sample, read_shard, write_shard
 from medssl.train.checkpoint import load_checkpoint
-from test_pretrain import TINY
 
 
 def _dataset_on_s3(local_dataset, url: str) -> str:
-    """A finished ingest output at ``url``. Copied from a local one until `medssl ingest` writes object
-    storage itself; then this becomes ``ingest(IngestConfig(inputs=[...], out=url, ...))``."""
-    s3fs.S3FileSystem().put(str(local_dataset), url, recursive=True)
+    """``medssl ingest`` from object storage into object storage: the archive behind the local dataset
+    ``local_dataset`` (tests/conftest.py ``tiny_shards``) is uploaded, then ingested from there to ``url``
+    with the same settings."""
+    archive = f"{url.rpartition('/')[0]}/archive"
+    s3fs.S3FileSystem().put(str(local_dataset.parent / "archive"), archive, recursive=True)
+    ingest(IngestConfig(inputs=[archive], out=url, workers=1, files_per_chunk=10, samples_per_shard=10),
+           show_progress=False)
     return url
+
+
+def test_ingest_reads_and_writes_object_storage_and_adds_new_objects(tiny_shards, s3_bucket):
+    dataset = _dataset_on_s3(tiny_shards, f"{s3_bucket}/ds")
+    report = json.loads(storage.read_text(f"{dataset}/report.json"))
+    local = json.loads((tiny_shards / "report.json").read_text())
+    assert report["status"] == local["status"] == {"ingested": 40} and report["samples"] == 40
+    assert sorted(storage.listdir(f"{dataset}/shards")) == sorted(p.name for p in (tiny_shards / "shards").glob("*.tar"))
+    rows = sorted(read_manifest(dataset), key=lambda r: r["index"])
+    assert [r["path"] for r in rows] == [r["path"] for r in sorted(read_manifest(tiny_shards), key=lambda r: r["index"])]
+    assert report["this_run"]["bytes_read"] == sum(p.stat().st_size for p in (tiny_shards.parent / "archive").iterdir())
+    assert storage.exists(f"{dataset}/content.sqlite") and storage.exists(f"{dataset}/ingest.log")
+    old = {name: storage.read_bytes(f"{dataset}/shards/{name}") for name in storage.listdir(f"{dataset}/shards")}
+
+    fs = s3fs.S3FileSystem()
+    fs.pipe(f"{s3_bucket}/archive/new/late.png", (tiny_shards.parent / "archive" / "xr0.png").read_bytes()[:-1] + b"\0")
+    fs.pipe(f"{s3_bucket}/archive/new/resent.png", (tiny_shards.parent / "archive" / "xr2.png").read_bytes())
+    again = ingest(IngestConfig(inputs=[f"{s3_bucket}/archive"], out=dataset, workers=1, files_per_chunk=10,
+                                samples_per_shard=10), show_progress=False).report
+    assert again["this_run"]["files"] == 2 and again["files"] == 42
+    assert again["status"]["duplicate"] == 1  # resent.png: same bytes as xr2.png
+    assert {name: storage.read_bytes(f"{dataset}/shards/{name}") for name in old} == old
 
 
 def test_shards_stream_from_s3_as_from_disk(tiny_shards, s3_bucket):

@@ -35,8 +35,8 @@ def _ingest_parser(sub) -> None:
                     "the inputs gained since (new shards; the ingested ones are not read again).",
         epilog=_settings_epilog(IngestConfig, ("inputs", "out", "workers", "engine", "ray_address", "strict")),
     )
-    p.add_argument("inputs", nargs="*", type=Path, help="folders or files to ingest")
-    p.add_argument("--out", type=Path, help="output folder")
+    p.add_argument("inputs", nargs="*", type=storage.location, help="folders or files to ingest, local or s3://bucket/prefix")
+    p.add_argument("--out", type=storage.location, help="output folder, local or s3://bucket/prefix")
     p.add_argument("--workers", type=int, help="worker processes (default 2)")
     p.add_argument("--engine", choices=["local", "ray"], help="local process pool (default) or Ray")
     p.add_argument("--ray-address", help="Ray cluster address, e.g. ray://head:10001 or auto (default: local Ray)")
@@ -56,8 +56,8 @@ def _run_ingest(args) -> int:
     print(f"{r['files']} files: " + ", ".join(f"{n} {s}" for s, n in sorted(r["status"].items()))
           + f"; {r['samples']} images in {r['shards']} shards"
           + (f" ({r['this_run']['files']} files new in this run)" if r["generations"] > 1 else ""))
-    print(f"report:   {summary.out / 'report.md'}")
-    print(f"manifest: {summary.out / 'manifest'}/ (one JSON-lines part per work unit)")
+    print(f"report:   {storage.join(summary.out, 'report.md')}")
+    print(f"manifest: {storage.join(summary.out, 'manifest')}/ (one JSON-lines part per work unit)")
     code = summary.exit_code(cfg.strict)
     if code:
         print("error: " + ("nothing could be ingested" if summary.ingested == 0 else

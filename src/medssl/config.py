@@ -33,8 +33,8 @@ Location = Annotated[Path | str, BeforeValidator(location)]
 class IngestConfig(StrictModel):
     """Settings of ``medssl ingest`` (see README, section "Ingest")."""
 
-    inputs: list[Path] = Field(default_factory=list, description="folders or files to ingest")
-    out: Path | None = Field(default=None, description="output folder (shards, manifest, report)")
+    inputs: list[Location] = Field(default_factory=list, description="folders or files to ingest, local or s3://...")
+    out: Location | None = Field(default=None, description="output folder (shards, manifest, report), local or s3://...")
     workers: int = Field(default=2, ge=1, description="local worker processes")
     engine: Literal["local", "ray"] = "local"
     ray_address: str | None = Field(default=None, description="Ray cluster address; None starts a local Ray")

@@ -44,7 +44,7 @@ def join(base: str | Path, *parts: str) -> str | Path:
     return Path(base).joinpath(*parts)
 
 
-def _filesystem(url: str):
+def filesystem(url: str):
     """The fsspec file system of ``url`` and the path within it. Listings are not cached: another process
     (a resumed run, a worker) may have written since, and medssl lists little."""
     from fsspec.core import url_to_fs
@@ -56,7 +56,7 @@ def open_read(loc: str | Path) -> IO[bytes]:
     """A readable, seekable binary file; for a URL it fetches ``READ_BLOCK`` bytes at a time, never the whole object."""
     if not is_url(loc):
         return open(loc, "rb")
-    fs, path = _filesystem(loc)
+    fs, path = filesystem(loc)
     return fs.open(path, "rb", block_size=READ_BLOCK)
 
 
@@ -65,7 +65,7 @@ def read_bytes(loc: str | Path) -> bytes:
     (reading block by block could mix two)."""
     if not is_url(loc):
         return Path(loc).read_bytes()
-    fs, path = _filesystem(loc)
+    fs, path = filesystem(loc)
     return fs.cat_file(path)
 
 
@@ -76,7 +76,7 @@ def read_text(loc: str | Path) -> str:
 def exists(loc: str | Path) -> bool:
     if not is_url(loc):
         return Path(loc).exists()
-    fs, path = _filesystem(loc)
+    fs, path = filesystem(loc)
     return fs.exists(path)
 
 
@@ -84,10 +84,27 @@ def listdir(loc: str | Path) -> list[str]:
     """Names of the entries directly under ``loc`` (files and folders), sorted; [] if there is none."""
     if not is_url(loc):
         return sorted(p.name for p in Path(loc).iterdir()) if Path(loc).is_dir() else []
-    fs, path = _filesystem(loc)
+    fs, path = filesystem(loc)
     if not fs.isdir(path):
         return []
     return sorted(p.rstrip("/").rpartition("/")[2] for p in fs.ls(path, detail=False))
+
+
+def size(loc: str | Path) -> int:
+    if not is_url(loc):
+        return Path(loc).stat().st_size
+    fs, path = filesystem(loc)
+    return fs.size(path)
+
+
+def remove(loc: str | Path) -> None:
+    """Delete a file or object; nothing happens if it is not there."""
+    if not is_url(loc):
+        Path(loc).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(loc)
+    if fs.exists(path):
+        fs.rm_file(path)
 
 
 def makedirs(loc: str | Path) -> None:
@@ -104,7 +121,7 @@ def upload_atomically(url: str, mode: str = "wb") -> Iterator[IO]:
     publishes an object whole when its upload completes (a multipart upload too, on completion), so
     readers see the old object or the new one, never part of one; a failed block uploads nothing.
     """
-    fs, path = _filesystem(url)
+    fs, path = filesystem(url)
     with tempfile.NamedTemporaryFile(mode, suffix=".upload", **({} if "b" in mode else {"encoding": "utf-8"})) as tmp:
         yield tmp
         tmp.flush()

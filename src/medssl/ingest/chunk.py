@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medssl import storage
 from medssl.atomic import atomic_write_text
 from medssl.config import IngestConfig
 from medssl.ingest.pipeline import FileTask, hash_file_isolated, process_file_isolated
@@ -46,9 +47,9 @@ class ChunkSummary:
     worker_storage_read_bytes: int = 0  # what the decode worker read from storage (not the page cache)
 
 
-def part_path(out: Path, chunk: int) -> Path:
-    """A unit's manifest rows; all parts in name order are the dataset's manifest."""
-    return Path(out) / "manifest" / f"chunk-{chunk:06d}.jsonl"
+def part_path(out: str | Path, chunk: int) -> str | Path:
+    """A unit's manifest rows; all parts together are the dataset's manifest."""
+    return storage.join(out, "manifest", f"chunk-{chunk:06d}.jsonl")
 
 
 def shard_name(chunk: int, part: int) -> str:
@@ -99,11 +100,13 @@ def prestart_decode_worker(cfg: IngestConfig) -> None:
 
 def run_chunk(job: ChunkJob) -> ChunkSummary:
     start = time.perf_counter()
-    shard_dir = Path(job.out) / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in shard_dir.glob(f"shard-{job.chunk:06d}-*.tar"):  # from a killed attempt at this unit
-        stale.unlink()
+    shard_dir = storage.join(storage.location(job.out), "shards")
+    storage.makedirs(shard_dir)
+    for name in storage.listdir(shard_dir):  # from a killed attempt at this unit
+        if name.startswith(f"shard-{job.chunk:06d}-"):
+            storage.remove(storage.join(shard_dir, name))
     worker = decode_worker(job.cfg)
+    worker.follow_environment()
     faults_before, cpu_before, read_before = worker.faults, worker.cpu_seconds, worker.storage_read_bytes
     rows: list[dict] = []
     pending: list[Sample] = []
@@ -115,7 +118,7 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
         nonlocal part, pending, pending_rows
         if pending:
             name = shard_name(job.chunk, part)
-            write_shard(shard_dir / name, pending)
+            write_shard(storage.join(shard_dir, name), pending)
             for row in pending_rows:
                 row["shard"] = name
             part += 1
@@ -150,7 +153,7 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
                     flush()
         rows.append(row)
     flush()
-    atomic_write_text(part_path(Path(job.out), job.chunk), "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(part_path(storage.location(job.out), job.chunk), "".join(json.dumps(r) + "\n" for r in rows))
     return ChunkSummary(job.chunk, len(job.files), n_samples, time.perf_counter() - start, bytes_read,
                         worker.faults - faults_before, worker.peak_rss_bytes, worker.cpu_seconds - cpu_before,
                         worker.storage_read_bytes - read_before)

@@ -16,6 +16,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+from medssl import storage
 from medssl.atomic import atomic_write_text
 from medssl.shard_format import read_shard, write_shard
 
@@ -55,7 +56,7 @@ def record_unit(index: ContentIndex, rows: list[dict]) -> None:
             index.record(row["sha256"], row["index"], row["path"])
 
 
-def resolve_unit(index: ContentIndex, rows: list[dict], part: Path, shard_dir: Path) -> list[dict]:
+def resolve_unit(index: ContentIndex, rows: list[dict], part: str | Path, shard_dir: str | Path) -> list[dict]:
     """Mark the rows of one unit whose content a lower index holds as duplicates; returns the rows.
 
     Their samples leave the unit's shards first, then the part is rewritten (each atomically), so a
@@ -77,13 +78,13 @@ def resolve_unit(index: ContentIndex, rows: list[dict], part: Path, shard_dir: P
         changed = True
     if changed:
         for name, keys in drop.items():
-            _remove_samples(shard_dir / name, keys)
+            _remove_samples(storage.join(shard_dir, name), keys)
         atomic_write_text(part, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
-def _remove_samples(shard: Path, keys: set[str]) -> None:
-    if not shard.exists():  # removed by an earlier replay: every sample in it was a duplicate
+def _remove_samples(shard: str | Path, keys: set[str]) -> None:
+    if not storage.exists(shard):  # removed by an earlier replay: every sample in it was a duplicate
         return
     kept = 0
 
@@ -96,4 +97,4 @@ def _remove_samples(shard: Path, keys: set[str]) -> None:
 
     write_shard(shard, keep())
     if not kept:
-        shard.unlink()
+        storage.remove(shard)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from medssl.config import ConfigError
+from medssl.storage import is_url
 
 
 class Entry(NamedTuple):
@@ -61,12 +62,16 @@ def scan(inputs: list[Path], exclude: Path, after: tuple[int, tuple[bytes, ...]]
     under their own path); a link to a folder outside them is walked, once: a second link to it, or a
     loop, gets a ``duplicate_folder`` row. The output folder is skipped.
     """
-    exclude = exclude.resolve()
-    roots = [Path(r) for r in inputs]
-    resolved = [r.resolve() for r in roots]
+    exclude = Path(exclude).resolve() if not is_url(exclude) else None
+    roots = [r if is_url(r) else Path(r) for r in inputs]
+    resolved = [r.resolve() for r in roots if not is_url(r)]
     walked: set[tuple[int, int]] = set()  # folders reached through links (outside the inputs)
     for r, root in enumerate(roots):
         if after is not None and r < after[0]:
+            continue
+        skip = after[1] if after is not None and after[0] == r else None
+        if is_url(root):
+            yield from _walk_url(r, str(root), skip)
             continue
         try:
             info = root.stat()
@@ -77,8 +82,55 @@ def scan(inputs: list[Path], exclude: Path, after: tuple[int, tuple[bytes, ...]]
             if after is None or entry_key(r, "") > after:
                 yield Entry(r, "", kind_error(info.st_mode))
             continue
-        skip = after[1] if after is not None and after[0] == r else None
         yield from _walk(r, str(root), resolved, exclude, walked, skip)
+
+
+def _walk_url(r: int, root: str, skip: tuple[bytes, ...] | None) -> Iterator[Entry]:
+    """``_walk`` for an object-storage prefix: the same order, from listings of "folders" (key prefixes
+    ending in "/"), one level at a time, as a file system is walked. Objects are always regular files."""
+    listing = _list_url(root)
+    if listing is None:
+        raise ConfigError(f"input {root} does not exist (no object has that key or prefix)")
+    if isinstance(listing, str):
+        yield Entry(r, "", listing)
+        return
+    stack = [("", listing)]
+    while stack:
+        rel, names = stack[-1]
+        if not names:
+            stack.pop()
+            continue
+        name, is_folder = names.pop()
+        child = f"{rel}/{name}" if rel else name
+        key = entry_key(r, child)[1]
+        if skip is not None and key <= skip and skip[:len(key)] != key:
+            continue
+        if not is_folder:
+            yield from _emit(r, child, key, skip, None)
+            continue
+        listed = _list_url(f"{root}/{child}")
+        if isinstance(listed, str):
+            yield from _emit(r, child, key, skip, listed)
+        elif listed:
+            stack.append((child, listed))
+
+
+def _list_url(url: str) -> list[tuple[str, bool]] | str | None:
+    """(name, is a folder) under a prefix in reverse sorted (byte) order; None if nothing is there;
+    an ``unreadable_folder`` error if the listing fails."""
+    from medssl.storage import filesystem
+
+    fs, path = filesystem(url)
+    try:
+        found = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"unreadable_folder: cannot list the prefix ({type(e).__name__}); its objects are not ingested"
+    if len(found) == 1 and found[0]["type"] == "file" and found[0]["name"].rstrip("/") == path.rstrip("/"):
+        return [("", False)]  # the URL is one object
+    names = [(item["name"].rstrip("/").rpartition("/")[2], item["type"] == "directory") for item in found]
+    return sorted(names, key=lambda n: os.fsencode(n[0]), reverse=True)
 
 
 def _inside(path: Path, folders: list[Path]) -> bool:

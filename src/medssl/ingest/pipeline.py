@@ -8,8 +8,10 @@ blow-up in a native decoder then costs that one file, not the run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -23,6 +25,7 @@ from medssl.io import Limits, Rejected, SourceImage, read_image
 from medssl.io.isolation import IsolatedWorker
 from medssl.privacy import keyed_hash, scrub
 from medssl.shard_format import Sample, encode_pixels, storage_for
+from medssl.storage import is_url, open_read
 
 # Linkage hashes written into sample metadata: which images share a patient, a study, a series.
 _LINKAGE = {"patient": "PatientID", "study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
@@ -53,8 +56,11 @@ def hash_file(path: str) -> tuple[int, str | None, str | None]:
     Opened non-blocking and checked to be a regular file first, so an entry replaced by a FIFO
     after the scan cannot block the run. In an ingest this runs in the decode worker right before the
     file is decoded: a read that hangs costs that file (``timeout``), and decoding finds the bytes in
-    the page cache, so storage is read once.
+    the page cache, so storage is read once. An object-storage URL is downloaded once, to a local
+    temporary file that the decode then reads (``_fetch``).
     """
+    if is_url(path):
+        return _fetch(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
@@ -74,6 +80,38 @@ def hash_file(path: str) -> tuple[int, str | None, str | None]:
     if size == 0:
         return 0, None, "empty_file: zero-byte file"
     return size, h.hexdigest(), None
+
+
+# The decode worker's local copy of the object it works on (URL -> temporary file); one at a time.
+_fetched: dict[str, str] = {}
+
+
+def _fetch(url: str) -> tuple[int, str | None, str | None]:
+    """Download an object to a local temporary file, hashing it on the way: the one read from storage."""
+    _forget_fetched()
+    fd, tmp = tempfile.mkstemp(prefix="medssl-object-")
+    h, size = hashlib.sha256(), 0
+    try:
+        with os.fdopen(fd, "wb") as local, open_read(url) as remote:
+            while block := remote.read(1 << 20):
+                h.update(block)
+                local.write(block)
+                size += len(block)
+    except Exception as e:  # noqa: BLE001 - any client error (network, permission, a vanished object) costs the file
+        os.unlink(tmp)
+        return 0, None, f"unreadable_file: cannot read the object ({type(e).__name__})"
+    if size == 0:
+        os.unlink(tmp)
+        return 0, None, "empty_file: zero-byte file"
+    _fetched[url] = tmp
+    return size, h.hexdigest(), None
+
+
+def _forget_fetched() -> None:
+    for tmp in _fetched.values():
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    _fetched.clear()
 
 
 def hash_file_isolated(worker: IsolatedWorker, path: str) -> tuple[int, str | None, str | None]:
@@ -150,7 +188,7 @@ def _process_file(task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome
                     max_memory_bytes=cfg.max_memory_mb << 20)
     src = None
     try:
-        src = read_image(task.path, limits, cfg.planes, cfg.slice_stride, cfg.nifti_modality, cfg.raster_modality)
+        src = read_image(_fetched.get(task.path, task.path), limits, cfg.planes, cfg.slice_stride, cfg.nifti_modality, cfg.raster_modality)
         samples, empty = _samples(task, src, cfg, salt)
         return FileOutcome("ingested", format=src.format, modality=src.modality, samples=samples, empty_frames=empty)
     except Rejected as r:
@@ -187,7 +225,10 @@ def serve_process_file(args: dict) -> tuple[dict, list[bytes]]:
     if key not in _cfg_cache:  # one work unit sends the same settings with every file: validate once
         _cfg_cache.clear()
         _cfg_cache[key] = IngestConfig.model_validate(args["cfg"])
-    outcome = process_file(FileTask(**args["task"]), _cfg_cache[key], bytes.fromhex(args["salt"]))
+    try:
+        outcome = process_file(FileTask(**args["task"]), _cfg_cache[key], bytes.fromhex(args["salt"]))
+    finally:
+        _forget_fetched()  # the object's local copy has served its one decode
     result = {"status": outcome.status, "reason": outcome.reason, "format": outcome.format,
               "modality": outcome.modality, "empty_frames": outcome.empty_frames,
               "samples": [{"key": s.key, "meta": s.meta} for s in outcome.samples]}

@@ -28,11 +28,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from medssl import storage
 from medssl.atomic import atomic_write_text
 from medssl.config import ConfigError, IngestConfig, dump_config
 from medssl.ingest.listing import Entry, entry_key, scan, unseen
@@ -73,7 +73,7 @@ class DatasetPlan:
         salted hashes (enough to recognise the same command, not to read the paths back)."""
         gen = self.current
         for chunk in range(gen.first_chunk, gen.first_chunk + gen.chunks):
-            unit_path(out, chunk).unlink()
+            storage.remove(unit_path(out, chunk))
         self.roots = redacted(self.roots, salt)
         self.settings["inputs"] = self.roots
         self.paths_dropped = True
@@ -83,11 +83,12 @@ class DatasetPlan:
         return self.generations[-1]
 
     def path(self, entry: Entry) -> str:
-        return os.path.join(self.roots[entry.root], entry.rel) if entry.rel else self.roots[entry.root]
+        root = self.roots[entry.root]
+        return f"{root}/{entry.rel}" if entry.rel else root
 
     def shown(self, entry: Entry) -> str:
         """An entry's path as shown to people: relative to its root, prefixed by the root's folder name."""
-        root_name = Path(self.roots[entry.root]).name
+        root_name = self.roots[entry.root].rstrip("/").rpartition("/")[2]
         return f"{root_name}/{entry.rel}" if entry.rel else root_name
 
     def save(self, out: Path) -> None:
@@ -96,12 +97,12 @@ class DatasetPlan:
         atomic_write_text(state_path(out), json.dumps(body, indent=1))
 
 
-def state_path(out: Path) -> Path:
-    return Path(out) / "plan" / "dataset.json"
+def state_path(out: str | Path) -> str | Path:
+    return storage.join(out, "plan", "dataset.json")
 
 
-def unit_path(out: Path, chunk: int) -> Path:
-    return Path(out) / "plan" / f"chunk-{chunk:06d}.json"
+def unit_path(out: str | Path, chunk: int) -> str | Path:
+    return storage.join(out, "plan", f"chunk-{chunk:06d}.json")
 
 
 def save_unit(out: Path, unit: Unit) -> None:
@@ -112,7 +113,7 @@ def save_unit(out: Path, unit: Unit) -> None:
 
 
 def load_unit(out: Path, chunk: int) -> Unit:
-    body = json.loads(unit_path(out, chunk).read_text())
+    body = json.loads(storage.read_text(unit_path(out, chunk)))
     first, count, last = body["block"]
     return Unit(body["chunk"], body["indexes"], [Entry(*e) for e in body["entries"]], (first, count, Entry(*last)))
 
@@ -123,7 +124,7 @@ def redacted(paths: list[str], salt: bytes) -> list[str]:
 
 def processing_settings(cfg: IngestConfig) -> dict:
     full = dump_config(cfg)
-    full["inputs"] = [str(Path(p).resolve()) for p in cfg.inputs]
+    full["inputs"] = [str(p) if storage.is_url(p) else str(Path(p).resolve()) for p in cfg.inputs]
     return {k: full[k] for k in PROCESSING_KEYS}
 
 
@@ -132,14 +133,14 @@ def open_plan(cfg: IngestConfig, out: Path, salt: bytes) -> tuple[DatasetPlan, s
     empty dataset), ``resume`` (an interrupted generation) or ``add`` (a new generation on a finished
     dataset). Refuses settings other than the dataset's."""
     wanted = processing_settings(cfg)
-    if (Path(out) / "plan.json").exists() or (Path(out) / "manifest.jsonl").exists():
+    if storage.exists(storage.join(out, "plan.json")) or storage.exists(storage.join(out, "manifest.jsonl")):
         raise ConfigError(f"{out} was written by an older medssl (one plan.json / manifest.jsonl); "
                           "ingest into a new --out")
-    if not state_path(out).exists():
+    if not storage.exists(state_path(out)):
         plan = DatasetPlan(wanted, wanted["inputs"], [Generation(0, 0)])
         plan.save(out)
         return plan, "new"
-    body = json.loads(state_path(out).read_text())
+    body = json.loads(storage.read_text(state_path(out)))
     if body.get("version") != PLAN_VERSION:
         raise ConfigError(f"{state_path(out)} was written by an incompatible medssl version; ingest into a new --out")
     plan = DatasetPlan(body["settings"], body["roots"], [Generation(**g) for g in body["generations"]],
@@ -167,11 +168,11 @@ def planned_units(plan: DatasetPlan, out: Path) -> Iterator[Unit]:
     streams in. The generation's totals are saved when the listing ends."""
     gen = plan.current
     chunk, index, last = gen.first_chunk, gen.first_index, None
-    while unit_path(out, chunk).exists():
+    while storage.exists(unit_path(out, chunk)):
         first, count, block_last = load_unit(out, chunk).block
-        if not all(unit_path(out, c).exists() for c in range(first, first + count)):
+        if not all(storage.exists(unit_path(out, c)) for c in range(first, first + count)):
             for c in range(first, first + count):  # saving was cut short: none of these units ran
-                unit_path(out, c).unlink(missing_ok=True)
+                storage.remove(unit_path(out, c))
             break
         for c in range(first, first + count):
             unit = load_unit(out, c)
@@ -181,24 +182,22 @@ def planned_units(plan: DatasetPlan, out: Path) -> Iterator[Unit]:
     if gen.chunks is not None:
         return
     after = entry_key(last.root, last.rel) if last else None
-    listing = scan([Path(r) for r in plan.roots], Path(out), after)
+    listing = scan(plan.roots, out, after)
     earlier = [_entries(out, g) for g in plan.generations[:-1]]
     entries = unseen(listing, earlier) if earlier else listing
     size, mix = plan.settings["files_per_chunk"], plan.settings["mix_units"]
     while block := list(itertools.islice(entries, size * mix)):
-        units = _deal(block, chunk, index, -(-len(block) // size))
-        for unit in units:
-            save_unit(out, unit)
-        yield from units
-        chunk, index = chunk + len(units), index + len(block)
+        # Unit j of the block takes entries j, j + n, j + 2n, ... Units are saved one by one and read
+        # back when handed out, so the driver holds the block's entries and one unit, never the block twice.
+        n, count = -(-len(block) // size), len(block)
+        for j in range(n):
+            save_unit(out, Unit(chunk + j, list(range(index + j, index + count, n)), block[j::n], (chunk, n, block[-1])))
+        del block
+        for j in range(n):
+            yield load_unit(out, chunk + j)
+        chunk, index = chunk + n, index + count
     gen.chunks, gen.files = chunk - gen.first_chunk, index - gen.first_index
     plan.save(out)
-
-
-def _deal(block: list[Entry], first_chunk: int, first_index: int, n_units: int) -> list[Unit]:
-    """Unit j of the block takes entries j, j + n_units, j + 2 n_units, ..."""
-    return [Unit(first_chunk + j, list(range(first_index + j, first_index + len(block), n_units)),
-                 block[j::n_units], (first_chunk, n_units, block[-1])) for j in range(n_units)]
 
 
 def _entries(out: Path, gen: Generation) -> Iterator[Entry]:

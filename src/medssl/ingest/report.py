@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from medssl import storage
 from medssl.atomic import atomic_write_text
 from medssl.ingest.chunk import part_path
 from medssl.ingest.dedup import ContentIndex, record_unit, resolve_unit
@@ -45,17 +46,17 @@ def _rate(n: int, seconds: float) -> float:
     return round(n / seconds, 2) if seconds > 0 else 0.0
 
 
-def _rows(part: Path) -> list[dict]:
-    return [json.loads(line) for line in part.read_text(encoding="utf-8").splitlines()]
+def _rows(part: str | Path) -> list[dict]:
+    return [json.loads(line) for line in storage.read_text(part).splitlines()]
 
 
 def read_manifest(out: Path) -> Iterator[dict]:
     """Every manifest row of a dataset, one unit's part at a time (units take their files from all over a
     block of the listing: sort by ``index`` for listing order)."""
-    for part in sorted((Path(out) / "manifest").glob("chunk-*.jsonl")):
-        with open(part, encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)
+    folder = storage.join(storage.location(out), "manifest")
+    for name in storage.listdir(folder):
+        if name.startswith("chunk-") and name.endswith(".jsonl"):
+            yield from _rows(storage.join(folder, name))
 
 
 class _Totals:
@@ -87,15 +88,15 @@ class _Totals:
             self.duplicates.append({"path": r["path"], "reason": r["reason"]})
 
 
-def finalize(out: Path, plan: DatasetPlan, stats: RunStats) -> dict:
-    """Finish the plan's current generation (its units are all done) and return the dataset's report."""
-    out = Path(out)
+def finalize(out: str | Path, plan: DatasetPlan, stats: RunStats, content_db: Path) -> dict:
+    """Finish the plan's current generation (its units are all done) and return the dataset's report.
+    ``content_db``: the dataset's content.sqlite, a local file (SQLite needs one)."""
     gen = plan.current
     first_generation = len(plan.generations) == 1
-    previous = None if first_generation else json.loads((out / "report.json").read_text())
-    index = json.loads((out / "index.json").read_text()) if not first_generation else {"shards": []}
+    previous = None if first_generation else json.loads(storage.read_text(storage.join(out, "report.json")))
+    index = json.loads(storage.read_text(storage.join(out, "index.json"))) if not first_generation else {"shards": []}
     totals = _Totals(previous)
-    content = ContentIndex(out / "content.sqlite")
+    content = ContentIndex(content_db)
     new_shards: Counter = Counter()
     rows_seen = 0
     chunks = range(gen.first_chunk, gen.first_chunk + gen.chunks)
@@ -106,7 +107,7 @@ def finalize(out: Path, plan: DatasetPlan, stats: RunStats) -> dict:
         for chunk in chunks:
             part = part_path(out, chunk)
             rows = _rows(part)
-            for r in resolve_unit(content, rows, part, out / "shards"):
+            for r in resolve_unit(content, rows, part, storage.join(out, "shards")):
                 totals.add(r)
                 if r.get("shard"):
                     new_shards[r["shard"]] += len(r["samples"])
@@ -118,11 +119,11 @@ def finalize(out: Path, plan: DatasetPlan, stats: RunStats) -> dict:
         raise RuntimeError(f"the manifest has {rows_seen} rows for the {gen.files} files planned in this run; "
                            "rerun the command to repair")
 
-    shards = index["shards"] + [{"name": n, "samples": new_shards[n], "bytes": (out / "shards" / n).stat().st_size}
+    shards = index["shards"] + [{"name": n, "samples": new_shards[n], "bytes": storage.size(storage.join(out, "shards", n))}
                                 for n in sorted(new_shards)]
     samples = sum(s["samples"] for s in shards)
     # The index is what readers see: replaced in one step, listing only finished shards.
-    atomic_write_text(out / "index.json", _index_text(samples, shards))
+    atomic_write_text(storage.join(out, "index.json"), _index_text(samples, shards))
     report = {
         "files": totals.files,
         "status": dict(totals.status),
@@ -149,8 +150,8 @@ def finalize(out: Path, plan: DatasetPlan, stats: RunStats) -> dict:
             "worker_storage_read_bytes": stats.worker_storage_read_bytes,
         },
     }
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
-    atomic_write_text(out / "report.md", render_markdown(report))
+    atomic_write_text(storage.join(out, "report.json"), json.dumps(report, indent=1))
+    atomic_write_text(storage.join(out, "report.md"), render_markdown(report))
     return report
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,7 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from medssl.atomic import remove_stale_tmp
+from medssl import storage
+from medssl.atomic import atomic_open, remove_stale_tmp
 from medssl.config import ConfigError, IngestConfig
 from medssl.ingest.chunk import (
     ChunkJob,
@@ -29,7 +32,7 @@ log = logging.getLogger("medssl.ingest")
 
 @dataclass
 class IngestSummary:
-    out: Path
+    out: str | Path  # a local folder or a URL
     report: dict
 
     @property
@@ -46,8 +49,36 @@ class IngestSummary:
         return 0
 
 
-def _log_to_file(out: Path) -> logging.Handler:
-    handler = logging.FileHandler(out / "ingest.log", encoding="utf-8")
+# Files of a dataset that need a local file system: the log (appended to) and the content table (SQLite).
+# For a dataset in object storage they live in a local folder while ingest runs and are uploaded after.
+_LOCAL_FILES = ("ingest.log", "content.sqlite")
+
+
+def _local_folder(out: str | Path) -> Path:
+    """Where ``_LOCAL_FILES`` live: the dataset folder itself, or for a URL a folder under the user's cache
+    (``MEDSSL_CACHE``, default ~/.cache/medssl) holding copies, fetched from the dataset if missing."""
+    if not storage.is_url(out):
+        return Path(out)
+    cache = Path(os.environ.get("MEDSSL_CACHE", Path.home() / ".cache" / "medssl"))
+    folder = cache / "datasets" / hashlib.sha256(str(out).encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in _LOCAL_FILES:
+        if not (folder / name).exists() and storage.exists(storage.join(out, name)):
+            with atomic_open(folder / name) as f:
+                f.write(storage.read_bytes(storage.join(out, name)))
+    return folder
+
+
+def _upload_local_files(out: str | Path, local: Path) -> None:
+    if storage.is_url(out):
+        for name in _LOCAL_FILES:
+            if (local / name).exists():
+                with atomic_open(storage.join(out, name)) as f:
+                    f.write((local / name).read_bytes())
+
+
+def _log_to_file(folder: Path) -> logging.Handler:
+    handler = logging.FileHandler(folder / "ingest.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -61,10 +92,12 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
         raise ConfigError("no inputs: give one or more folders or files to ingest")
     if cfg.out is None:
         raise ConfigError("no output folder: pass --out DIR")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out)
-    handler = _log_to_file(out)
+    out = storage.location(cfg.out)
+    storage.makedirs(out)
+    if not storage.is_url(out):
+        remove_stale_tmp(out)
+    local = _local_folder(out)
+    handler = _log_to_file(local)
     salt = load_salt(cfg.salt_file)
     unit_cfg = cfg.model_copy(update={"inputs": []})  # the plan holds the paths; don't pickle them per unit
     try:
@@ -74,16 +107,17 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
         # Decode workers start importing now, while the inputs are listed.
         engine = make_engine(cfg.engine, cfg.workers, cfg.ray_address, prestart_decode_worker, (unit_cfg,))
         try:
-            return _run(cfg, unit_cfg, out, salt, plan, mode, engine, show_progress)
+            return _run(cfg, unit_cfg, out, local, salt, plan, mode, engine, show_progress)
         finally:
             engine.close()
     finally:
         log.removeHandler(handler)
         handler.close()
+        _upload_local_files(out, local)
 
 
-def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: Path, salt: bytes, plan: DatasetPlan, mode: str,
-         engine, show_progress: bool) -> IngestSummary:
+def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path, salt: bytes, plan: DatasetPlan,
+         mode: str, engine, show_progress: bool) -> IngestSummary:
     resumed = listed = 0
 
     def jobs() -> Iterator[ChunkJob]:
@@ -91,7 +125,7 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: Path, salt: bytes, plan
         for unit in planned_units(plan, out):
             listed += len(unit.entries)
             bar.set_postfix(listed=listed, images=n_samples)
-            if part_path(out, unit.chunk).exists():  # done by an interrupted run
+            if storage.exists(part_path(out, unit.chunk)):  # done by an interrupted run
                 resumed += 1
                 bar.update(len(unit.entries))
                 continue
@@ -116,7 +150,7 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: Path, salt: bytes, plan
             bar.set_postfix(images=n_samples)
     stats = RunStats(time.perf_counter() - start, n_files, n_samples, cfg.workers, cfg.engine, resumed,
                      cfg.max_memory_mb, cfg.file_timeout_s, bytes_read, faults, peak_rss, worker_cpu, storage_read, mode)
-    report = finalize(out, plan, stats)
+    report = finalize(out, plan, stats, local / "content.sqlite")
     plan.current.finished = True
     if cfg.redact_paths:  # the plan is the one place that must hold real paths; not kept past completion
         plan.drop_paths(out, salt)

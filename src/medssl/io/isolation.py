@@ -70,6 +70,7 @@ class IsolatedWorker:
         self.budget = budget
         self.module = module
         self._proc: subprocess.Popen | None = None
+        self._env: dict[str, str] = {}  # the environment the running worker started with
         self._ready = False
         self.starts = 0
         self.faults = 0
@@ -108,6 +109,12 @@ class IsolatedWorker:
     def close(self) -> None:
         self._stop()
 
+    def follow_environment(self) -> None:
+        """Stop a running worker if this process's environment changed since it started (say, AWS
+        credentials set in a notebook after an earlier ingest): the next call starts one that sees it."""
+        if self._proc is not None and self._env != os.environ:
+            self._stop()
+
     def _fault(self, code: str, detail: str) -> Rejected:
         self.faults += 1
         return Rejected(code, detail)
@@ -119,6 +126,7 @@ class IsolatedWorker:
             # The worker must import this very medssl, also when it was found through sys.path edits.
             package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+            self._env = dict(os.environ)
             env = {**os.environ, **_WORKER_ENV, "PYTHONPATH": path}
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "medssl.io.isolation", self.module, str(self.budget.memory_bytes)],
