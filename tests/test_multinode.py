@@ -89,3 +89,16 @@ def test_resuming_with_another_process_count_or_mid_epoch_layout_is_refused(tmp_
     with pytest.raises(ConfigError, match=r"step 2, epoch 0, 8 samples per process into it\) with workers 0 -> 1: "):
         pretrain(PretrainConfig(shards=[tiny_shards], out=run, max_steps=4, **{**settings, "workers": 1}),
                  show_progress=False)
+
+
+def test_after_the_last_batch_of_an_epoch_the_workers_may_change(tmp_path, tiny_shards):
+    """40 samples in batches of 20: a checkpoint at step 2 closes epoch 0, so a resume with another worker
+    count starts epoch 1 (before: the stream's ValueError, as the position was not 0)."""
+    run, settings = tmp_path / "run", {**TINY, "batch_size": 20}
+    pretrain(PretrainConfig(shards=[tiny_shards], out=run, max_steps=2, **settings), show_progress=False)
+    assert load_checkpoint(run / "checkpoint.pt")["data"]["consumed"] == 40
+    pretrain(PretrainConfig(shards=[tiny_shards], out=run, max_steps=3, **{**settings, "workers": 1}),
+             show_progress=False)
+    data = load_checkpoint(run / "checkpoint.pt")["data"]
+    assert (data["epoch"], data["consumed"], data["num_workers"]) == (1, 20, 1)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -8,7 +8,7 @@ holds model, optimiser, step, the data position, every rank's random state and l
 feature queue is per rank), so a resumed run takes the same steps an uninterrupted one would
 (bit-exact in fp32 with ``deterministic=True`` on the same machine and process count). It needs as many
 processes as wrote the checkpoint, spread over nodes in any way, and mid-epoch the same data layout
-(``_check_resume_layout`` says why and refuses otherwise, before anything is built). What was logged
+(``_resume_position`` says why and refuses otherwise, before anything is built). What was logged
 after the checkpoint is dropped (metrics.jsonl is cut back to the rows it had then, TensorBoard purges
 later steps), so a resumed run logs every step once.
 
@@ -40,7 +40,7 @@ from medssl import __version__, storage
 from medssl.atomic import atomic_write_text
 from medssl.config import ConfigError, PretrainConfig, dump_config
 from medssl.data.augment import MultiCrop
-from medssl.data.stream import ShardStream
+from medssl.data.stream import ShardStream, rank_samples
 from medssl.models.export import save_encoder
 from medssl.models.ssl_model import SSLModel
 from medssl.ssl import FeatureQueue, HybridLoss
@@ -90,20 +90,25 @@ def _queue_per_rank(cfg: PretrainConfig, world_size: int) -> int:
 _LAYOUT_NAMES = {"world_size": "processes", "num_workers": "workers", "samples": "samples in the shard folders"}
 
 
-def _check_resume_layout(ckpt: dict, stream: ShardStream, path: str | Path) -> None:
-    """Refuse a resume that cannot go on as the checkpointed run would have (a ConfigError: exit 2).
+def _resume_position(ckpt: dict, stream: ShardStream, path: str | Path) -> dict:
+    """The stream state to resume from; a ConfigError (exit 2) where the run cannot go on as the
+    checkpointed one would have.
 
     The number of processes is part of the recipe, not of the machine: the global batch is batch_size x
     processes and the learning rate is scaled from it, InfoNCE gathers its negatives over the processes,
     and the feature queue and the random states are kept per process. So a run resumes only with as many
     processes as wrote the checkpoint (how they are spread over nodes does not matter). The rest of the
     data layout (DataLoader workers, batch size, seed, shards) decides which samples the rest of an epoch
-    holds, so it may change only at an epoch boundary, where the stream deals the next epoch out afresh.
+    holds, so it may change only at an epoch boundary (a checkpoint before an epoch's first batch or after
+    its last), from where the stream deals the next epoch out afresh.
     """
     saved, now = ckpt["data"], stream.state_dict()
     changed = [k for k in now if k not in ("epoch", "consumed") and saved.get(k) != now[k]]
-    if not changed or ("world_size" not in changed and not saved["consumed"]):
-        return
+    if not changed:
+        return saved
+    epoch_done = saved["consumed"] == rank_samples(saved["samples"], saved["world_size"], saved["batch_size"])
+    if "world_size" not in changed and (saved["consumed"] == 0 or epoch_done):
+        return {**now, "epoch": saved["epoch"] + 1 if epoch_done else saved["epoch"], "consumed": 0}
     diffs = ", ".join(f"{_LAYOUT_NAMES.get(k, k)} {saved.get(k)} -> {now[k]}" for k in changed)
     written = f"step {ckpt['step']}, epoch {saved['epoch']}, {saved['consumed']} samples per process into it"
     if "world_size" in changed:
@@ -197,7 +202,7 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> str |
     ckpt, checkpoint_file = None, storage.join(out, CHECKPOINT)
     if storage.exists(checkpoint_file):
         ckpt = load_checkpoint(checkpoint_file, keys=("model", "optimizer", "loss", "data", "rng", "step", "log_rows"))
-        _check_resume_layout(ckpt, stream, checkpoint_file)
+        position = _resume_position(ckpt, stream, checkpoint_file)
     total_steps = min(cfg.epochs * stream.steps_per_epoch, cfg.max_steps or math.inf)
 
     model = SSLModel(cfg.backbone, cfg.proj_hidden, cfg.proj_dim, cfg.n_prototypes,
@@ -216,7 +221,7 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> str |
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         loss_fn.load_state_dict(ckpt["loss"][info.rank])
-        stream.load_state_dict(ckpt["data"])
+        stream.load_state_dict(position)
         set_rng_state(ckpt["rng"][info.rank])
         step, log_rows = ckpt["step"], ckpt["log_rows"]
     # TensorBoard can only drop whole steps: a skip event logged after the checkpoint has the checkpoint's
