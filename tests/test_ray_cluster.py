@@ -119,7 +119,6 @@ def _write_pngs(folder: Path) -> None:
         Image.fromarray(rng.integers(0, 255, (24, 24), dtype=np.uint8)).save(folder / f"img{i}.png")
 
 
-@pytest.mark.slow
 def test_ingest_on_a_two_node_ray_cluster(tmp_path, ray_cluster):
     _write_pngs(tmp_path / "archive")
     out = tmp_path / "out"
