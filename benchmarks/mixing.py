@@ -117,8 +117,8 @@ def iid_batches(args, counts, n_batches: int) -> list[float]:
     return shares[:n_batches]
 
 
-def synthetic_layout(n_samples: int, files: str, rng: np.random.Generator,
-                     deal: int = 1) -> tuple[list[np.ndarray], np.ndarray]:
+def synthetic_layout(n_samples: int, files: str, rng: np.random.Generator, deal: int = 1,
+                     shuffle_units: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
     """(series id of every sample of every shard, in index order; samples per series) for an archive
     written as ``medssl ingest`` does: files in folder order, dealt round-robin to the ``deal`` units of
     each block of deal * 256 files, shards cut between files."""
@@ -135,13 +135,21 @@ def synthetic_layout(n_samples: int, files: str, rng: np.random.Generator,
     series = np.repeat(file_series, file_sizes)
     file_ends = np.cumsum(file_sizes)
     shards, start = [], 0
-    for unit_start in range(0, len(file_sizes), FILES_PER_UNIT):
-        pending = 0
-        for f in range(unit_start, min(unit_start + FILES_PER_UNIT, len(file_sizes))):
-            pending += int(file_sizes[f])
-            if pending >= SAMPLES_PER_SHARD or f == min(unit_start + FILES_PER_UNIT, len(file_sizes)) - 1:
-                shards.append(series[start:int(file_ends[f])])
-                start, pending = int(file_ends[f]), 0
+    for unit, unit_start in enumerate(range(0, len(file_sizes), FILES_PER_UNIT)):
+        stop = int(file_ends[min(unit_start + FILES_PER_UNIT, len(file_sizes)) - 1])
+        samples = series[start:stop]
+        if shuffle_units:  # as medssl ingest's SampleSpool: the unit's samples shuffled, then cut evenly
+            samples = samples[np.random.default_rng([2, unit]).permutation(len(samples))]
+            shards += np.array_split(samples, -(-len(samples) // SAMPLES_PER_SHARD))
+        else:  # before: in file order, a new shard once a file takes the shard past SAMPLES_PER_SHARD
+            ends = file_ends[unit_start:unit_start + FILES_PER_UNIT] - start
+            cut, pending_start = [], 0
+            for end in ends:
+                if end - pending_start >= SAMPLES_PER_SHARD or end == ends[-1]:
+                    cut.append(samples[pending_start:int(end)])
+                    pending_start = int(end)
+            shards += cut
+        start = stop
     return shards, lengths
 
 
@@ -187,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="synthetic archive: one file per series or per slice")
     p.add_argument("--deal", type=int, default=1, metavar="W",
                    help="synthetic archive: files dealt round-robin to the W units of a block (ingest's mix_units)")
+    p.add_argument("--shuffle-units", action="store_true",
+                   help="synthetic archive: each unit's samples shuffled before they are cut into shards (ingest today)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     p.add_argument("--shuffle-buffer", type=int, default=1000)
@@ -205,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.synthetic:
             shards, lengths = synthetic_layout(args.synthetic, args.files, np.random.default_rng(args.seed),
-                                              args.deal)
+                                              args.deal, args.shuffle_units)
             shard_series = write_index(Path(tmp), shards)
             counts = lengths
             print(f"synthetic archive: {args.files} layout, {len(shards)} shards")

@@ -95,7 +95,7 @@ def _bytes_under(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def measure(data: Path, n: int, workers: int, tmp: Path) -> dict:
+def measure(data: Path, n: int, workers: int, tmp: Path, keep: bool) -> dict:
     archive = data / f"archive-{n}"
     t0 = time.perf_counter()
     generate(archive, n)
@@ -125,7 +125,8 @@ def measure(data: Path, n: int, workers: int, tmp: Path) -> dict:
         "storage_read_per_input_byte": round(storage / size, 3),
         "storage_read_per_input_page": round(storage / pages, 3),
     }
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     return row
 
 
@@ -147,13 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("/tmp/medssl-scale"), help="where archives are generated and kept")
     p.add_argument("--tmp", type=Path, default=None, help="where datasets are written (default: --data)")
     p.add_argument("--json", type=Path, default=None, help="also save the rows as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the datasets (dataset-N under --tmp) for stream checks")
     args = p.parse_args(argv)
     args.data.mkdir(parents=True, exist_ok=True)
     print("machine:", json.dumps(machine_facts()), flush=True)
     rows = []
     for n in args.sizes:
         print(f"{n} files:", flush=True)
-        rows.append(measure(args.data, n, args.workers, args.tmp or args.data))
+        rows.append(measure(args.data, n, args.workers, args.tmp or args.data, args.keep))
         print("  " + json.dumps(rows[-1]), flush=True)
         if args.json:
             args.json.write_text(json.dumps({"machine": machine_facts(), "rows": rows}, indent=1))

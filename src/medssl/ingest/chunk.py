@@ -12,9 +12,12 @@ settings).
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from medssl import storage
 from medssl.atomic import atomic_write_text
@@ -45,6 +48,9 @@ class ChunkSummary:
     worker_peak_rss_bytes: int = 0
     worker_cpu_seconds: float = 0.0  # the decode worker's CPU time for this unit (not in this process's)
     worker_storage_read_bytes: int = 0  # what the decode worker read from storage (not the page cache)
+
+
+_SHUFFLE = 2  # first word of the unit's shuffle seed (a purpose of its own; see data/stream.py)
 
 
 def part_path(out: str | Path, chunk: int) -> str | Path:
@@ -98,6 +104,51 @@ def prestart_decode_worker(cfg: IngestConfig) -> None:
     decode_worker(cfg).start()
 
 
+class SampleSpool:
+    """A unit's encoded samples on local disk, cut into shards in a shuffled order once the unit is done.
+
+    Why: the slices of one file (a volume, a multi-frame DICOM) come out together, and a shard written in
+    that order holds runs of one series, which a streaming reader cannot break up (docs/ARCHITECTURE.md,
+    "Mixing"). Shuffling the unit's samples (seeded by the unit, so a redone unit writes the same shards)
+    puts every shard's neighbours in different files. Memory: a few numbers per sample; the bytes stay
+    in the spool file.
+    """
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile(prefix="medssl-spool-")
+        self._where: list[tuple[str, int, int, int]] = []  # (key, offset, PNG bytes, metadata bytes)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def add(self, sample: Sample) -> None:
+        meta = json.dumps(sample.meta).encode()
+        self._where.append((sample.key, self._file.tell(), len(sample.png), len(meta)))
+        self._file.write(sample.png)
+        self._file.write(meta)
+
+    def _read(self, i: int) -> Sample:
+        key, offset, n_png, n_meta = self._where[i]
+        self._file.seek(offset)
+        data = self._file.read(n_png + n_meta)
+        return Sample(key, data[:n_png], json.loads(data[n_png:]))
+
+    def write_shards(self, chunk: int, per_shard: int, shard_dir) -> dict[str, str]:
+        """Write the spooled samples in a shuffled order, ``per_shard`` at most per shard (sizes even);
+        returns each key's shard name."""
+        order = np.random.default_rng([_SHUFFLE, chunk]).permutation(len(self._where))
+        n_shards = -(-len(order) // per_shard)
+        shard_of = {}
+        for part, picked in enumerate(np.array_split(order, n_shards) if n_shards else []):
+            name = shard_name(chunk, part)
+            write_shard(storage.join(shard_dir, name), (self._read(int(i)) for i in picked))
+            shard_of.update((self._where[int(i)][0], name) for i in picked)
+        return shard_of
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def run_chunk(job: ChunkJob) -> ChunkSummary:
     start = time.perf_counter()
     shard_dir = storage.join(storage.location(job.out), "shards")
@@ -109,21 +160,7 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
     worker.follow_environment()
     faults_before, cpu_before, read_before = worker.faults, worker.cpu_seconds, worker.storage_read_bytes
     rows: list[dict] = []
-    pending: list[Sample] = []
-    pending_rows: list[dict] = []
-    part = 0
-    n_samples = 0
-
-    def flush() -> None:
-        nonlocal part, pending, pending_rows
-        if pending:
-            name = shard_name(job.chunk, part)
-            write_shard(storage.join(shard_dir, name), pending)
-            for row in pending_rows:
-                row["shard"] = name
-            part += 1
-        pending, pending_rows = [], []
-
+    spool = SampleSpool()
     first_with: dict[str, str] = {}  # content hash -> manifest path of the unit's first file with it
     bytes_read = 0
     for index, path, shown, scan_error in job.files:
@@ -144,15 +181,17 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
             first_with[sha] = shown
             outcome = process_file_isolated(worker, FileTask(index, path, sha), job.cfg, job.salt)
             row.update(status=outcome.status, reason=outcome.reason, format=outcome.format, modality=outcome.modality)
-            if outcome.samples:
+            if outcome.samples:  # spooled only once the whole file succeeded: no orphan samples
                 row.update(samples=[s.key for s in outcome.samples], empty_frames=outcome.empty_frames)
-                pending.extend(outcome.samples)
-                pending_rows.append(row)
-                n_samples += len(outcome.samples)
-                if len(pending) >= job.cfg.samples_per_shard:  # shards break between files, never inside one
-                    flush()
+                for sample in outcome.samples:
+                    spool.add(sample)
         rows.append(row)
-    flush()
+    shard_of = spool.write_shards(job.chunk, job.cfg.samples_per_shard, shard_dir)
+    for row in rows:
+        if row.get("samples"):
+            row["shards"] = [shard_of[key] for key in row["samples"]]
+    n_samples = len(spool)
+    spool.close()
     atomic_write_text(part_path(storage.location(job.out), job.chunk), "".join(json.dumps(r) + "\n" for r in rows))
     return ChunkSummary(job.chunk, len(job.files), n_samples, time.perf_counter() - start, bytes_read,
                         worker.faults - faults_before, worker.peak_rss_bytes, worker.cpu_seconds - cpu_before,

@@ -70,9 +70,9 @@ def resolve_unit(index: ContentIndex, rows: list[dict], part: str | Path, shard_
         first, first_path = index.first(row["sha256"])
         if first == row["index"]:
             continue
-        if row.get("samples"):
-            drop.setdefault(row["shard"], set()).update(row["samples"])
-        for key in ("samples", "empty_frames", "shard", "format", "modality"):
+        for key, shard in zip(row.get("samples", []), row.get("shards", [])):
+            drop.setdefault(shard, set()).add(key)
+        for key in ("samples", "empty_frames", "shards", "format", "modality"):
             row.pop(key, None)
         row.update(status="duplicate", reason=f"duplicate: same content as {first_path}")
         changed = True

@@ -109,8 +109,7 @@ def finalize(out: str | Path, plan: DatasetPlan, stats: RunStats, content_db: Pa
             rows = _rows(part)
             for r in resolve_unit(content, rows, part, storage.join(out, "shards")):
                 totals.add(r)
-                if r.get("shard"):
-                    new_shards[r["shard"]] += len(r["samples"])
+                new_shards.update(r.get("shards", []))
             rows_seen += len(rows)
             content.commit()
     finally:
