@@ -1,5 +1,6 @@
 """`medssl ingest --engine ray` on a two-node Ray cluster: two `ray start` nodes on this machine, each with
-its own temp folder and one CPU, joined through the head's port on 127.0.0.1.
+its own temp folder and one CPU, joined through the head's port on 127.0.0.1, reading the archive from and
+writing the dataset to a real S3 server (moto) on 127.0.0.1.
 
 Teardown ends exactly the processes this test started (each node's `ray start --block` leads its own
 process group) and never calls `ray stop`, which would end every Ray instance on the machine, other
@@ -119,16 +120,25 @@ def _write_pngs(folder: Path) -> None:
         Image.fromarray(rng.integers(0, 255, (24, 24), dtype=np.uint8)).save(folder / f"img{i}.png")
 
 
-def test_ingest_on_a_two_node_ray_cluster(tmp_path, ray_cluster):
+def test_ingest_on_a_two_node_ray_cluster_from_and_into_object_storage(tmp_path, s3_bucket, ray_cluster):
+    # s3_bucket comes first: its AWS variables are in the environment both nodes start with, and work
+    # units run in Ray workers, which take their node's environment, not the driver's.
+    import s3fs
+
+    from medssl import storage
+
     _write_pngs(tmp_path / "archive")
-    out = tmp_path / "out"
+    s3fs.S3FileSystem().put(str(tmp_path / "archive"), f"{s3_bucket}/archive", recursive=True)
+    out = f"{s3_bucket}/dataset"
     proc = subprocess.run(
-        [sys.executable, "-m", "medssl.cli", "ingest", str(tmp_path / "archive"), "--out", str(out), "--quiet",
+        [sys.executable, "-m", "medssl.cli", "ingest", f"{s3_bucket}/archive", "--out", out, "--quiet",
          "--engine", "ray", "--ray-address", ray_cluster.address, "--set", f"files_per_chunk={FILES_PER_UNIT}"],
         capture_output=True, text=True, env=ray_cluster.env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads(storage.read_text(f"{out}/report.json"))
     assert report["files"] == FILES and report["status"] == {"ingested": FILES}
+    assert report["this_run"]["bytes_read"] == sum(p.stat().st_size for p in (tmp_path / "archive").iterdir())
+    assert sorted(storage.listdir(f"{out}/manifest")) == [f"chunk-{c:06d}.jsonl" for c in range(FILES // FILES_PER_UNIT)]
     ran = ray_cluster.tasks_per_node("_call")
     assert all(ran.values()), f"work units per node: {ran}; both nodes should have run some"
