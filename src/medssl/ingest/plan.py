@@ -163,9 +163,13 @@ def open_plan(cfg: IngestConfig, out: Path, salt: bytes) -> tuple[DatasetPlan, s
     return plan, "add"
 
 
-def planned_units(plan: DatasetPlan, out: Path) -> Iterator[Unit]:
+def planned_units(plan: DatasetPlan, out: Path, min_units: int = 1) -> Iterator[Unit]:
     """The current generation's units: those saved already, then new ones, block by block, as the listing
-    streams in. The generation's totals are saved when the listing ends."""
+    streams in. The generation's totals are saved when the listing ends.
+
+    ``min_units``: a block is cut into at least this many units (the workers), so that a small archive
+    keeps every worker busy instead of filling one unit.
+    """
     gen = plan.current
     chunk, index, last = gen.first_chunk, gen.first_index, None
     while storage.exists(unit_path(out, chunk)):
@@ -189,7 +193,8 @@ def planned_units(plan: DatasetPlan, out: Path) -> Iterator[Unit]:
     while block := list(itertools.islice(entries, size * mix)):
         # Unit j of the block takes entries j, j + n, j + 2n, ... Units are saved one by one and read
         # back when handed out, so the driver holds the block's entries and one unit, never the block twice.
-        n, count = -(-len(block) // size), len(block)
+        count = len(block)
+        n = max(-(-count // size), min(count, min_units))
         for j in range(n):
             save_unit(out, Unit(chunk + j, list(range(index + j, index + count, n)), block[j::n], (chunk, n, block[-1])))
         del block

@@ -122,7 +122,7 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path
 
     def jobs() -> Iterator[ChunkJob]:
         nonlocal resumed, listed
-        for unit in planned_units(plan, out):
+        for unit in planned_units(plan, out, cfg.workers):
             listed += len(unit.entries)
             bar.set_postfix(listed=listed, images=n_samples)
             if storage.exists(part_path(out, unit.chunk)):  # done by an interrupted run
