@@ -11,7 +11,7 @@ import numpy as np
 from helpers import manifest, shard_samples, write_ct_dicom
 
 from medssl.config import IngestConfig
-from medssl.data.stream import list_shards
+from medssl.data.stream import ShardStream, list_shards
 from medssl.ingest import ingest
 from medssl.ingest.listing import Entry, entry_key, scan, unseen
 from medssl.ingest.plan import load_unit, open_plan, planned_units, unit_path
@@ -126,8 +126,12 @@ def test_a_second_ingest_adds_only_the_new_files(tmp_path):
     assert sorted(r["index"] for r in rows) == list(range(23))
     assert {r["path"] for r in rows if r["index"] >= 20} == {"in/s0/img020.dcm", "in/s1/img021.dcm", "in/s1/resent.dcm"}
     assert rows[[r["path"] for r in rows].index("in/s1/resent.dcm")]["status"] == "duplicate"
-    # readers see old and new samples
+    # readers see old and new samples: one pretraining epoch streams all 22 (batches of 2, 1 rank)
     assert sum(s.samples for s in list_shards([out])) == 22 == second["samples"] == len(shard_samples(out))
+    streamed = [x["key"] for x in ShardStream(out, batch_size=2, seed=0)]
+    assert sorted(streamed) == sorted(shard_samples(out))
+    new_keys = {k for r in rows if r["index"] >= 20 and r["status"] == "ingested" for k in r["samples"]}
+    assert len(new_keys) == 2 and new_keys <= set(streamed)
 
     third = ingest(_cfg(src, out), show_progress=False).report  # nothing new: nothing processed
     assert third["this_run"]["files"] == 0 and third["files"] == 23 and third["samples"] == 22

@@ -136,3 +136,18 @@ def test_pretrain_on_s3_killed_and_resumed_equals_uninterrupted(tiny_shards, s3_
     with torch.no_grad():
         assert encoder(torch.rand(2, 1, 32, 32)).shape == (2, encoder.model_card["feature_dim"])
     assert "tensorboard" not in storage.listdir(killed)  # not written to object storage
+
+
+def test_finetune_starts_from_a_run_folder_on_s3(tmp_path, tiny_shards, s3_bucket):
+    from helpers import write_blob_task
+    from medssl.config import PretrainConfig
+    from medssl.downstream import finetune
+    from medssl.train.pretrain import pretrain
+    from test_finetune import FAST, PRETRAIN
+
+    run = f"{s3_bucket}/run"
+    pretrain(PretrainConfig(shards=[tiny_shards], out=run, max_steps=2, **PRETRAIN), show_progress=False)
+    # hybrid: the encoder and the checkpoint's projection head and prototypes both come from object storage
+    metrics = finetune(write_blob_task(tmp_path / "task"), init=run, mode="hybrid", out=tmp_path / "ft", **FAST)
+    assert metrics["config"]["init"] == run and metrics["init"]["pretrain_steps"] == 2
+    assert 0 <= metrics["test_auc"] <= 1

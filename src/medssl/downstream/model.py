@@ -22,6 +22,7 @@ import torch
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
+from medssl import storage
 from medssl.config import ConfigError, FinetuneConfig, PretrainConfig
 from medssl.data.augment import MultiCropConfig
 from medssl.models import SSLModel, create_backbone
@@ -84,7 +85,7 @@ def build_networks(cfg: FinetuneConfig, n_outputs: int) -> Networks:
         backbone, dim = create_backbone(cfg.backbone)
         return Networks(Classifier(backbone, dim, n_outputs), cfg.backbone, init)
 
-    run = Path(cfg.init)
+    run = storage.location(cfg.init)  # a local folder or an s3:// run folder
     try:
         card = read_card(run)
     except FileNotFoundError as e:
@@ -93,10 +94,11 @@ def build_networks(cfg: FinetuneConfig, n_outputs: int) -> Networks:
     if cfg.mode != "hybrid":
         return Networks(Classifier(load_encoder(run), card["feature_dim"], n_outputs), card["architecture"], init)
 
-    if not (run / CHECKPOINT).is_file():
-        raise ConfigError(f"--mode hybrid needs {run / CHECKPOINT}: the pretrained projection head and prototypes "
+    checkpoint = storage.join(run, CHECKPOINT)
+    if not storage.exists(checkpoint):
+        raise ConfigError(f"--mode hybrid needs {checkpoint}: the pretrained projection head and prototypes "
                           "are kept only there (encoder.safetensors holds the backbone alone)")
-    ckpt = load_checkpoint(run / CHECKPOINT, keys=("step", "config", "model"))
+    ckpt = load_checkpoint(checkpoint, keys=("step", "config", "model"))
     if ckpt["step"] != card.get("steps"):
         raise ConfigError(f"{run}: {CHECKPOINT} is at step {ckpt['step']} but the encoder at step {card.get('steps')}; "
                           "finish the pretraining run (rerun its command) before hybrid fine-tuning")
