@@ -13,6 +13,7 @@ disk and are counted), then runs ``medssl ingest`` on each in a fresh process an
   files of ~300 bytes the page count, not the byte count, is what one read of each file costs).
 
     python benchmarks/scale.py --sizes 10000 100000 1000000 --data /tmp/scale --json /tmp/scale.json
+    python benchmarks/scale.py --incremental 100000 --data /tmp/scale   # add 10% to a dataset
 
 Archives are generated once under --data and reused. Run on a quiet machine: wall times are shared.
 """
@@ -51,15 +52,16 @@ print(json.dumps({"driver_peak_rss_bytes": hwm, "report": summary.report}))
 """
 
 
-def generate(folder: Path, n: int) -> None:
-    """``n`` distinct 16x16 PNGs (their index is written into the pixels)."""
-    done = folder / f".complete-{n}"
+def generate(folder: Path, n: int, start: int = 0) -> None:
+    """``n`` distinct 16x16 PNGs numbered from ``start`` (the number is written into the pixels)."""
+    done = folder / f".complete-{n}" if start == 0 else folder / f".added-{start}-{n}"
     if done.exists():
         return
-    shutil.rmtree(folder, ignore_errors=True)
+    if start == 0:
+        shutil.rmtree(folder, ignore_errors=True)
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (16, 16), dtype=np.uint8)
-    for i in range(n):
+    for i in range(start, start + n):
         series = folder / f"p{i // (FILES_PER_SERIES * SERIES_PER_PATIENT):05d}" / f"s{(i // FILES_PER_SERIES) % SERIES_PER_PATIENT:03d}"
         if i % FILES_PER_SERIES == 0:
             series.mkdir(parents=True, exist_ok=True)
@@ -89,6 +91,37 @@ def evict(folder: Path) -> tuple[int, int, int]:
     return files, size, pages
 
 
+def _run_ingest(archive: Path, out: Path, workers: int) -> tuple[dict, float]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _DRIVER, str(archive), str(out), str(workers)],
+                          capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"ingest of {archive} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall
+
+
+def incremental(data: Path, n: int, workers: int, tmp: Path) -> dict:
+    """Ingest an archive of ``n`` files, add n / 10 new ones (a new patient folder) and ingest again into
+    the same dataset: what the second run processes and how long it takes."""
+    archive = data / f"archive-grow-{n}"
+    generate(archive, n)
+    out = tmp / f"dataset-grow-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    evict(archive)
+    first, first_wall = _run_ingest(archive, out, workers)
+    generate(archive, n // 10, start=n)
+    evict(archive)
+    second, second_wall = _run_ingest(archive, out, workers)
+    report = second["report"]
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(archive, ignore_errors=True)  # it grew: a rerun starts from n files again
+    return {"files": n, "added": n // 10, "first_wall_s": round(first_wall, 1), "second_wall_s": round(second_wall, 1),
+            "second_files_processed": report["throughput"]["files_processed"],
+            "second_files_in_run": report["this_run"]["files"], "dataset_files": report["files"],
+            "dataset_samples": report["samples"]}
+
+
 def _bytes_under(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -103,13 +136,7 @@ def measure(data: Path, n: int, workers: int, tmp: Path, keep: bool) -> dict:
     files, size, pages = evict(archive)
     out = tmp / f"dataset-{n}"
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, str(archive), str(out), str(workers)],
-                          capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"ingest of {n} files failed: {proc.stderr[-2000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result, wall = _run_ingest(archive, out, workers)
     report = result["report"]
     storage = report["isolation"]["worker_storage_read_bytes"]
     row = {
@@ -149,9 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tmp", type=Path, default=None, help="where datasets are written (default: --data)")
     p.add_argument("--json", type=Path, default=None, help="also save the rows as JSON")
     p.add_argument("--keep", action="store_true", help="keep the datasets (dataset-N under --tmp) for stream checks")
+    p.add_argument("--incremental", type=int, metavar="N", default=None,
+                   help="instead: ingest N files, add N/10, ingest again into the same dataset (time and files processed)")
     args = p.parse_args(argv)
     args.data.mkdir(parents=True, exist_ok=True)
     print("machine:", json.dumps(machine_facts()), flush=True)
+    if args.incremental:
+        row = incremental(args.data, args.incremental, args.workers, args.tmp or args.data)
+        print(json.dumps(row))
+        if args.json:
+            args.json.write_text(json.dumps({"machine": machine_facts(), "incremental": row}, indent=1))
+        return 0
     rows = []
     for n in args.sizes:
         print(f"{n} files:", flush=True)

@@ -55,7 +55,7 @@ def noisy(values: np.ndarray, semantics: str) -> np.ndarray:
 def test_fixture_has_uneven_shards(archives):
     stream = ShardStream(archives)
     assert stream.total == TOTAL and len(stream.shards) == 8
-    assert sorted({s.samples for s in stream.shards}) == [1, 3]
+    assert len({s.samples for s in stream.shards}) > 1  # uneven: the stream must not assume equal shards
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
