@@ -68,9 +68,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from medssl import storage
-from medssl.shard_format import Sample, decode_pixels, read_shard
+from medssl.shard_format import INDEX_FORMAT, Sample, decode_pixels, read_shard
 
-INDEX_FORMAT = "medssl-shards/1"
 # First word of every SeedSequence we build, so the streams of different purposes never coincide.
 _SHARD_ORDER, _BUFFER = 0, 1
 _DRAW_BLOCK = 4096  # random buffer slots drawn per numpy call: per-call overhead dominates single draws

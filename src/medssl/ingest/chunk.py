@@ -22,7 +22,7 @@ import numpy as np
 from medssl import storage
 from medssl.atomic import atomic_write_text
 from medssl.config import IngestConfig
-from medssl.ingest.pipeline import FileTask, hash_file_isolated, process_file_isolated
+from medssl.ingest.pipeline import FileTask, process_file_isolated
 from medssl.io.isolation import Budget, IsolatedWorker, shared_worker
 from medssl.privacy import keyed_hash
 from medssl.shard_format import Sample, write_shard
@@ -35,6 +35,8 @@ class ChunkJob:
     cfg: IngestConfig
     out: str
     salt: bytes
+    seen_db: str            # this machine's SeenContent table (dedup.py)
+    content_db: str | None  # the dataset's content.sqlite when this machine has it (earlier ingest runs)
 
 
 @dataclass
@@ -161,7 +163,6 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
     faults_before, cpu_before, read_before = worker.faults, worker.cpu_seconds, worker.storage_read_bytes
     rows: list[dict] = []
     spool = SampleSpool()
-    first_with: dict[str, str] = {}  # content hash -> manifest path of the unit's first file with it
     bytes_read = 0
     for index, path, shown, scan_error in job.files:
         row = {"index": index, "path": shown, "sha256": None}
@@ -170,21 +171,18 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
                        reason=scan_error)
             rows.append(row)
             continue
-        size, sha, error = hash_file_isolated(worker, path)
-        bytes_read += size
-        row["sha256"] = sha
-        if error:
-            row.update(status="rejected", reason=error)
-        elif sha in first_with:
-            row.update(status="duplicate", reason=f"duplicate: same content as {first_with[sha]}")
-        else:
-            first_with[sha] = shown
-            outcome = process_file_isolated(worker, FileTask(index, path, sha), job.cfg, job.salt)
-            row.update(status=outcome.status, reason=outcome.reason, format=outcome.format, modality=outcome.modality)
-            if outcome.samples:  # spooled only once the whole file succeeded: no orphan samples
-                row.update(samples=[s.key for s in outcome.samples], empty_frames=outcome.empty_frames)
-                for sample in outcome.samples:
-                    spool.add(sample)
+        # One call: the worker hashes the file, skips it if a lower index holds its content (the reason
+        # then names that file once the generation is finished, dedup.resolve_unit), else decodes it.
+        outcome = process_file_isolated(worker, FileTask(index, path, None), job.cfg, job.salt,
+                                        (job.seen_db, job.content_db))
+        bytes_read += outcome.size
+        row.update(sha256=outcome.sha256, status=outcome.status, reason=outcome.reason)
+        if outcome.status != "duplicate":
+            row.update(format=outcome.format, modality=outcome.modality)
+        if outcome.samples:  # spooled only once the whole file succeeded: no orphan samples
+            row.update(samples=[s.key for s in outcome.samples], empty_frames=outcome.empty_frames)
+            for sample in outcome.samples:
+                spool.add(sample)
         rows.append(row)
     shard_of = spool.write_shards(job.chunk, job.cfg.samples_per_shard, shard_dir)
     for row in rows:

@@ -1,6 +1,9 @@
 """Exact duplicates across work units: the file with the lowest entry index (first listed) wins.
 
-Units run in parallel and in any order, each de-duplicating only its own files. When a generation is
+While units run, ``SeenContent`` (a SQLite table on the machine's local disk, shared by the ingest
+processes there) lets a unit skip decoding a file whose content a lower index already holds: such a file
+can never win. The lowest-index copy of a content is never skipped (no lower index can hold it), so what
+is decoded depends on timing, but what the dataset ends up holding does not. When a generation is
 finished, its units' manifest rows are replayed twice against ``content.sqlite``, the dataset's table
 of content hash -> first file (SQLite: on disk, so the driver's memory does not grow with the archive):
 the first pass records, for every content, the lowest index that holds it; the second marks every other
@@ -45,6 +48,36 @@ class ContentIndex:
         self._db.close()
 
 
+class SeenContent:
+    """Content hash -> lowest index seen so far by the ingest processes of this machine (a cache: losing
+    it costs only decodes). ``earlier`` records a file and says whether a lower index holds its content.
+    ``content_db`` (the dataset's content.sqlite, read only) adds the contents of earlier ingest runs."""
+
+    def __init__(self, path: Path, content_db: Path | None):
+        self._db = sqlite3.connect(path, timeout=60, isolation_level=None)  # autocommit: one upsert each
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE IF NOT EXISTS seen (sha256 TEXT PRIMARY KEY, idx INTEGER NOT NULL) WITHOUT ROWID")
+        self._content = None
+        if content_db is not None and Path(content_db).exists():
+            self._content = sqlite3.connect(f"file:{content_db}?mode=ro", uri=True, timeout=60)
+
+    def earlier(self, sha256: str, index: int) -> bool:
+        if self._content is not None:
+            found = self._content.execute("SELECT idx FROM content WHERE sha256 = ?", (sha256,)).fetchone()
+            if found is not None and found[0] < index:
+                return True
+        (lowest,) = self._db.execute(
+            "INSERT INTO seen VALUES (?, ?) ON CONFLICT (sha256) DO UPDATE SET idx = min(idx, excluded.idx) "
+            "RETURNING idx", (sha256, index)).fetchone()
+        return lowest < index
+
+    def close(self) -> None:
+        self._db.close()
+        if self._content is not None:
+            self._content.close()
+
+
 def _compared(row: dict) -> bool:
     """Rows that take part: hashed files, apart from the duplicates their own unit found."""
     return bool(row.get("sha256")) and row["status"] != "duplicate"
@@ -65,9 +98,14 @@ def resolve_unit(index: ContentIndex, rows: list[dict], part: str | Path, shard_
     drop: dict[str, set[str]] = {}  # shard name -> sample keys to remove
     changed = False
     for row in rows:
-        if not _compared(row):
+        if not row.get("sha256"):
             continue
         first, first_path = index.first(row["sha256"])
+        if row["status"] == "duplicate":  # found while the units ran: name the file that holds the content
+            reason = f"duplicate: same content as {first_path}"
+            changed |= row["reason"] != reason
+            row["reason"] = reason
+            continue
         if first == row["index"]:
             continue
         for key, shard in zip(row.get("samples", []), row.get("shards", [])):

@@ -14,11 +14,13 @@ import os
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from medssl.config import IngestConfig
+from medssl.ingest.dedup import SeenContent
 from medssl.ingest.listing import kind_error
 from medssl.intensity import map_frame
 from medssl.io import Limits, Rejected, SourceImage, read_image
@@ -37,17 +39,19 @@ class FileTask:
 
     index: int
     path: str
-    sha256: str | None
+    sha256: str | None  # None: the decode worker hashes it first (process_file_isolated)
 
 
 @dataclass
 class FileOutcome:
-    status: str                       # ingested | rejected
+    status: str                       # ingested | rejected | duplicate
     reason: str | None = None         # "code: detail" for rejections
     format: str | None = None
     modality: str | None = None
     samples: list[Sample] = field(default_factory=list)
     empty_frames: int = 0
+    sha256: str | None = None         # when the worker hashed the file (FileTask.sha256 was None)
+    size: int = 0                     # bytes read to hash it
 
 
 def hash_file(path: str) -> tuple[int, str | None, str | None]:
@@ -112,20 +116,6 @@ def _forget_fetched() -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
     _fetched.clear()
-
-
-def hash_file_isolated(worker: IsolatedWorker, path: str) -> tuple[int, str | None, str | None]:
-    """``hash_file`` in the decode worker; a worker fault (a read that hangs) becomes the file's error."""
-    try:
-        result, _ = worker.call("serve_hash_file", {"path": path})
-    except Rejected as fault:
-        return 0, None, f"{fault.code}: {fault.detail}"
-    return result["size"], result["sha256"], result["error"]
-
-
-def serve_hash_file(args: dict) -> tuple[dict, list[bytes]]:
-    size, sha, error = hash_file(args["path"])
-    return {"size": size, "sha256": sha, "error": error}, []
 
 
 def resize_longest_side(values: np.ndarray, max_side: int) -> np.ndarray:
@@ -205,9 +195,15 @@ def _process_file(task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome
                            format=src and src.format, modality=src and src.modality)
 
 
-def process_file_isolated(worker: IsolatedWorker, task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome:
-    """``process_file`` in the decode worker; a worker fault becomes this file's rejection."""
-    args = {"task": asdict(task), "cfg": cfg.model_dump(mode="json"), "salt": salt.hex()}
+def process_file_isolated(worker: IsolatedWorker, task: FileTask, cfg: IngestConfig, salt: bytes,
+                          seen: tuple[str, str | None] | None = None) -> FileOutcome:
+    """``process_file`` in the decode worker; a worker fault becomes this file's rejection.
+
+    A task without ``sha256`` is hashed first, in the same call (one read of storage, one round trip);
+    with ``seen`` (``dedup.SeenContent``'s paths) a file whose content a lower index holds is then not
+    decoded but returned as a ``duplicate``.
+    """
+    args = {"task": asdict(task), "cfg": cfg.model_dump(mode="json"), "salt": salt.hex(), "seen": seen}
     try:
         result, pngs = worker.call("serve_process_file", args)
     except Rejected as fault:  # the file cost its worker (timeout, crash, memory)
@@ -225,11 +221,39 @@ def serve_process_file(args: dict) -> tuple[dict, list[bytes]]:
     if key not in _cfg_cache:  # one work unit sends the same settings with every file: validate once
         _cfg_cache.clear()
         _cfg_cache[key] = IngestConfig.model_validate(args["cfg"])
+    task = FileTask(**args["task"])
     try:
-        outcome = process_file(FileTask(**args["task"]), _cfg_cache[key], bytes.fromhex(args["salt"]))
+        outcome = _hash_then_process(task, _cfg_cache[key], bytes.fromhex(args["salt"]), args["seen"])
     finally:
         _forget_fetched()  # the object's local copy has served its one decode
     result = {"status": outcome.status, "reason": outcome.reason, "format": outcome.format,
               "modality": outcome.modality, "empty_frames": outcome.empty_frames,
+              "sha256": outcome.sha256, "size": outcome.size,
               "samples": [{"key": s.key, "meta": s.meta} for s in outcome.samples]}
     return result, [s.png for s in outcome.samples]
+
+
+def _hash_then_process(task: FileTask, cfg: IngestConfig, salt: bytes, seen: list | None) -> FileOutcome:
+    if task.sha256 is not None:
+        return process_file(task, cfg, salt)
+    size, sha, error = hash_file(task.path)
+    if error:
+        return FileOutcome("rejected", reason=error, size=size)
+    if seen is not None and _seen_content(*seen).earlier(sha, task.index):
+        return FileOutcome("duplicate", reason="duplicate: same content as an earlier file", sha256=sha, size=size)
+    outcome = process_file(FileTask(task.index, task.path, sha), cfg, salt)
+    outcome.sha256, outcome.size = sha, size
+    return outcome
+
+
+_seen_cache: dict[tuple, SeenContent] = {}
+
+
+def _seen_content(seen_db: str, content_db: str | None) -> SeenContent:
+    """The worker's connection to the dataset's ``SeenContent`` (one dataset at a time)."""
+    if (seen_db, content_db) not in _seen_cache:
+        for old in _seen_cache.values():
+            old.close()
+        _seen_cache.clear()
+        _seen_cache[seen_db, content_db] = SeenContent(Path(seen_db), Path(content_db) if content_db else None)
+    return _seen_cache[seen_db, content_db]

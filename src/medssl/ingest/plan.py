@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ class DatasetPlan:
     roots: list[str]
     generations: list[Generation] = field(default_factory=list)
     paths_dropped: bool = False  # --redact-paths: the plan's paths were deleted after the ingest
+    dataset_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # names this dataset's local caches
 
     def drop_paths(self, out: Path, salt: bytes) -> None:
         """--redact-paths: once a generation is finished, delete its units and keep the inputs only as
@@ -93,7 +95,7 @@ class DatasetPlan:
 
     def save(self, out: Path) -> None:
         body = {"version": PLAN_VERSION, "settings": self.settings, "roots": self.roots,
-                "paths_dropped": self.paths_dropped, "generations": [asdict(g) for g in self.generations]}
+                "paths_dropped": self.paths_dropped, "dataset_id": self.dataset_id, "generations": [asdict(g) for g in self.generations]}
         atomic_write_text(state_path(out), json.dumps(body, indent=1))
 
 
@@ -144,7 +146,7 @@ def open_plan(cfg: IngestConfig, out: Path, salt: bytes) -> tuple[DatasetPlan, s
     if body.get("version") != PLAN_VERSION:
         raise ConfigError(f"{state_path(out)} was written by an incompatible medssl version; ingest into a new --out")
     plan = DatasetPlan(body["settings"], body["roots"], [Generation(**g) for g in body["generations"]],
-                       body["paths_dropped"])
+                       body["paths_dropped"], body["dataset_id"])
     if plan.paths_dropped:
         wanted["inputs"] = redacted(wanted["inputs"], salt)
     changed = [k for k in wanted if plan.settings.get(k) != wanted[k]]

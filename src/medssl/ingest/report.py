@@ -19,8 +19,8 @@ from medssl.atomic import atomic_write_text
 from medssl.ingest.chunk import part_path
 from medssl.ingest.dedup import ContentIndex, record_unit, resolve_unit
 from medssl.ingest.plan import DatasetPlan
+from medssl.shard_format import INDEX_FORMAT
 
-INDEX_FORMAT = "medssl-shards/1"
 LISTED = 1000  # rejected / duplicate files named in the report (all are in the manifest)
 
 

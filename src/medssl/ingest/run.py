@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -119,6 +120,9 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
 def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path, salt: bytes, plan: DatasetPlan,
          mode: str, engine, show_progress: bool) -> IngestSummary:
     resumed = listed = 0
+    # A cache of the contents units have hashed (dedup.SeenContent), on each machine's local disk.
+    seen_db = Path(tempfile.gettempdir()) / f"medssl-seen-{plan.dataset_id}.sqlite"
+    content_db = str(local / "content.sqlite") if (local / "content.sqlite").exists() else None
 
     def jobs() -> Iterator[ChunkJob]:
         nonlocal resumed, listed
@@ -131,7 +135,7 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path
                 continue
             files = [(i, plan.path(e), manifest_path(plan.shown(e), cfg, salt), e.error)
                      for i, e in zip(unit.indexes, unit.entries)]
-            yield ChunkJob(unit.chunk, files, unit_cfg, str(out), salt)
+            yield ChunkJob(unit.chunk, files, unit_cfg, str(out), salt, str(seen_db), content_db)
 
     start = time.perf_counter()
     n_files = n_samples = faults = peak_rss = bytes_read = 0
@@ -151,6 +155,8 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path
     stats = RunStats(time.perf_counter() - start, n_files, n_samples, cfg.workers, cfg.engine, resumed,
                      cfg.max_memory_mb, cfg.file_timeout_s, bytes_read, faults, peak_rss, worker_cpu, storage_read, mode)
     report = finalize(out, plan, stats, local / "content.sqlite")
+    for suffix in ("", "-wal", "-shm"):  # content.sqlite now holds what the cache knew
+        Path(f"{seen_db}{suffix}").unlink(missing_ok=True)
     plan.current.finished = True
     if cfg.redact_paths:  # the plan is the one place that must hold real paths; not kept past completion
         plan.drop_paths(out, salt)
