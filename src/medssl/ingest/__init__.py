@@ -1,8 +1,10 @@
 """``medssl ingest``: an archive of medical images -> streamable tar shards + manifest + report.
 
-Data flow: plan.py (scan, hash, de-duplicate, cut into work units) -> engine.py (local pool or Ray)
-runs chunk.py on each unit, which runs pipeline.py on each file and writes shards -> report.py merges
-the per-unit manifests into manifest.jsonl, index.json and report.md. run.py ties them together.
+Data flow: listing.py (stream the inputs in one sorted order) -> plan.py (deal blocks of the listing to
+work units, saved in parts) -> engine.py (local pool or Ray) runs chunk.py on each unit, which runs
+pipeline.py on each file in a decode worker (hash, skip known content, decode) and writes shuffled shards
+and a manifest part -> report.py settles duplicates across units (dedup.py), extends index.json and
+writes report.md. run.py ties them together.
 """
 
 import importlib
