@@ -169,8 +169,8 @@ def planned_units(plan: DatasetPlan, out: Path, min_units: int = 1) -> Iterator[
     """The current generation's units: those saved already, then new ones, block by block, as the listing
     streams in. The generation's totals are saved when the listing ends.
 
-    ``min_units``: a block is cut into at least this many units (the workers), so that a small archive
-    keeps every worker busy instead of filling one unit.
+    ``min_units``: a block is cut into a multiple of this many units (the workers), so that a small
+    archive keeps every worker busy and no worker runs a block's last unit alone.
     """
     gen = plan.current
     chunk, index, last = gen.first_chunk, gen.first_index, None
@@ -196,7 +196,8 @@ def planned_units(plan: DatasetPlan, out: Path, min_units: int = 1) -> Iterator[
         # Unit j of the block takes entries j, j + n, j + 2n, ... Units are saved one by one and read
         # back when handed out, so the driver holds the block's entries and one unit, never the block twice.
         count = len(block)
-        n = max(-(-count // size), min(count, min_units))
+        units = -(-count // size)
+        n = min(count, -(-units // min_units) * min_units)  # a multiple of the workers: no idle tail
         for j in range(n):
             save_unit(out, Unit(chunk + j, list(range(index + j, index + count, n)), block[j::n], (chunk, n, block[-1])))
         del block
