@@ -141,7 +141,8 @@ def measure(data: Path, n: int, workers: int, tmp: Path, keep: bool) -> dict:
     storage = report["isolation"]["worker_storage_read_bytes"]
     row = {
         "files": files, "input_bytes": size, "input_bytes_in_pages": pages, "workers": workers,
-        "ingested": report["status"].get("ingested", 0), "wall_s": round(wall, 1), "files_per_s": round(files / wall, 1),
+        "ingested": report["status"].get("ingested", 0), "status": report["status"],
+        "rejections_by_code": report["rejections_by_code"], "wall_s": round(wall, 1), "files_per_s": round(files / wall, 1),
         "driver_peak_rss_mb": round(result["driver_peak_rss_bytes"] / 2**20, 1),
         "plan_mb": round(_bytes_under(out / "plan") / 1e6, 2),
         "index_mb": round(_bytes_under(out / "index.json") / 1e6, 3),

@@ -154,3 +154,17 @@ def test_redacted_datasets_keep_no_paths_and_refuse_additions(tmp_path):
     else:
         raise AssertionError("adding files to a redacted dataset was not refused")
     assert os.listdir(out / "manifest")
+
+
+def test_a_seen_content_cache_that_cannot_answer_costs_decodes_not_files(tmp_path):
+    from medssl.ingest.dedup import SeenContent
+
+    broken = tmp_path / "seen.sqlite"
+    broken.write_bytes(b"not a database" * 100)
+    seen = SeenContent(broken, None)
+    assert seen.earlier("ab" * 32, 5) is False and seen.earlier("ab" * 32, 6) is False
+    seen.close()
+    working = SeenContent(tmp_path / "ok.sqlite", None)
+    assert working.earlier("cd" * 32, 5) is False and working.earlier("cd" * 32, 6) is True
+    assert working.earlier("cd" * 32, 2) is False and working.earlier("cd" * 32, 5) is True
+    working.close()

@@ -54,28 +54,38 @@ class SeenContent:
     ``content_db`` (the dataset's content.sqlite, read only) adds the contents of earlier ingest runs."""
 
     def __init__(self, path: Path, content_db: Path | None):
-        self._db = sqlite3.connect(path, timeout=60, isolation_level=None)  # autocommit: one upsert each
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("CREATE TABLE IF NOT EXISTS seen (sha256 TEXT PRIMARY KEY, idx INTEGER NOT NULL) WITHOUT ROWID")
-        self._content = None
-        if content_db is not None and Path(content_db).exists():
-            self._content = sqlite3.connect(f"file:{content_db}?mode=ro", uri=True, timeout=60)
+        self._db = self._content = None  # without them (they could not be opened) nothing is known
+        try:
+            self._db = sqlite3.connect(path, timeout=60, isolation_level=None)  # autocommit: one upsert each
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=OFF")
+            self._db.execute("CREATE TABLE IF NOT EXISTS seen (sha256 TEXT PRIMARY KEY, idx INTEGER NOT NULL) WITHOUT ROWID")
+            if content_db is not None and Path(content_db).exists():
+                self._content = sqlite3.connect(f"file:{content_db}?mode=ro", uri=True, timeout=60)
+        except sqlite3.Error:
+            self._db = None
 
     def earlier(self, sha256: str, index: int) -> bool:
-        if self._content is not None:
-            found = self._content.execute("SELECT idx FROM content WHERE sha256 = ?", (sha256,)).fetchone()
-            if found is not None and found[0] < index:
-                return True
-        (lowest,) = self._db.execute(
-            "INSERT INTO seen VALUES (?, ?) ON CONFLICT (sha256) DO UPDATE SET idx = min(idx, excluded.idx) "
-            "RETURNING idx", (sha256, index)).fetchone()
+        """Whether a lower index holds this content. A cache that cannot answer (a locked or damaged
+        database) answers no: the file is then decoded, and the finish settles duplicates anyway."""
+        if self._db is None:
+            return False
+        try:
+            if self._content is not None:
+                found = self._content.execute("SELECT idx FROM content WHERE sha256 = ?", (sha256,)).fetchone()
+                if found is not None and found[0] < index:
+                    return True
+            (lowest,) = self._db.execute(
+                "INSERT INTO seen VALUES (?, ?) ON CONFLICT (sha256) DO UPDATE SET idx = min(idx, excluded.idx) "
+                "RETURNING idx", (sha256, index)).fetchone()
+        except sqlite3.Error:
+            return False
         return lowest < index
 
     def close(self) -> None:
-        self._db.close()
-        if self._content is not None:
-            self._content.close()
+        for db in (self._db, self._content):
+            if db is not None:
+                db.close()
 
 
 def _compared(row: dict) -> bool:
