@@ -4,6 +4,7 @@ duplicates resolved the same way whatever order units finish in, and incremental
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 
@@ -168,3 +169,19 @@ def test_a_seen_content_cache_that_cannot_answer_costs_decodes_not_files(tmp_pat
     assert working.earlier("cd" * 32, 5) is False and working.earlier("cd" * 32, 6) is True
     assert working.earlier("cd" * 32, 2) is False and working.earlier("cd" * 32, 5) is True
     working.close()
+
+
+def test_a_unit_keeps_one_copy_of_a_content_even_without_the_cache(tmp_path):
+    from medssl.ingest.chunk import ChunkJob, part_path, run_chunk
+
+    _archive(tmp_path / "in", 2)
+    first = tmp_path / "in" / "s0" / "img000.dcm"
+    shutil.copy(first, tmp_path / "in" / "s0" / "zcopy.dcm")
+    files = [(i, str(p), f"in/{p.name}", None) for i, p in enumerate([first, tmp_path / "in" / "s1" / "img001.dcm",
+                                                                       tmp_path / "in" / "s0" / "zcopy.dcm"])]
+    out = tmp_path / "out"
+    job = ChunkJob(0, files, IngestConfig(), str(out), b"salt", "/nonexistent/seen.sqlite", None)  # no cache
+    summary = run_chunk(job)
+    rows = [json.loads(line) for line in part_path(out, 0).read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["ingested", "ingested", "duplicate"]
+    assert summary.samples == 2 and len(shard_samples(out)) == 2

@@ -22,7 +22,7 @@ import numpy as np
 from medssl import storage
 from medssl.atomic import atomic_write_text
 from medssl.config import IngestConfig
-from medssl.ingest.pipeline import FileTask, process_file_isolated
+from medssl.ingest.pipeline import FileOutcome, FileTask, process_file_isolated
 from medssl.io.isolation import Budget, IsolatedWorker, shared_worker
 from medssl.privacy import keyed_hash
 from medssl.shard_format import Sample, write_shard
@@ -164,6 +164,7 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
     rows: list[dict] = []
     spool = SampleSpool()
     bytes_read = 0
+    in_unit: set[str] = set()  # contents this unit holds: two copies must never share a unit's shards
     for index, path, shown, scan_error in job.files:
         row = {"index": index, "path": shown, "sha256": None}
         if scan_error:  # a second link to a folder listed once is a duplicate, anything else a rejection
@@ -176,6 +177,10 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
         outcome = process_file_isolated(worker, FileTask(index, path, None), job.cfg, job.salt,
                                         (job.seen_db, job.content_db))
         bytes_read += outcome.size
+        if outcome.sha256 in in_unit and outcome.status != "duplicate":  # the worker's cache could not tell
+            outcome = FileOutcome("duplicate", reason="duplicate: same content as an earlier file",
+                                  sha256=outcome.sha256)
+        in_unit.add(outcome.sha256)
         row.update(sha256=outcome.sha256, status=outcome.status, reason=outcome.reason)
         if outcome.status != "duplicate":
             row.update(format=outcome.format, modality=outcome.modality)
