@@ -15,6 +15,7 @@ listing, never on which unit finished first, and replaying again after a crash g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from pathlib import Path
@@ -53,17 +54,29 @@ class SeenContent:
     it costs only decodes). ``earlier`` records a file and says whether a lower index holds its content.
     ``content_db`` (the dataset's content.sqlite, read only) adds the contents of earlier ingest runs."""
 
+    @staticmethod
+    def create(path: Path) -> None:
+        """Make the table, in WAL mode (kept in the file), before the processes that share it start: two
+        of them switching a new file to WAL at once would find it locked."""
+        with contextlib.closing(sqlite3.connect(path, timeout=60)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS seen (sha256 TEXT PRIMARY KEY, idx INTEGER NOT NULL) WITHOUT ROWID")
+            db.commit()
+
     def __init__(self, path: Path, content_db: Path | None):
         self._db = self._content = None  # without them (they could not be opened) nothing is known
         try:
             self._db = sqlite3.connect(path, timeout=60, isolation_level=None)  # autocommit: one upsert each
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=OFF")
+            self._db.execute("PRAGMA synchronous=OFF")  # a cache: a crash may lose it
             self._db.execute("CREATE TABLE IF NOT EXISTS seen (sha256 TEXT PRIMARY KEY, idx INTEGER NOT NULL) WITHOUT ROWID")
             if content_db is not None and Path(content_db).exists():
                 self._content = sqlite3.connect(f"file:{content_db}?mode=ro", uri=True, timeout=60)
         except sqlite3.Error:
             self._db = None
+
+    @property
+    def unavailable(self) -> bool:
+        return self._db is None
 
     def earlier(self, sha256: str, index: int) -> bool:
         """Whether a lower index holds this content. A cache that cannot answer (a locked or damaged

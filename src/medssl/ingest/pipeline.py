@@ -250,8 +250,9 @@ _seen_cache: dict[tuple, SeenContent] = {}
 
 
 def _seen_content(seen_db: str, content_db: str | None) -> SeenContent:
-    """The worker's connection to the dataset's ``SeenContent`` (one dataset at a time)."""
-    if (seen_db, content_db) not in _seen_cache:
+    """The worker's connection to the dataset's ``SeenContent`` (one dataset at a time; tried again on the
+    next file if it could not be opened)."""
+    if (seen_db, content_db) not in _seen_cache or _seen_cache[seen_db, content_db].unavailable:
         for old in _seen_cache.values():
             old.close()
         _seen_cache.clear()

@@ -23,6 +23,7 @@ from medssl.ingest.chunk import (
     prestart_decode_worker,
     run_chunk,
 )
+from medssl.ingest.dedup import SeenContent
 from medssl.ingest.engine import make_engine
 from medssl.ingest.plan import DatasetPlan, open_plan, planned_units
 from medssl.ingest.report import RunStats, finalize
@@ -123,6 +124,7 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path
     # A cache of the contents units have hashed (dedup.SeenContent), on each machine's local disk.
     seen_db = Path(tempfile.gettempdir()) / f"medssl-seen-{plan.dataset_id}.sqlite"
     content_db = str(local / "content.sqlite") if (local / "content.sqlite").exists() else None
+    SeenContent.create(seen_db)
 
     def jobs() -> Iterator[ChunkJob]:
         nonlocal resumed, listed
