@@ -185,3 +185,12 @@ def test_a_unit_keeps_one_copy_of_a_content_even_without_the_cache(tmp_path):
     rows = [json.loads(line) for line in part_path(out, 0).read_text().splitlines()]
     assert [r["status"] for r in rows] == ["ingested", "ingested", "duplicate"]
     assert summary.samples == 2 and len(shard_samples(out)) == 2
+
+
+def test_files_that_could_not_be_hashed_are_not_duplicates_of_each_other(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a").write_bytes(b"")
+    (src / "b").write_bytes(b"")  # two empty files in one unit: each is its own rejection
+    report = ingest(_cfg(src, tmp_path / "out"), show_progress=False).report
+    assert report["status"] == {"rejected": 2} and report["rejections_by_code"] == {"empty_file": 2}

@@ -177,10 +177,11 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
         outcome = process_file_isolated(worker, FileTask(index, path, None), job.cfg, job.salt,
                                         (job.seen_db, job.content_db))
         bytes_read += outcome.size
-        if outcome.sha256 in in_unit and outcome.status != "duplicate":  # the worker's cache could not tell
-            outcome = FileOutcome("duplicate", reason="duplicate: same content as an earlier file",
-                                  sha256=outcome.sha256)
-        in_unit.add(outcome.sha256)
+        if outcome.sha256 is not None:  # None: not hashed (unreadable, empty): nothing to compare
+            if outcome.sha256 in in_unit and outcome.status != "duplicate":  # the worker's cache could not tell
+                outcome = FileOutcome("duplicate", reason="duplicate: same content as an earlier file",
+                                      sha256=outcome.sha256)
+            in_unit.add(outcome.sha256)
         row.update(sha256=outcome.sha256, status=outcome.status, reason=outcome.reason)
         if outcome.status != "duplicate":
             row.update(format=outcome.format, modality=outcome.modality)
