@@ -124,6 +124,18 @@ def redacted(paths: list[str], salt: bytes) -> list[str]:
     return [f"redacted-{keyed_hash(p, salt)}" for p in paths]
 
 
+def saved_chunks(folder: str | Path, suffix: str, first: int) -> set[int]:
+    """Numbers of the ``chunk-NNNNNN<suffix>`` files in ``folder`` from unit ``first`` on (the current
+    generation's), from one listing: on object storage a request per unit would cost hours at 10^5 units."""
+    found = set()
+    for name in storage.listdir(folder):
+        if name.startswith("chunk-") and name.endswith(suffix) and name[6:-len(suffix)].isdigit():
+            number = int(name[6:-len(suffix)])
+            if number >= first:
+                found.add(number)
+    return found
+
+
 def processing_settings(cfg: IngestConfig) -> dict:
     full = dump_config(cfg)
     full["inputs"] = [str(p) if storage.is_url(p) else str(Path(p).resolve()) for p in cfg.inputs]
@@ -174,9 +186,10 @@ def planned_units(plan: DatasetPlan, out: Path, min_units: int = 1) -> Iterator[
     """
     gen = plan.current
     chunk, index, last = gen.first_chunk, gen.first_index, None
-    while storage.exists(unit_path(out, chunk)):
+    saved = saved_chunks(storage.join(out, "plan"), ".json", gen.first_chunk)  # one listing, not a request per unit
+    while chunk in saved:
         first, count, block_last = load_unit(out, chunk).block
-        if not all(storage.exists(unit_path(out, c)) for c in range(first, first + count)):
+        if not all(c in saved for c in range(first, first + count)):
             for c in range(first, first + count):  # saving was cut short: none of these units ran
                 storage.remove(unit_path(out, c))
             break

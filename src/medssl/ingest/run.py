@@ -19,13 +19,12 @@ from medssl.config import ConfigError, IngestConfig
 from medssl.ingest.chunk import (
     ChunkJob,
     manifest_path,
-    part_path,
     prestart_decode_worker,
     run_chunk,
 )
 from medssl.ingest.dedup import SeenContent
 from medssl.ingest.engine import make_engine
-from medssl.ingest.plan import DatasetPlan, open_plan, planned_units
+from medssl.ingest.plan import DatasetPlan, open_plan, planned_units, saved_chunks
 from medssl.ingest.report import RunStats, finalize
 from medssl.privacy import load_salt
 
@@ -121,6 +120,7 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
 def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path, salt: bytes, plan: DatasetPlan,
          mode: str, engine, show_progress: bool) -> IngestSummary:
     resumed = listed = 0
+    done = saved_chunks(storage.join(out, "manifest"), ".jsonl", plan.current.first_chunk)
     # A cache of the contents units have hashed (dedup.SeenContent), on each machine's local disk.
     seen_db = Path(tempfile.gettempdir()) / f"medssl-seen-{plan.dataset_id}.sqlite"
     content_db = str(local / "content.sqlite") if (local / "content.sqlite").exists() else None
@@ -131,7 +131,7 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path
         for unit in planned_units(plan, out, cfg.workers):
             listed += len(unit.entries)
             bar.set_postfix(listed=listed, images=n_samples)
-            if storage.exists(part_path(out, unit.chunk)):  # done by an interrupted run
+            if unit.chunk in done:  # by an interrupted run
                 resumed += 1
                 bar.update(len(unit.entries))
                 continue
