@@ -90,18 +90,24 @@ def streamed_batches(args, interleave: int) -> tuple[list[float], list[float]]:
     return shares, first
 
 
-def read_per_used(args, datasets: list[Path], interleave: int) -> float:
-    """Samples read from shards per sample used: a part starting inside a shard reads the shard from its start."""
-    read = used = 0
+def reader_plans(args, roots, interleave: int):
+    """The ReaderPlan of every (rank, epoch, DataLoader worker) reader, as the stream plans them."""
     for rank in range(args.world_size):
-        stream = ShardStream(datasets, batch_size=args.batch_size, num_workers=args.workers, seed=args.seed,
+        stream = ShardStream(roots, batch_size=args.batch_size, num_workers=args.workers, seed=args.seed,
                              shuffle_buffer=args.shuffle_buffer, interleave=interleave, rank=rank,
                              world_size=args.world_size)
         for epoch in range(args.epochs):
             for worker in range(args.workers):
-                segments = [seg for part in stream.reader_plan(epoch, worker, args.workers).parts for seg in part]
-                read += sum(seg.first + seg.count for seg in segments)
-                used += sum(seg.count for seg in segments)
+                yield stream.reader_plan(epoch, worker, args.workers)
+
+
+def read_per_used(args, datasets: list[Path], interleave: int) -> float:
+    """Samples read from shards per sample used: a part starting inside a shard reads the shard from its start."""
+    read = used = 0
+    for plan in reader_plans(args, datasets, interleave):
+        segments = [seg for part in plan.parts for seg in part]
+        read += sum(seg.first + seg.count for seg in segments)
+        used += sum(seg.count for seg in segments)
     return read / used
 
 
@@ -156,26 +162,20 @@ def synthetic_layout(n_samples: int, files: str, rng: np.random.Generator, deal:
 def planned_batches(args, interleave: int, folder: Path, shard_series: dict[str, np.ndarray]):
     """Same-series shares of every batch, and of each epoch's first batches, from the stream's plan."""
     shares, first = [], []
-    for rank in range(args.world_size):
-        stream = ShardStream(folder, batch_size=args.batch_size, num_workers=args.workers, seed=args.seed,
-                             shuffle_buffer=args.shuffle_buffer, interleave=interleave, rank=rank,
-                             world_size=args.world_size)
-        for epoch in range(args.epochs):
-            for worker in range(args.workers):
-                plan = stream.reader_plan(epoch, worker, args.workers)
-                in_parts = [np.concatenate([shard_series[Path(seg.shard.path).name][seg.first:seg.first + seg.count]
-                                            for seg in segments] or [np.empty(0, dtype=np.int64)])
-                            for segments in plan.parts]
-                part_start = np.cumsum([0] + [len(p) for p in in_parts])
-                flat = np.concatenate(in_parts)
-                located = [part_of(t, plan.samples, len(plan.parts)) for t in plan.shuffle]
-                order = flat[[part_start[k] + j for k, j in located]]
-                for b, batch in enumerate(order.reshape(-1, args.batch_size)):
-                    _, counts = np.unique(batch, return_counts=True)
-                    share = float((counts * (counts - 1)).sum()) / (args.batch_size * (args.batch_size - 1))
-                    shares.append(share)
-                    if b < FIRST_BATCHES:
-                        first.append(share)
+    for plan in reader_plans(args, folder, interleave):
+        in_parts = [np.concatenate([shard_series[Path(seg.shard.path).name][seg.first:seg.first + seg.count]
+                                    for seg in segments] or [np.empty(0, dtype=np.int64)])
+                    for segments in plan.parts]
+        part_start = np.cumsum([0] + [len(p) for p in in_parts])
+        flat = np.concatenate(in_parts)
+        located = [part_of(t, plan.samples, len(plan.parts)) for t in plan.shuffle]
+        order = flat[[part_start[k] + j for k, j in located]]
+        for b, batch in enumerate(order.reshape(-1, args.batch_size)):
+            _, counts = np.unique(batch, return_counts=True)
+            share = float((counts * (counts - 1)).sum()) / (args.batch_size * (args.batch_size - 1))
+            shares.append(share)
+            if b < FIRST_BATCHES:
+                first.append(share)
     return shares, first
 
 

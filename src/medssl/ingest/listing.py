@@ -94,25 +94,14 @@ def _walk_url(r: int, root: str, skip: tuple[bytes, ...] | None) -> Iterator[Ent
     if isinstance(listing, str):
         yield Entry(r, "", listing)
         return
-    stack = [("", listing)]
-    while stack:
-        rel, names = stack[-1]
-        if not names:
-            stack.pop()
-            continue
-        name, is_folder = names.pop()
-        child = f"{rel}/{name}" if rel else name
-        key = entry_key(r, child)[1]
-        if skip is not None and key <= skip and skip[:len(key)] != key:
-            continue
+
+    def visit(child: str, is_folder: bool):
         if not is_folder:
-            yield from _emit(r, child, key, skip, None)
-            continue
+            return None
         listed = _list_url(f"{root}/{child}")
-        if isinstance(listed, str):
-            yield from _emit(r, child, key, skip, listed)
-        elif listed:
-            stack.append((child, listed))
+        return _NO_ROW if listed is None else listed  # None: the prefix vanished since it was listed
+
+    yield from _depth_first(r, listing, skip, visit)
 
 
 def _list_url(url: str) -> list[tuple[str, bool]] | str | None:
@@ -139,59 +128,63 @@ def _inside(path: Path, folders: list[Path]) -> bool:
 
 def _walk(r: int, root: str, inputs: list[Path], exclude: Path, walked: set,
           skip: tuple[bytes, ...] | None) -> Iterator[Entry]:
-    """Depth first over one root, entries in sorted (byte) order; iterative, so depth has no limit.
-
-    ``skip``: the key of the last entry already planned; folders entirely before it are not listed.
-    """
-    # Each level: (its rel path, the sorted names still to visit, reversed so that pop() takes the next).
+    """Depth first over one folder root of the file system (see ``scan`` for what each entry gets)."""
     listing = _list(root, "")
     if isinstance(listing, str):
         yield Entry(r, "", listing)
         return
+
+    def visit(child: str, _hint: None):
+        path = os.path.join(root, child)
+        try:
+            info = os.stat(path)  # follows symbolic links
+        except OSError as e:
+            why = "a broken symbolic link" if os.path.islink(path) else f"cannot inspect the entry ({e.strerror})"
+            return f"unreadable_file: {why}"
+        if not stat.S_ISDIR(info.st_mode):
+            return kind_error(info.st_mode)
+        target = Path(path).resolve()
+        if target == exclude:
+            return _NO_ROW
+        if os.path.islink(path):
+            if _inside(target, inputs):
+                return _INSIDE_INPUTS
+            identity = (info.st_dev, info.st_ino)
+            if identity in walked:
+                return _WALKED
+            walked.add(identity)
+        return _list(root, child)
+
+    yield from _depth_first(r, listing, skip, visit)
+
+
+_NO_ROW = object()  # what ``visit`` returns for an entry that gets no row (the output folder)
+
+
+def _depth_first(r: int, listing: list, skip: tuple[bytes, ...] | None, visit) -> Iterator[Entry]:
+    """The walk shared by file systems and object stores: depth first, entries in sorted (byte) order;
+    iterative, so depth has no limit. ``listing`` holds (name, hint) pairs, or bare names, in reverse
+    order (pop() takes the next). ``visit(child, hint)`` says what an entry is: a listing of its own
+    (a folder to descend into), a scan error or None (a row), or ``_NO_ROW``.
+
+    ``skip``: the key of the last entry already planned; folders entirely before it are not listed.
+    """
     stack = [("", listing)]
     while stack:
         rel, names = stack[-1]
         if not names:
             stack.pop()
             continue
-        name = names.pop()
+        name, hint = names.pop() if isinstance(names[-1], tuple) else (names.pop(), None)
         child = f"{rel}/{name}" if rel else name
         key = entry_key(r, child)[1]
         if skip is not None and key <= skip and skip[:len(key)] != key:
             continue  # this entry and, for a folder, everything under it were planned already
-        path = os.path.join(root, child)
-        try:
-            info = os.stat(path)  # follows symbolic links
-        except OSError as e:
-            why = "a broken symbolic link" if os.path.islink(path) else f"cannot inspect the entry ({e.strerror})"
-            yield from _emit(r, child, key, skip, f"unreadable_file: {why}")
-            continue
-        if not stat.S_ISDIR(info.st_mode):
-            yield from _emit(r, child, key, skip, kind_error(info.st_mode))
-            continue
-        target = Path(path).resolve()
-        if target == exclude:
-            continue
-        if os.path.islink(path):
-            if _inside(target, inputs):
-                yield from _emit(r, child, key, skip, _INSIDE_INPUTS)
-                continue
-            identity = (info.st_dev, info.st_ino)
-            if identity in walked:
-                yield from _emit(r, child, key, skip, _WALKED)
-                continue
-            walked.add(identity)
-        listed = _list(root, child)
-        if isinstance(listed, str):
-            yield from _emit(r, child, key, skip, listed)
-        else:
-            stack.append((child, listed))
-
-
-def _emit(r: int, rel: str, key: tuple[bytes, ...], skip: tuple[bytes, ...] | None,
-          error: str | None) -> Iterator[Entry]:
-    if skip is None or key > skip:
-        yield Entry(r, rel, error)
+        found = visit(child, hint)
+        if isinstance(found, list):
+            stack.append((child, found))
+        elif found is not _NO_ROW and (skip is None or key > skip):
+            yield Entry(r, child, found)
 
 
 def _list(root: str, rel: str) -> list[str] | str:
