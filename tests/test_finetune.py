@@ -77,8 +77,13 @@ def _state(module):
 
 
 def test_linear_probe_keeps_the_pretrained_encoder(tmp_path, blob_task, tiny_run):
-    metrics = finetune(blob_task, init=str(tiny_run), mode="linear", out=tmp_path / "lin", **FAST)
+    metrics = finetune(blob_task, init=str(tiny_run), mode="linear", out=tmp_path / "lin", probe_lrs=[1e-3, 1e-1],
+                       **FAST)
     model = _check_run(tmp_path / "lin", metrics, "linear")
+    # The learning rate is the best on validation of those tried (each an ordinary run folder).
+    tried = {t["value"]: t["best_val_auc"] for t in metrics["sweep"]["tried"]}
+    assert set(tried) == {1e-3, 1e-1} and tried[metrics["sweep"]["chosen"]] == max(tried.values())
+    assert metrics["best_val_auc"] == max(tried.values())
     assert metrics["init"]["init"] == str(tiny_run) and metrics["init"]["pretrain_steps"] == 2
     pretrained = _state(medssl.load_encoder(tiny_run))
     for k, v in model.backbone.state_dict().items():
@@ -119,17 +124,46 @@ def test_hybrid_rebuilds_the_pretrained_heads(blob_task, tiny_run):
 
 
 def test_hybrid_loss_includes_the_weighted_ssl_term(tmp_path, blob_task, tiny_run):
-    task = prepare_task(blob_task, input_size=32)  # decoded once, used by both runs
-    runs = {w: finetune(task, init=str(tiny_run), mode="hybrid", max_steps=1, ssl_weight=w, out=tmp_path / str(w),
-                        **{k: v for k, v in FAST.items() if k != "input_size"})["history"][0]
-            for w in (0.5, 2.0)}
-    a, b = runs[0.5], runs[2.0]
+    task = prepare_task(blob_task, input_size=32)  # decoded once, used by every run
+    fast = {k: v for k, v in FAST.items() if k != "input_size"}
+    runs = {(scale, w): finetune(task, init=str(tiny_run), mode="hybrid", max_steps=1, ssl_weight=w, ssl_scale=scale,
+                                 out=tmp_path / f"{scale}-{w}", **fast)
+            for scale in ("none", "start") for w in (0.5, 2.0)}
+    first = {k: m["history"][0] for k, m in runs.items()}
+    a, b = first["none", 0.5], first["none", 2.0]
     # One step, same seed: identical supervised and SSL parts, totals that differ by the weight only.
-    assert a["train_sup_loss"] == pytest.approx(b["train_sup_loss"], rel=1e-6)
-    assert a["train_ssl_loss"] == pytest.approx(b["train_ssl_loss"], rel=1e-6) and a["train_ssl_loss"] > 0.1
-    for w, h in runs.items():
-        assert h["train_loss"] == pytest.approx(h["train_sup_loss"] + w * h["train_ssl_loss"], rel=1e-5)
+    for h in first.values():
+        assert h["train_sup_loss"] == pytest.approx(a["train_sup_loss"], rel=1e-6)
+        assert h["train_ssl_loss"] == pytest.approx(a["train_ssl_loss"], rel=1e-6)
+    assert a["train_ssl_loss"] > 0.1
+    for w in (0.5, 2.0):
+        raw = first["none", w]
+        assert raw["train_loss"] == pytest.approx(raw["train_sup_loss"] + w * raw["train_ssl_loss"], rel=1e-5)
+        # Scaled: at the first step the SSL term is exactly w x the supervised loss, whatever its raw size.
+        scaled = first["start", w]
+        assert scaled["train_loss"] == pytest.approx((1 + w) * scaled["train_sup_loss"], rel=1e-5)
+        factor = runs["start", w]["ssl_scale_factor"]
+        assert factor == pytest.approx(a["train_sup_loss"] / a["train_ssl_loss"], rel=1e-5)
+        assert runs["none", w]["ssl_scale_factor"] == 1.0
     assert b["train_loss"] - a["train_loss"] == pytest.approx(1.5 * a["train_ssl_loss"], rel=1e-5)
+
+
+def test_hybrid_auto_weight_is_chosen_on_validation(tmp_path, blob_task, tiny_run):
+    out = tmp_path / "auto"
+    metrics = finetune(blob_task, init=str(tiny_run), mode="hybrid", ssl_weight="auto", ssl_weight_grid=[0.1, 1.0],
+                       out=out, **FAST)
+    sweep = metrics["sweep"]
+    assert sweep["setting"] == "ssl_weight" and [t["value"] for t in sweep["tried"]] == [0.1, 1.0]
+    best = max(sweep["tried"], key=lambda t: t["best_val_auc"])  # first of equals, as the sweep picks
+    assert sweep["chosen"] == best["value"]
+    chosen = json.loads((out / "sweep" / f"ssl_weight-{best['value']:g}" / "metrics.json").read_text())
+    assert metrics["test_auc"] == chosen["test_auc"] and metrics["config"]["ssl_weight"] == "auto"
+    _check_run(out, metrics, "hybrid")
+    # Rerun: every value is finished with these settings, so nothing is trained again.
+    before = {p: p.stat().st_mtime_ns for p in out.glob("sweep/*/best.pt")}
+    assert finetune(blob_task, init=str(tiny_run), mode="hybrid", ssl_weight="auto", ssl_weight_grid=[0.1, 1.0],
+                    out=out, **FAST)["sweep"] == sweep
+    assert {p: p.stat().st_mtime_ns for p in out.glob("sweep/*/best.pt")} == before
 
 
 def test_prepared_task_must_match_the_settings(blob_task, tmp_path):

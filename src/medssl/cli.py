@@ -103,15 +103,16 @@ _FINETUNE_FLAGS = ("task", "init", "mode", "label_fraction", "seed", "out", "tar
 
 def _finetune_parser(sub) -> None:
     p = sub.add_parser(
-        "finetune", help="train and evaluate on a labeled task (linear probe, fine-tuning or hybrid) from a run or scratch",
+        "finetune", help="train and evaluate on a labeled task (kNN, linear probe, fine-tuning or hybrid) from a run, a weights file or scratch",
         description="Train a classifier on a task CSV (path,label[,split][,group]) from a pretrained run folder or "
                     "from scratch, pick the epoch with the best validation AUC, and report the test AUC with a "
                     "bootstrap 95% interval. Writes metrics.json, best.pt and test_predictions.csv to --out.",
         epilog=_settings_epilog(FinetuneConfig, _FINETUNE_FLAGS),
     )
     p.add_argument("--task", type=Path, help="task CSV")
-    p.add_argument("--init", help="a `medssl pretrain` run folder, or scratch (default)")
-    p.add_argument("--mode", choices=["linear", "finetune", "hybrid"], help="default finetune")
+    p.add_argument("--init", help="a `medssl pretrain` run folder, a weights file of --set backbone=NAME "
+                                  "(.safetensors/.pt/.pth/.bin, read without unpickling), or scratch (default)")
+    p.add_argument("--mode", choices=["knn", "linear", "finetune", "hybrid"], help="default finetune")
     p.add_argument("--label-fraction", type=float, help="fraction of labeled training images used (default 1)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--out", type=Path, help="output folder")
@@ -161,6 +162,52 @@ def _run_finetune(args) -> int:
         reached = m["steps_to_target"]
         print(f"validation AUC {m['target_auc']:.4f} " + (f"reached at step {reached}" if reached is not None else "never reached"))
     print(f"metrics: {Path(cfg.out) / METRICS}")
+    return 0
+
+
+def _probe_parser(sub) -> None:
+    p = sub.add_parser(
+        "probe", help="how pretraining length pays off: kNN and linear probes on every saved encoder of a run",
+        description="Score the encoder of a pretraining run at each of its snapshots (pretrain with "
+                    "--set snapshot_every=N), at step 0 (random initialisation) and at its end with the frozen-encoder "
+                    "protocols (kNN, k=20, and a linear probe whose learning rate is chosen on validation) on a task "
+                    "CSV. Writes curve.json and pretraining-length.png (test AUC against pretraining steps) to --out; "
+                    "rerunning resumes.",
+        epilog="finetune settings of the probes (--set KEY=VALUE or YAML), e.g. input_size, epochs, probe_lrs, knn_k, "
+               "ct_window.",
+    )
+    p.add_argument("run", help="a `medssl pretrain` run folder")
+    p.add_argument("--task", type=Path, required=True, help="task CSV")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--label-fractions", default="0.01,0.1,1", help="comma-separated (default 0.01,0.1,1)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated (default 0,1,2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_args(p)
+
+
+def _numbers(text: str, kind: type, flag: str) -> list:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _run_probe(args) -> int:
+    from medssl.downstream.api import check_out, prepare_task
+    from medssl.downstream.curve import PLOT, mean_curves, probe_curve
+    from medssl.downstream.tasks import TASK_SETTINGS
+
+    fractions = _numbers(args.label_fractions, float, "--label-fractions")
+    seeds = _numbers(args.seeds, int, "--seeds")
+    settings = load_config(FinetuneConfig, args.config, {"task": args.task}, args.overrides).model_dump()
+    check_out(args.out, "folder", "--out")
+    task = prepare_task(args.task, show_progress=not args.quiet, **{k: settings[k] for k in TASK_SETTINGS})
+    probe_settings = {k: v for k, v in settings.items() if k not in ("init", "mode", "label_fraction", "seed", "out")}
+    curve = probe_curve(storage.location(args.run), task, args.out, fractions, seeds, probe_settings,
+                        show_progress=not args.quiet)
+    for (mode, fraction), line in sorted(mean_curves(curve["points"]).items()):
+        print(f"{mode:6s} labels {fraction:<5g} " + "  ".join(f"step {s}: {auc:.3f}" for s, auc in line))
+    print(f"figure: {args.out / PLOT}")
     return 0
 
 
@@ -325,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     _ingest_parser(sub)
     _pretrain_parser(sub)
     _finetune_parser(sub)
+    _probe_parser(sub)
     _bench_parser(sub)
     _evaluate_parser(sub)
     _demo_parser(sub)
@@ -332,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "finetune": _run_finetune, "bench": _run_bench,
+COMMANDS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "finetune": _run_finetune, "probe": _run_probe,
+            "bench": _run_bench,
             "evaluate": _run_evaluate, "demo": _run_demo, "report": _run_report}
 
 

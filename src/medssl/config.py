@@ -76,6 +76,7 @@ class PretrainConfig(StrictModel):
     out: Location | None = Field(default=None, description="run folder, local or s3://...: checkpoints, encoder, metrics")
     # model
     backbone: str = Field(default="resnet18", description="timm backbone: resnet18, resnet50, densenet121, vit_small_patch16_224, ...")
+    init: str | None = Field(default=None, description="continue from weights instead of random ones: a weights file of `backbone` (.safetensors, or a PyTorch state dict .pt/.pth/.bin, read without unpickling; a 3-channel first layer is summed to 1 channel) or a medssl run folder; used at the start of a run, not on resume")
     proj_hidden: int = Field(default=2048, ge=1)
     proj_dim: int = Field(default=128, ge=1)
     n_prototypes: int = Field(default=3000, ge=2)
@@ -109,6 +110,7 @@ class PretrainConfig(StrictModel):
     workers: int = Field(default=2, ge=0, description="DataLoader worker processes per training process")
     shuffle_buffer: int = Field(default=1000, ge=1)
     checkpoint_every: int = Field(default=500, ge=1, description="steps between checkpoints")
+    snapshot_every: int | None = Field(default=None, ge=1, description="also keep the encoder every this many steps in snapshots/step-NNNNNN/ (each a run folder that --init and `medssl probe` take), to see how pretraining length pays off")
     log_every: int = Field(default=10, ge=1)
     seed: int = Field(default=0, ge=0)
     deterministic: bool = Field(default=False, description="deterministic kernels (exact resume, slower)")
@@ -153,12 +155,17 @@ def settings_of(model: type[BaseModel]) -> Any:
     return Annotated[dict[str, Any], AfterValidator(check)]
 
 
+# Hybrid fine-tuning's default weight of the self-supervised term (relative, ssl_scale "start"); chosen on
+# validation AUC, see BENCHMARKS.md "The hybrid regime".
+HYBRID_SSL_WEIGHT = 0.3
+
+
 class FinetuneConfig(StrictModel):
     """Settings of ``medssl finetune`` (see README, section "Downstream")."""
 
     task: Path | None = Field(default=None, description="task CSV: path,label[,split][,group]")
-    init: str = Field(default="scratch", description="a `medssl pretrain` run folder, or scratch (random weights)")
-    mode: Literal["linear", "finetune", "hybrid"] = Field(default="finetune", description="linear: frozen encoder + linear head; finetune: train everything; hybrid: finetune + ssl_weight x self-supervised loss on all training images")
+    init: str = Field(default="scratch", description="a `medssl pretrain` run folder, a weights file of `backbone` (.safetensors, or a PyTorch state dict .pt/.pth/.bin, read without unpickling), or scratch (random weights)")
+    mode: Literal["knn", "linear", "finetune", "hybrid"] = Field(default="finetune", description="knn: frozen encoder, weighted votes of the k nearest labeled images; linear: frozen encoder + linear head (probe_lrs swept on validation); finetune: train everything; hybrid: finetune + ssl_weight x self-supervised loss on all training images")
     label_fraction: float = Field(default=1.0, gt=0, le=1, description="fraction of the labeled training images used (stratified, seeded)")
     seed: int = Field(default=0, ge=0, description="seed of initialisation, label subset, batch order and augmentation")
     out: Path | None = Field(default=None, description="output folder: metrics.json, best.pt, test_predictions.csv")
@@ -177,7 +184,7 @@ class FinetuneConfig(StrictModel):
     max_memory_mb: int = Field(default=4096, ge=64, description="memory budget of the image decode worker (as in ingest): larger images are rejected (too_large)")
     file_timeout_s: float = Field(default=300.0, gt=0, description="seconds one image may take to decode (as in ingest); then it is rejected (timeout)")
     # model
-    backbone: str = Field(default="resnet18", description="timm backbone for --init scratch (a run folder brings its own)")
+    backbone: str = Field(default="resnet18", description="timm backbone for --init scratch or a weights file (a run folder brings its own)")
     scratch_ssl: settings_of(PretrainConfig) = Field(default_factory=dict, description="scratch + hybrid: pretrain settings (proj_dim, n_prototypes, w_contrast, crops, ...) for the fresh heads, loss and views; default pretrain's defaults")
     # optimisation
     epochs: int = Field(default=20, ge=1)
@@ -185,7 +192,10 @@ class FinetuneConfig(StrictModel):
     batch_size: int = Field(default=32, ge=2, description="labeled images per step")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(default=1e-4, gt=0, description="learning rate of the encoder (and, in hybrid mode, of the SSL heads)")
-    head_lr: float = Field(default=1e-3, gt=0, description="learning rate of the new classification head (the only one trained in linear mode)")
+    head_lr: float = Field(default=1e-3, gt=0, description="learning rate of the new classification head")
+    probe_lrs: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1], description="linear mode: head learning rates tried, the best on validation kept ([]: head_lr alone)")
+    knn_k: int = Field(default=20, ge=1, description="knn mode: neighbours that vote (at most the labeled images)")
+    knn_temperature: float = Field(default=0.07, gt=0, description="knn mode: votes weigh exp(cosine similarity / this), as in DINO")
     layer_decay: float | None = Field(default=None, gt=0, le=1, description="layer-wise lr decay of the encoder, e.g. 0.75: each block down gets this factor (None: off)")
     weight_decay: float = Field(default=1e-4, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
@@ -194,7 +204,9 @@ class FinetuneConfig(StrictModel):
     train_augment: bool = Field(default=True, description="random crop/rotation/flip/intensity changes of the labeled images (not in linear mode)")
     augment: dict[str, Any] = Field(default_factory=dict, description="overrides of the fine-tuning augmentation (fields of MultiCropConfig)")
     # hybrid regime
-    ssl_weight: float = Field(default=1.0, ge=0, description="hybrid: weight of the self-supervised loss")
+    ssl_weight: float | Literal["auto"] = Field(default=HYBRID_SSL_WEIGHT, description="hybrid: weight of the self-supervised term relative to the supervised loss (see ssl_scale); auto: each of ssl_weight_grid is trained, the best on validation kept")
+    ssl_weight_grid: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.1, 0.3, 1.0], min_length=1, description="hybrid, ssl_weight auto: the weights tried")
+    ssl_scale: Literal["start", "none"] = Field(default="start", description="hybrid: start: the self-supervised loss is scaled by (supervised / self-supervised loss) at the first step, so that ssl_weight 1 starts both terms equal whatever their units; none: raw")
     ssl_batch_size: int = Field(default=16, ge=2, description="hybrid: images (labeled and unlabeled) per step for the self-supervised loss")
     ssl_augment: dict[str, Any] = Field(default_factory=dict, description="hybrid: overrides of the multi-crop views (default: the pretraining run's views)")
     # evaluation and convergence
@@ -331,8 +343,8 @@ class BenchArm(StrictModel):
     """One way of training a task's classifier: where the encoder starts and how it is trained."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    init: Literal["scratch", "ssl"] = Field(description="scratch: random weights; ssl: the bench's pretraining run")
-    mode: Literal["linear", "finetune", "hybrid"]
+    init: str = Field(description="scratch: random weights; ssl: the bench's pretraining run; or a path: a weights file or another run folder (an encoder to compare with)")
+    mode: Literal["knn", "linear", "finetune", "hybrid"]
     settings: settings_of(FinetuneConfig) = Field(default_factory=dict, description="FinetuneConfig settings for this arm only, e.g. ssl_weight: 0.1 (win over the task's)")
 
 
@@ -373,6 +385,10 @@ class BenchConfig(StrictModel):
         for kind, names in (("task", [t.name for t in self.tasks]), ("arm", [a.name for a in self.arms])):
             if len(set(names)) != len(names):
                 raise ValueError(f"{kind} names must be unique, got {names}")
+        for arm in self.arms:
+            if arm.init not in ("scratch", "ssl") and not Path(arm.init).exists():
+                raise ValueError(f"arms.{arm.name}.init: {arm.init} is neither scratch, ssl nor an existing weights "
+                                 "file or run folder")
         if not any(a.init == "scratch" for a in self.arms):
             raise ValueError("a bench compares against training from scratch: add an arm with init: scratch")
         reserved = {"task", "init", "mode", "label_fraction", "seed", "out", "target_auc", "target_from"}

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from medssl.atomic import atomic_open
-from medssl.bench.results import RunResult
+from medssl.bench.results import FROZEN_MODES, RunResult
 from medssl.config import BenchConfig
 from medssl.report.plots import colours_for, panel_figure
 
@@ -35,11 +35,11 @@ def _style(cfg: BenchConfig, arm: str) -> dict:
 
 
 def convergence(cfg: BenchConfig, task: str, results: list[RunResult], path: Path) -> Path:
-    """Validation AUC against training step, one panel per label fraction."""
+    """Validation AUC against training step, one panel per label fraction (arms that train the encoder)."""
     fractions = sorted({r.spec.label_fraction for r in results}, reverse=True)
     fig, axes = _panels(len(fractions))
     for ax, fraction in zip(axes, fractions):
-        for arm in cfg.arms:
+        for arm in (a for a in cfg.arms if a.mode not in FROZEN_MODES):
             runs = [r for r in results if r.spec.arm == arm.name and r.spec.label_fraction == fraction]
             curves = [[(h["step"], h["val_auc"]) for h in r.metrics["history"] if h["val_auc"] is not None] for r in runs]
             for curve in curves:

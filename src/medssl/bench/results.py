@@ -29,6 +29,11 @@ import numpy as np
 from medssl.bench.runs import RunSpec
 from medssl.config import BenchConfig
 from medssl.downstream.convergence import steps_to_target
+from medssl.downstream.curve import mean_curves
+
+
+# Arms whose encoder is not trained: no convergence comparison.
+FROZEN_MODES = ("knn", "linear")
 
 
 @dataclass
@@ -89,13 +94,16 @@ def summarise(cfg: BenchConfig, results: list[RunResult]) -> dict:
                        "labeled_train": runs[0].metrics["task"]["labeled_train"],
                        "test_images": runs[0].metrics["task"]["images"]["test"], "baseline": base_name,
                        "diverged": [r.metrics.get("diverged") for r in runs]}
-                row |= _against_baseline(runs, by_key, task.name, base_name, fraction)
+                row |= _against_baseline(runs, by_key, task.name, base_name, fraction, arm.mode in FROZEN_MODES)
                 row["robustness"] = _robustness([r.robustness for r in runs if r.robustness])
                 rows.append(row)
     return {"rows": rows}
 
 
-def _against_baseline(runs: list[RunResult], by_key: dict, task: str, base: str, fraction: float) -> dict:
+def _against_baseline(runs: list[RunResult], by_key: dict, task: str, base: str, fraction: float,
+                      frozen: bool) -> dict:
+    """Δ AUC paired by seed; steps to the baseline's best, except for frozen-encoder arms (kNN trains nothing,
+    a linear probe's steps train a head alone: neither compares with fine-tuning steps)."""
     diffs, saved, reached_at, base_steps = [], [], [], []
     for r in runs:
         b = by_key.get((task, base, fraction, r.spec.seed))
@@ -103,6 +111,8 @@ def _against_baseline(runs: list[RunResult], by_key: dict, task: str, base: str,
             continue
         if r.metrics["test_auc"] is not None and b.metrics["test_auc"] is not None:  # paired only where both scored
             diffs.append(r.metrics["test_auc"] - b.metrics["test_auc"])
+        if frozen:
+            continue
         target = b.metrics["best_val_auc"]
         reached = steps_to_target(r.metrics["history"], target)
         reached_at.append(reached)
@@ -171,7 +181,8 @@ def setup_lines(summary: dict) -> list[str]:
              f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib', '?')} GiB RAM"
              + (f", GPU {m['cuda']}" if m.get("cuda") else "") + f"; torch {m.get('torch')}",
              f"Wall time of this invocation: {sec['total'] / 60:.1f} min (pool ingest {sec['ingest']:.0f} s, "
-             f"pretraining {sec['pretrain']:.0f} s, downstream runs {sec['runs']:.0f} s)"]
+             f"pretraining {sec['pretrain']:.0f} s, probing its snapshots {sec.get('probe', 0):.0f} s, "
+             f"downstream runs {sec['runs']:.0f} s)"]
     p, pool = summary["pretrain"], summary["pool"]
     if p is None:
         return lines + ["No pretraining: no arm starts from the pretrained encoder."]
@@ -218,7 +229,7 @@ def accuracy_table(summary: dict) -> tuple[list[str], list[list[str]]]:
         auc = _auc_cell(r)
         is_base = r["arm"] == r["baseline"]
         diff = "baseline" if is_base else f"{_f(r['auc_diff_mean'], sign=True)} ({r['seeds_better']}/{len(r['auc_diff'])})"
-        if is_base:
+        if is_base or r["mode"] in FROZEN_MODES:
             saved = "—"
         elif r["steps_saved_mean"] is None:
             saved = f"never reached (0/{len(r['steps_saved'])})"
@@ -235,6 +246,22 @@ def robustness_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     rows = [[r["task"], r["arm"], f"{r['label_fraction']:g}", *[_drop_cell(r["robustness"].get(s)) for s in sweeps]]
             for r in robust]
     return ["task", "arm", "labels", *sweeps], rows
+
+
+CURVE_LEGEND = ("Frozen probes on the pretraining run's encoder as it was saved every few steps (step 0: random "
+                "initialisation): test AUC, mean over seeds; the linear probe's learning rate chosen on validation.")
+
+
+def curve_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per task, probe and label fraction; one column per pretraining step."""
+    curves = {task: mean_curves(points) for task, points in (summary.get("curves") or {}).items()}
+    steps = sorted({step for lines in curves.values() for line in lines.values() for step, _ in line})
+    rows = []
+    for task, lines in curves.items():
+        for (mode, fraction), line in sorted(lines.items()):
+            at = dict(line)
+            rows.append([task, mode, f"{fraction:g}", *[_f(at.get(s)) for s in steps]])
+    return ["task", "probe", "labels", *[f"step {s}" for s in steps]], rows
 
 
 def _drop_cell(sweep: dict | None) -> str:
@@ -260,6 +287,9 @@ def markdown(summary: dict) -> str:
     headers, rows = robustness_table(summary)
     if rows:
         lines += ["", "## Robustness", "", ROBUSTNESS_LEGEND, "", *_md_table(headers, rows, left=2)]
+    headers, rows = curve_table(summary)
+    if rows:
+        lines += ["", "## Pretraining length", "", CURVE_LEGEND, "", *_md_table(headers, rows, left=2)]
     if summary["failures"]:
         lines += ["", "## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in summary["failures"]]
     notes = summary["notes"] + run_notes(summary)

@@ -7,6 +7,7 @@ Layout of the bench folder (every stage an ordinary medssl output, so each can b
     pool.json             the pretraining pool: which files, and the held-out copies left out
     shards/               `medssl ingest` of the pool
     pretrain/             `medssl pretrain` run on those shards
+    probe/<task>/          `medssl probe` of the pretraining run's snapshots (with pretrain.snapshot_every)
     <task>/<arm>-f<fraction>-s<seed>/   `medssl finetune` outputs (+ robustness.json)
     results.json, results.md, plots/*.png, report.html
 
@@ -28,7 +29,9 @@ from medssl.bench.pool import pretraining_pool, write_task_csv
 from medssl.bench.results import load_results, machine, markdown, summarise
 from medssl.bench.runs import execute, finetune_settings, pending_job, run_matrix
 from medssl.config import BenchConfig, ConfigError, IngestConfig, PretrainConfig, dump_config
+from medssl.train.pretrain import SNAPSHOTS
 from medssl.downstream.api import prepare_task
+from medssl.downstream.curve import PLOT, probe_curve
 from medssl.downstream.tasks import Task
 
 RESULTS = "results.json"
@@ -64,6 +67,20 @@ def _pretrain_stage(cfg: BenchConfig, out: Path, show_progress: bool) -> dict:
             "loss_last": losses[-1] if losses else None}
 
 
+def _has_snapshots(run: Path) -> bool:
+    return (run / SNAPSHOTS).is_dir()
+
+
+def _curve_stage(cfg: BenchConfig, tasks: dict[str, Task], out: Path, show_progress: bool) -> dict[str, list[dict]]:
+    """The frozen probes on every snapshot of the pretraining run, per task: how pretraining length pays off."""
+    curves = {}
+    for t in cfg.tasks:
+        curve = probe_curve(out / "pretrain", tasks[t.name], out / "probe" / t.name, cfg.label_fractions, cfg.seeds,
+                            {**cfg.finetune, **t.settings}, name=t.name, show_progress=show_progress)
+        curves[t.name] = curve["points"]
+    return curves
+
+
 def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None = None) -> dict:
     """Run (or resume) a bench; returns the summary also written to ``<out>/results.json``."""
     from medssl.report import build_report
@@ -91,6 +108,12 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
         pre = _pretrain_stage(cfg, out, show_progress)
         seconds["pretrain"] = time.perf_counter() - t
 
+    curves = {}
+    if pre is not None and _has_snapshots(out / "pretrain"):
+        t = time.perf_counter()
+        curves = _curve_stage(cfg, tasks, out, show_progress)
+        seconds["probe"] = time.perf_counter() - t
+
     specs = run_matrix(cfg)
     jobs = [job for spec in specs
             if (job := pending_job(spec, finetune_settings(cfg, spec, out / "tasks" / f"{spec.task}.csv", out / "pretrain"),
@@ -105,10 +128,11 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
                "pool": pool, "pretrain": pre, "runs": {"planned": len(specs), "run_now": len(jobs),
                                                         "finished": len(results), "failed": len(failures)},
                "failures": [{"run": f["run"], "error": f["error"]} for f in failures],
-               "notes": _notes(pool), **summarise(cfg, results), "config": dump_config(cfg)}
+               "notes": _notes(pool), **summarise(cfg, results), "curves": curves, "config": dump_config(cfg)}
     seconds["total"] = time.perf_counter() - t0
-    summary["seconds"] = {k: round(seconds.get(k, 0.0), 1) for k in ("ingest", "pretrain", "runs", "total")}
+    summary["seconds"] = {k: round(seconds.get(k, 0.0), 1) for k in ("ingest", "pretrain", "probe", "runs", "total")}
     summary["plots"] = [str(p.relative_to(out)) for p in plots.bench_plots(cfg, results, out / "plots")]
+    summary["plots"] += [f"probe/{name}/{PLOT}" for name in curves]
     for o in outcomes:  # a failure's traceback goes to a file, not into the summary; a success clears it
         if o["ok"]:
             (out / o["run"] / "error.txt").unlink(missing_ok=True)

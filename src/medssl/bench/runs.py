@@ -31,7 +31,7 @@ from medssl.downstream.tasks import Task
 class RunSpec:
     task: str
     arm: str
-    init: str              # scratch | ssl
+    init: str              # scratch | ssl | a weights file or run folder
     mode: str
     label_fraction: float
     seed: int
@@ -44,7 +44,8 @@ class RunSpec:
 
 def run_matrix(cfg: BenchConfig) -> list[RunSpec]:
     """Largest label fraction first: the long runs start early and the pool's tail is short ones."""
-    specs = [RunSpec(t.name, a.name, a.init, a.mode, f, s, f in cfg.robustness_fractions)
+    # kNN has no classifier to perturb: no robustness sweep.
+    specs = [RunSpec(t.name, a.name, a.init, a.mode, f, s, f in cfg.robustness_fractions and a.mode != "knn")
              for f in sorted(cfg.label_fractions, reverse=True) for t in cfg.tasks for s in cfg.seeds for a in cfg.arms]
     return specs
 
@@ -53,7 +54,7 @@ def finetune_settings(cfg: BenchConfig, spec: RunSpec, task_csv: Path, pretrain_
     task = next(t for t in cfg.tasks if t.name == spec.task)
     arm = next(a for a in cfg.arms if a.name == spec.arm)
     return {**cfg.finetune, **task.settings, **arm.settings, "task": task_csv, "mode": spec.mode, "seed": spec.seed,
-            "label_fraction": spec.label_fraction, "init": "scratch" if spec.init == "scratch" else str(pretrain_dir),
+            "label_fraction": spec.label_fraction, "init": str(pretrain_dir) if spec.init == "ssl" else spec.init,
             "out": Path(cfg.out) / spec.folder}
 
 

@@ -1,7 +1,8 @@
 """Downstream networks: an encoder (pretrained or random) with a linear head, plus the SSL parts of hybrid.
 
-The encoder comes from a ``medssl pretrain`` run folder (``encoder.safetensors`` + model card) or is
-a fresh timm backbone (``--init scratch``). For the hybrid regime the whole pretraining network is
+The encoder comes from a ``medssl pretrain`` run folder (``encoder.safetensors`` + model card), from a
+weights file of ``backbone`` the user has (``medssl.models.weights``), or is a fresh timm backbone
+(``--init scratch``). For the hybrid regime the whole pretraining network is
 rebuilt from the run's ``checkpoint.pt`` (its "model" entry holds backbone, projection head and
 prototypes; its "config" the pretraining settings), so the self-supervised loss continues with the
 pretrained heads, loss weights and views; from scratch the heads are fresh, shaped by ``scratch_ssl``.
@@ -27,6 +28,7 @@ from medssl.config import ConfigError, FinetuneConfig, PretrainConfig
 from medssl.data.augment import MultiCropConfig
 from medssl.models import SSLModel, create_backbone
 from medssl.models.export import load_encoder, read_card
+from medssl.models.weights import is_weights_file, load_backbone_weights as load_weights_file
 from medssl.ssl import HybridLoss
 from medssl.train.checkpoint import load_checkpoint, save_checkpoint
 from medssl.train.optim import param_groups
@@ -84,6 +86,12 @@ def build_networks(cfg: FinetuneConfig, n_outputs: int) -> Networks:
             return Networks(Classifier(ssl.backbone, ssl.feature_dim, n_outputs), cfg.backbone, init, ssl, loss, views)
         backbone, dim = create_backbone(cfg.backbone)
         return Networks(Classifier(backbone, dim, n_outputs), cfg.backbone, init)
+
+    if is_weights_file(cfg.init):  # the user's encoder (e.g. ImageNet weights), with fresh heads as from scratch
+        nets = build_networks(cfg.model_copy(update={"init": "scratch"}), n_outputs)
+        nets.init = {"init": cfg.init, "architecture": cfg.backbone,
+                     **load_weights_file(nets.classifier.backbone, cfg.init)}
+        return nets
 
     run = storage.location(cfg.init)  # a local folder or an s3:// run folder
     try:

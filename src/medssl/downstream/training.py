@@ -1,13 +1,19 @@
-"""The downstream training loop: linear probing, fine-tuning and the hybrid regime on one task.
+"""The downstream training loop: kNN and linear probing, fine-tuning and the hybrid regime on one task.
 
+- ``knn``: the encoder is frozen; the labeled images' features vote for each validation / test image
+  (``probes.py``). Nothing is trained.
 - ``linear``: the encoder is frozen; its features of the un-augmented images are computed once and a
   linear head is trained on them (the usual linear-probe protocol, and far cheaper than a forward
-  pass per step).
+  pass per step), once per learning rate of ``probe_lrs``, the best on validation kept (``sweep.py``).
 - ``finetune``: encoder and head are trained together (encoder at ``lr``, optionally with
   layer-wise decay; head at ``head_lr``), on augmented labeled images.
 - ``hybrid`` (Ghesu et al. 2022, "optional supervision"): finetune's supervised loss plus
   ``ssl_weight`` x the self-supervised hybrid loss (SwAV + InfoNCE) of multi-crop views of a batch
   of training images drawn from all of them, labeled or not (those left out by ``label_fraction``).
+  With ``ssl_scale: start`` the SSL loss is first scaled by supervised / SSL loss at the first step: in
+  raw units it is ~10x the cross-entropy and swamps it (BENCHMARKS.md, "The hybrid regime"), so
+  ``ssl_weight`` is its size relative to the supervised term. ``ssl_weight: auto`` trains each weight of
+  ``ssl_weight_grid`` and keeps the best on validation (``sweep.py``).
 
 Validation AUC is measured after every epoch; the best one's classifier is saved (``best.pt``,
 atomically) and the test score is computed from it.
@@ -49,6 +55,8 @@ from medssl.data.augment import MultiCrop
 from medssl.downstream.convergence import best_val_auc, steps_to_target
 from medssl.downstream.images import to_input
 from medssl.downstream.metrics import accuracy, auc_report, macro_auc
+from medssl.downstream.probes import frozen_features, knn_probabilities
+from medssl.downstream.sweep import run_sweep, sweep_of
 from medssl.downstream.model import (BEST, build_networks, build_optimizer, load_classifier, optimizer_groups,
                                      predict, resolve_device, save_classifier)
 from medssl.downstream.tasks import Task, TaskError, check_task, label_subset, load_task
@@ -110,11 +118,13 @@ def _diverged_text(diverged: dict) -> str:
     return f"the validation scores were non-finite after step {diverged['after_step']} (epoch {diverged['epoch']})"
 
 
-def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: bool = True) -> dict:
+def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: bool = True,
+                 features: Tensor | None = None) -> dict:
     """Train and evaluate one run; writes ``metrics.json``, ``best.pt``, ``test_predictions.csv`` under ``cfg.out``.
 
     ``task``: a Task already prepared with ``load_task(cfg)`` (to decode the images once for many runs).
-    Returns the metrics dict written to ``metrics.json``.
+    ``features``: the frozen encoder's features of every task image (knn and linear modes), when the caller
+    has them. Returns the metrics dict written to ``metrics.json``.
     """
     if cfg.out is None:
         raise ConfigError("finetune needs an output folder (--out DIR)")
@@ -127,6 +137,13 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     kind, outputs = task.table.kind, task.table.outputs
+    if cfg.mode in ("knn", "linear") and features is None:
+        # Once per run: a linear probe's learning rates, and every step, share them.
+        backbone = build_networks(cfg, len(outputs)).classifier.backbone.to(device)
+        features = frozen_features(backbone, task, cfg.ct_window, cfg.eval_batch_size, device)
+    sweep = sweep_of(cfg)
+    if sweep is not None:
+        return run_sweep(cfg, *sweep, lambda sub: run_finetune(sub, task, show_progress, features))
     targets = torch.from_numpy(task.table.targets)
 
     torch.manual_seed(cfg.seed)
@@ -137,6 +154,8 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
     if len(labeled) < 2:
         raise TaskError(f"{len(labeled)} labeled training image(s) at label_fraction={cfg.label_fraction}; "
                         "training needs at least 2: raise label_fraction or add images")
+    if cfg.mode == "knn":
+        return _run_knn(cfg, task, features, labeled)
 
     nets = build_networks(cfg, len(outputs)).to(device)
     optimizer = build_optimizer(optimizer_groups(nets, cfg), cfg)
@@ -147,11 +166,8 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
         ssl_batches = _cycle(train_rows, min(cfg.ssl_batch_size, len(train_rows)), np.random.default_rng([cfg.seed, 1]))
 
     if cfg.mode == "linear":
-        backbone = nets.classifier.backbone.requires_grad_(False).eval()
-        with torch.no_grad():
-            features = torch.cat([backbone(to_input(task.images[i:i + cfg.eval_batch_size],
-                                                    task.is_ct[i:i + cfg.eval_batch_size], cfg.ct_window).to(device))
-                                  for i in range(0, len(task.images), cfg.eval_batch_size)])
+        nets.classifier.backbone.requires_grad_(False).eval()
+        features = features.to(device)
 
         def train_logits(rows: np.ndarray) -> Tensor:
             return nets.classifier.head(features[rows])
@@ -179,6 +195,7 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
     best = {"val_auc": -math.inf}
     step, epoch, stale, stopped_early = 0, 0, 0, False
     diverged: dict | None = None  # where training diverged: {"after_step", "epoch", "what"}
+    ssl_factor: float | None = None  # hybrid: the self-supervised loss's scale, fixed at the first step
     t0 = time.perf_counter()
     bar = tqdm(total=total_steps, desc=f"{cfg.mode} ({cfg.init})", unit="step", disable=not show_progress)
     while step < total_steps and not stopped_early and diverged is None:
@@ -199,7 +216,9 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
                 nets.ssl.normalize_prototypes()  # SwAV keeps prototypes on the unit sphere
                 embeddings, scores = nets.ssl([v.to(device) for v in views])
                 ssl, _ = nets.ssl_loss(embeddings, scores, nets.ssl.prototypes)
-                loss = sup + cfg.ssl_weight * ssl
+                if ssl_factor is None:
+                    ssl_factor = _ssl_factor(cfg.ssl_scale, sup.item(), ssl.item())
+                loss = sup + cfg.ssl_weight * ssl_factor * ssl
                 sums["train_ssl_loss"] += ssl.item()
             if not torch.isfinite(loss):
                 diverged = {"after_step": step, "epoch": epoch, "what": "training loss"}
@@ -248,16 +267,7 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
     classifier, _ = load_classifier(out)
     test_inputs = to_input(task.images[test_rows], task.is_ct[test_rows], cfg.ct_window)
     test_probs = predict(classifier.to(device), test_inputs, kind, cfg.eval_batch_size, device)
-    test_targets = task.table.targets[test_rows]
-    report = auc_report(test_targets, test_probs, outputs, cfg.bootstrap, seed=cfg.seed)
-    atomic_write_text(out / PREDICTIONS, _predictions_csv(task, test_rows, test_probs))
-
-    metrics = {
-        "test_auc": report["auc"],
-        "test_auc_ci": report["auc_ci"],
-        "test_auc_per_label": report["per_label"],
-        "test_auc_per_label_ci": report["per_label_ci"],
-        "test_accuracy": accuracy(kind, test_targets, test_probs),
+    return _write_results(cfg, task, test_probs, labeled, nets.init, device, {
         "best_val_auc": best["val_auc"],
         "best_epoch": best["epoch"],
         "best_step": best["step"],
@@ -270,13 +280,66 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
         "diverged": diverged,
         "train_seconds": round(train_seconds, 3),
         "history": history,
+        "ssl_scale_factor": ssl_factor,
+        "files": {"checkpoint": BEST, "predictions": PREDICTIONS},
+    })
+
+
+def _ssl_factor(scale: str, sup: float, ssl: float) -> float:
+    """``start``: sup / ssl at the first step, so that ssl_weight is the SSL term's size relative to the
+    supervised loss (raw, the SSL loss of SwAV + InfoNCE is ~7-8 against a cross-entropy of ~0.7, and would
+    swamp it at weight 1). 1 where that ratio is not a positive number (then the step's loss shows it)."""
+    if scale == "none":
+        return 1.0
+    ratio = sup / ssl if ssl != 0 else math.nan
+    return ratio if math.isfinite(ratio) and ratio > 0 else 1.0
+
+
+def _run_knn(cfg: FinetuneConfig, task: Task, features: Tensor, labeled: np.ndarray) -> dict:
+    """kNN on frozen features: nothing is trained; validation AUC is reported as the single evaluation."""
+    t0 = time.perf_counter()
+    bank, bank_targets = features[labeled], torch.from_numpy(task.table.targets[labeled])
+
+    def probs(rows: np.ndarray) -> np.ndarray:
+        return knn_probabilities(bank, bank_targets, features[rows], cfg.knn_k, cfg.knn_temperature).cpu().numpy()
+
+    val_auc = macro_auc(task.table.targets[task.rows("val")], probs(task.rows("val")))
+    if val_auc is None:
+        raise RuntimeError(f"no validation AUC: no output has both classes among the {len(task.rows('val'))} "
+                           "validation images")
+    test_probs = probs(task.rows("test"))
+    init = {"init": cfg.init}
+    return _write_results(cfg, task, test_probs, labeled, init, features.device, {
+        "best_val_auc": val_auc, "best_epoch": 0, "best_step": 0, "target_auc": None, "steps_to_target": None,
+        "steps": 0, "epochs": 0, "stopped_early": False, "status": "completed", "diverged": None,
+        "train_seconds": round(time.perf_counter() - t0, 3),
+        "history": [{"epoch": 0, "step": 0, "val_auc": val_auc}],
+        "knn": {"k": min(cfg.knn_k, len(labeled)), "temperature": cfg.knn_temperature},
+        "files": {"predictions": PREDICTIONS},
+    })
+
+
+def _write_results(cfg: FinetuneConfig, task: Task, test_probs: np.ndarray, labeled: np.ndarray, init: dict,
+                   device: torch.device, fields: dict) -> dict:
+    """Test AUC with its bootstrap interval, ``test_predictions.csv`` and ``metrics.json`` (written last)."""
+    out, outputs = Path(cfg.out), task.table.outputs
+    test_rows, train_rows = task.rows("test"), task.rows("train")
+    test_targets = task.table.targets[test_rows]
+    report = auc_report(test_targets, test_probs, outputs, cfg.bootstrap, seed=cfg.seed)
+    atomic_write_text(out / PREDICTIONS, _predictions_csv(task, test_rows, test_probs))
+    metrics = {
+        "test_auc": report["auc"],
+        "test_auc_ci": report["auc_ci"],
+        "test_auc_per_label": report["per_label"],
+        "test_auc_per_label_ci": report["per_label_ci"],
+        "test_accuracy": accuracy(task.table.kind, test_targets, test_probs),
+        **fields,
         "mode": cfg.mode,
-        "init": nets.init,
+        "init": init,
         "label_fraction": cfg.label_fraction,
         "seed": cfg.seed,
         "task": {**task.summary(), "labeled_train": len(labeled), "unlabeled_train": len(train_rows) - len(labeled)},
         "bootstrap_resamples": report["bootstrap"],
-        "files": {"checkpoint": BEST, "predictions": PREDICTIONS},
         "device": str(device),
         "medssl_version": __version__,
         "config": dump_config(cfg),

@@ -6,8 +6,8 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from medssl.bench.results import (ACCURACY_LEGEND, ROBUSTNESS_LEGEND, accuracy_table, robustness_table,
-                                  run_notes, setup_lines)
+from medssl.bench.results import (ACCURACY_LEGEND, CURVE_LEGEND, ROBUSTNESS_LEGEND, accuracy_table, curve_table,
+                                  robustness_table, run_notes, setup_lines)
 from medssl.report import html
 
 CAPTIONS = {
@@ -16,6 +16,8 @@ CAPTIONS = {
     "label-efficiency": "Test AUC against the fraction of training labels used: points are runs, lines the mean "
                         "over seeds.",
     "robustness": "Test AUC as the test images are perturbed further, one panel per perturbation (mean over seeds).",
+    "pretraining-length": "Frozen-encoder probes (kNN dashed, linear solid) on the encoder saved along pretraining: "
+                          "test AUC against pretraining steps, mean over seeds.",
 }
 
 
@@ -30,6 +32,10 @@ def bench_section(folder: Path, summary: dict, anchor: str) -> html.Section:
                            html.table(headers, rows, numeric=set(range(2, len(headers))))]
     else:
         section.blocks.append(html.missing("No run of this bench has a robustness sweep."))
+    headers, rows = curve_table(summary)
+    if rows:
+        section.blocks += [html.heading("Pretraining length"), html.paragraph(CURVE_LEGEND),
+                           html.table(headers, rows, numeric=set(range(3, len(headers))))]
     for failure in summary.get("failures", []):
         section.blocks.append(html.missing(f"Run {failure['run']} failed: {failure['error']}"))
     notes = summary.get("notes", []) + run_notes(summary)  # the bench's notes, then diverged / unscored runs

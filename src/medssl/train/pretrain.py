@@ -43,6 +43,7 @@ from medssl.data.augment import MultiCrop
 from medssl.data.stream import ShardStream, rank_samples
 from medssl.models.export import save_encoder
 from medssl.models.ssl_model import SSLModel
+from medssl.models.weights import init_backbone
 from medssl.ssl import FeatureQueue, HybridLoss
 from medssl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medssl.distributed import DistInfo, all_gather_objects, all_reduce_mean, init_distributed, shutdown_distributed
@@ -50,6 +51,7 @@ from medssl.train.optim import build_optimizer
 from medssl.train.schedule import warmup_cosine
 
 CHECKPOINT = "checkpoint.pt"
+SNAPSHOTS = "snapshots"
 
 
 class TrainingDiverged(RuntimeError):
@@ -217,6 +219,8 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> str |
     bf16 = _use_bf16(cfg, info.device)
 
     step, log_rows = 0, 0
+    if ckpt is None and cfg.init is not None:  # continued pretraining (the card's config names the source)
+        init_backbone(model.backbone, cfg.backbone, storage.location(cfg.init))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -238,6 +242,13 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> str |
         if info.is_main:
             log.save()
             save_checkpoint(checkpoint_file, state)
+
+    def save_run_encoder(folder: str | Path) -> None:
+        save_encoder(folder, model.backbone, {
+            "architecture": cfg.backbone, "in_chans": 1, "feature_dim": model.feature_dim,
+            "input_size": crops.global_size, "steps": step, "medssl_version": __version__,
+            "config": dump_config(cfg), "data": _data_summary(cfg.shards),
+        })
 
     bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", disable=not (show_progress and info.is_main))
     bad_steps, seen, t_log = 0, 0, time.perf_counter()
@@ -286,6 +297,9 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> str |
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
                 seen, t_log = 0, time.perf_counter()
+            if cfg.snapshot_every and step % cfg.snapshot_every == 0 and info.is_main:
+                # Before the checkpoint: a resume from it never skips a snapshot of its step.
+                save_run_encoder(storage.join(out, SNAPSHOTS, f"step-{step:06d}"))
             if step % cfg.checkpoint_every == 0 or step == total_steps:
                 checkpoint()
             if step >= total_steps:
@@ -293,9 +307,5 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> str |
     bar.close()
     log.close()
     if info.is_main:
-        save_encoder(out, model.backbone, {
-            "architecture": cfg.backbone, "in_chans": 1, "feature_dim": model.feature_dim,
-            "input_size": crops.global_size, "steps": step, "medssl_version": __version__,
-            "config": dump_config(cfg), "data": _data_summary(cfg.shards),
-        })
+        save_run_encoder(out)
     return out

@@ -1,0 +1,75 @@
+"""A setting chosen on validation inside one run: ``ssl_weight: auto`` (hybrid) and ``probe_lrs`` (linear).
+
+Each value is trained as an ordinary run in ``<out>/sweep/<setting>-<value>/``; the one with the best
+validation AUC (the first on a tie) becomes the run's result: its ``best.pt`` and test predictions are
+copied to ``<out>``, and ``metrics.json`` is its metrics plus ``sweep`` (every value's validation AUC and
+the one chosen) and the run's own config. Test scores play no part in the choice. A value whose run
+diverged before any evaluation is recorded and skipped. Rerunning resumes: a value whose folder holds
+the results of its exact settings is not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from medssl.atomic import atomic_write_text
+from medssl.config import FinetuneConfig, dump_config
+from medssl.train.pretrain import TrainingDiverged
+
+SWEEP = "sweep"
+METRICS = "metrics.json"
+
+
+def sweep_of(cfg: FinetuneConfig) -> tuple[str, list[float]] | None:
+    """(setting, values) that this run chooses on validation, or None."""
+    if cfg.mode == "hybrid" and cfg.ssl_weight == "auto":
+        return "ssl_weight", list(cfg.ssl_weight_grid)
+    if cfg.mode == "linear" and cfg.probe_lrs:
+        return "head_lr", list(cfg.probe_lrs)
+    return None
+
+
+def finished(cfg: FinetuneConfig) -> dict | None:
+    """The metrics in ``cfg.out`` if they are the results of exactly these settings (to resume), else None."""
+    try:
+        metrics = json.loads((Path(cfg.out) / METRICS).read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("config") == dump_config(cfg) else None
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Atomic, so that a crash never leaves a half-copied best.pt beside a complete metrics.json."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def run_sweep(cfg: FinetuneConfig, setting: str, values: list[float],
+              run_one: Callable[[FinetuneConfig], dict]) -> dict:
+    out = Path(cfg.out)
+    tried, results = [], {}
+    for value in values:
+        sub = cfg.model_copy(update={setting: value, "probe_lrs": [], "out": out / SWEEP / f"{setting}-{value:g}"})
+        try:
+            metrics = finished(sub) or run_one(sub)
+        except TrainingDiverged as e:
+            tried.append({"value": value, "best_val_auc": None, "error": str(e)})
+            continue
+        results[value] = metrics
+        tried.append({"value": value, "best_val_auc": metrics["best_val_auc"]})
+    scored = [t for t in tried if t["best_val_auc"] is not None]
+    if not scored:
+        raise TrainingDiverged(f"every {setting} of {values} diverged before a validation AUC: "
+                               + "; ".join(t["error"] for t in tried))
+    chosen = max(scored, key=lambda t: t["best_val_auc"])["value"]  # max keeps the first of equals
+    metrics = results[chosen]
+    folder = out / SWEEP / f"{setting}-{chosen:g}"
+    for name in metrics["files"].values():
+        _copy(folder / name, out / name)
+    metrics = {**metrics, "sweep": {"setting": setting, "chosen": chosen, "tried": tried}, "config": dump_config(cfg)}
+    atomic_write_text(out / METRICS, json.dumps(metrics, indent=1))
+    return metrics
