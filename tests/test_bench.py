@@ -138,7 +138,9 @@ def test_bench_paper_preset_is_valid():
 
     cfg = load_config(BenchConfig, REPO / "benchmarks" / "paper.yaml")
     assert {t.name for t in cfg.tasks} == {"head-ct-hemorrhage", "brain-mr-tumour"}
-    assert len(cfg.seeds) >= 3 and cfg.label_fractions == [0.1, 1.0]
+    assert len(cfg.seeds) >= 3 and cfg.label_fractions == [0.01, 0.1, 1.0]
+    assert {a.mode for a in cfg.arms} == {"knn", "linear", "finetune", "hybrid"}
+    assert cfg.pretrain["snapshot_every"] < cfg.pretrain["max_steps"]  # the pretraining-length curve has points
     # Scratch and SSL see the same input size, which is the pretraining crop size.
     assert cfg.finetune["input_size"] == cfg.pretrain["augment"]["global_size"]
 

@@ -127,7 +127,8 @@ def test_robustness_json_of_a_ct_run_and_its_report(ct_run):
     result = evaluate_robustness(ct_run, device="cpu")
     assert json.loads((ct_run / "robustness.json").read_text()) == result
     metrics = json.loads((ct_run / "metrics.json").read_text())
-    assert set(result) == {"clean_auc", "sweeps", "worst", "test_images", "task", "run", "skipped", "seed"}
+    assert set(result) == {"clean_auc", "sweeps", "worst", "test_images", "split", "task", "run", "skipped", "seed"}
+    assert result["split"] == "test"
     assert result["clean_auc"] == pytest.approx(metrics["test_auc"], abs=1e-6)
     assert result["test_images"] == metrics["task"]["images"]["test"]
     assert result["task"] == metrics["task"]["csv"] and result["run"] == str(ct_run) and result["seed"] == 3
@@ -151,6 +152,14 @@ def test_a_prepared_task_must_match_the_run(ct_run, tmp_path):
     assert list(result["sweeps"]) == ["gamma"] and (tmp_path / "r.json").is_file()
     with pytest.raises(ConfigError, match="input_size: task prepared with 40, config has 32"):
         evaluate_robustness(ct_run, task=prepare_task(csv_path, input_size=40), out=tmp_path / "s.json")
+
+
+def test_the_validation_split_can_be_scored_instead(ct_run, tmp_path):
+    """For choices that must not look at the test images (e.g. an augmentation chosen for robustness)."""
+    metrics = json.loads((ct_run / "metrics.json").read_text())
+    result = evaluate_robustness(ct_run, only=["noise"], out=tmp_path / "val.json", split="val", device="cpu")
+    assert result["split"] == "val" and result["test_images"] == metrics["task"]["images"]["val"]
+    assert result["clean_auc"] == pytest.approx(metrics["best_val_auc"], abs=1e-6)  # best.pt's own validation AUC
 
 
 def test_ct_window_shift_is_skipped_without_ct(png_run, tmp_path):

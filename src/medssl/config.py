@@ -204,7 +204,7 @@ class FinetuneConfig(StrictModel):
     train_augment: bool = Field(default=True, description="random crop/rotation/flip/intensity changes of the labeled images (not in linear mode)")
     augment: dict[str, Any] = Field(default_factory=dict, description="overrides of the fine-tuning augmentation (fields of MultiCropConfig)")
     # hybrid regime
-    ssl_weight: float | Literal["auto"] = Field(default=HYBRID_SSL_WEIGHT, description="hybrid: weight of the self-supervised term relative to the supervised loss (see ssl_scale); auto: each of ssl_weight_grid is trained, the best on validation kept")
+    ssl_weight: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(default=HYBRID_SSL_WEIGHT, description="hybrid: weight of the self-supervised term relative to the supervised loss (see ssl_scale); auto: each of ssl_weight_grid is trained, the best on validation kept")
     ssl_weight_grid: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.1, 0.3, 1.0], min_length=1, description="hybrid, ssl_weight auto: the weights tried")
     ssl_scale: Literal["start", "none"] = Field(default="start", description="hybrid: start: the self-supervised loss is scaled by (supervised / self-supervised loss) at the first step, so that ssl_weight 1 starts both terms equal whatever their units; none: raw")
     ssl_batch_size: int = Field(default=16, ge=2, description="hybrid: images (labeled and unlabeled) per step for the self-supervised loss")

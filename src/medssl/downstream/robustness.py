@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -139,15 +140,19 @@ def _run_config(run_dir: Path, record: dict) -> FinetuneConfig:
 def evaluate_robustness(run_dir: Path | str, *, task: Task | None = None,
                         sweeps: dict[str, Iterable[float]] | None = None, only: Iterable[str] | None = None,
                         out: Path | str | None = None, batch_size: int = 64, device: str = "auto",
-                        show_progress: bool = False) -> dict:
+                        show_progress: bool = False, split: Literal["test", "val"] = "test") -> dict:
     """Score a finetune run's best classifier on its test split, clean and perturbed; write ``robustness.json``.
+
+    ``split``: "val" scores the validation split instead, for choices (e.g. of an augmentation) that must not
+    look at the test images; write it elsewhere with ``out``.
 
     ``task``: the run's task already prepared with ``prepare_task`` (it must match the run's image and
     split settings); by default it is rebuilt from the run's config. ``sweeps``: sweep name -> levels,
     replacing those sweeps' defaults (``SWEEPS``); ``only``: the sweeps to run (default all).
     ``out``: the JSON file (default ``run_dir/robustness.json``). ``device``: auto, cpu or cuda.
     Returns the dict written: ``clean_auc``, ``sweeps`` {name: [{level, auc, drop}]}, ``worst``
-    {name: the point of lowest AUC}, ``test_images``, ``task``, ``run``, ``skipped`` {name: why}, ``seed``.
+    {name: the point of lowest AUC}, ``test_images`` (the images scored), ``split``, ``task``, ``run``,
+    ``skipped`` {name: why}, ``seed``.
     """
     run_dir = Path(run_dir)
     levels = sweep_levels(sweeps, only)
@@ -166,7 +171,7 @@ def evaluate_robustness(run_dir: Path | str, *, task: Task | None = None,
 
     dev = resolve_device(device)
     model.to(dev)
-    rows = task.rows("test")
+    rows = task.rows(split)
     images, is_ct, targets = task.images[rows], task.is_ct[rows], task.table.targets[rows]
     window = tuple(record["preprocess"]["ct_window"])
     skipped = {}
@@ -199,6 +204,7 @@ def evaluate_robustness(run_dir: Path | str, *, task: Task | None = None,
         "worst": {name: min(points, key=lambda p: p["auc"] if p["auc"] is not None else 0.0)
                   for name, points in results.items()},
         "test_images": len(rows),
+        "split": split,
         "task": str(task.table.csv),
         "run": str(run_dir),
         "skipped": skipped,
