@@ -157,7 +157,7 @@ def settings_of(model: type[BaseModel]) -> Any:
 
 # Hybrid fine-tuning's default weight of the self-supervised term (relative, ssl_scale "start"); chosen on
 # validation AUC, see BENCHMARKS.md "The hybrid regime".
-HYBRID_SSL_WEIGHT = 0.3
+HYBRID_SSL_WEIGHT = 0.1
 
 
 class FinetuneConfig(StrictModel):
