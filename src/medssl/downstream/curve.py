@@ -97,8 +97,11 @@ def plot_curve(curve: dict, path: Path) -> Path:
     from medssl.report.plots import panel_figure  # matplotlib only when drawing
 
     fig, (ax,) = panel_figure(1, height=4.0, width=7.0)
-    for (mode, fraction), line in sorted(mean_curves(curve["points"]).items()):
-        ax.plot(*zip(*line), marker="o", linestyle="-" if mode == "linear" else "--",
+    lines = mean_curves(curve["points"])
+    fractions = sorted({fraction for _, fraction in lines})
+    colours = {f: f"C{i}" for i, f in enumerate(fractions)}  # one colour per label fraction, one dash per probe
+    for (mode, fraction), line in sorted(lines.items()):
+        ax.plot(*zip(*line), marker="o", color=colours[fraction], linestyle="-" if mode == "linear" else "--",
                 label=f"{mode}, {fraction:g} of the labels")
     ax.set_xlabel("pretraining step (0: random initialisation)")
     ax.set_ylabel("test AUC (mean over seeds)")
