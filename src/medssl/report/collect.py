@@ -19,9 +19,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medssl.downstream.sweep import SWEEP
 from medssl.report.predictions import PREDICTION_FILES, Curves, read_predictions
+from medssl.train.pretrain import SNAPSHOTS
 
 DEPTH = 2
+NOT_SEARCHED = ("tensorboard", SNAPSHOTS, SWEEP)
 ROBUSTNESS_FILE = "robustness.json"
 BENCH_FILE = "results.json"
 
@@ -138,13 +141,14 @@ def find_artefacts(root: Path) -> Artefacts:
 
 
 def _folders(root: Path) -> list[Path]:
-    """root and its sub-folders down to DEPTH levels, sorted. Hidden folders, TensorBoard logs and the
-    inside of ingest outputs (whose shards/ may hold 100 000 files) are not searched."""
+    """root and its sub-folders down to DEPTH levels, sorted. Hidden folders, TensorBoard logs, the inside
+    of ingest outputs (whose shards/ may hold 100 000 files) and the parts of a run (a pretraining run's
+    snapshots/, the per-value runs of a finetune's sweep/, whose chosen one the run reports) are not searched."""
     level, folders = [root], [root]
     for _ in range(DEPTH):
         parents = [p for p in level if not (p / "index.json").is_file()]
         level = sorted(p for parent in parents for p in parent.iterdir()
-                       if p.is_dir() and not p.name.startswith(".") and p.name != "tensorboard")
+                       if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_SEARCHED)
         folders += level
     return folders
 
