@@ -99,7 +99,9 @@ def test_head_ct_slice_reads_back_in_hounsfield_units(tmp_path, syntax):
     assert grey > white
     assert abs(np.median(hu[tissue == Tissue.AIR]) + 1000) < 15
     assert np.median(hu[_interior(tissue == Tissue.BONE)]) > 700
-    assert np.mean(hu[_interior(p.lesion[k])]) > np.median(hu[brain]) + 25  # hyperdense haemorrhage
+    # Hyperdense haemorrhage: blood +50..+65 HU against brain +28..+38, over a few pixels of a small
+    # lesion (noise 10 HU, partial volume at its edge).
+    assert np.mean(hu[_interior(p.lesion[k])]) > np.median(hu[brain]) + 10
 
 
 def test_hemorrhage_spans_whole_contiguous_slices():
@@ -107,7 +109,7 @@ def test_hemorrhage_spans_whole_contiguous_slices():
         p = head_ct(np.random.default_rng(seed), SIZE, n_slices=6, hemorrhage=True)
         area = p.lesion.sum(axis=(1, 2))
         hit = np.flatnonzero(area)
-        assert 2 <= len(hit) <= 4 and np.all(np.diff(hit) == 1)
+        assert 1 <= len(hit) <= 2 and np.all(np.diff(hit) == 1)  # 10-15 mm tall, slices 5 mm apart
         assert area[hit].min() >= 0.5 * area.max()  # no label rests on a sliver of the lesion
         assert not head_ct(np.random.default_rng(seed), SIZE, hemorrhage=False).lesion.any()
 
@@ -255,7 +257,8 @@ def test_task_csvs_are_balanced_group_safe_and_point_at_files(demo):
 
 def test_hemorrhage_labels_match_lesion_masks_and_pixels(demo):
     rows = _rows(demo.tasks["ct-hemorrhage"])
-    assert len(rows) >= 16
+    assert len(rows) >= 8
+    excess = []  # lesion pixels' HU above the slice's median brain
     for r in rows:
         mask = np.asarray(Image.open(demo.root / "masks" / (r["path"].removeprefix("archive/") + ".png"))) > 0
         assert mask.any() == (r["label"] == "hemorrhage"), r["path"]
@@ -263,8 +266,20 @@ def test_hemorrhage_labels_match_lesion_masks_and_pixels(demo):
         assert (src.modality, semantics) == ("CT", "hounsfield")
         brain = (hu > 0) & (hu < 60) & ~mask
         assert 20 <= np.median(hu[brain]) <= 50
-        if mask.any():
-            assert hu[mask].mean() > np.median(hu[brain]) + 15, r["path"]
+        excess.extend(hu[mask] - np.median(hu[brain]))
+    # Pooled over the slices: one small haematoma is a few noisy pixels, but a mask that missed the
+    # blood would average brain (about 0).
+    assert np.mean(excess) > 10
+
+
+def test_every_split_gets_normal_slices_at_the_fewest_patients(tmp_path):
+    # Most haematomas span one slice, so there are few positives to match with normal slices; with
+    # 6 patients and seed 3 the train split once got none.
+    for seed in range(4):
+        archive = generate_demo_archive(tmp_path / str(seed), n_patients=6, size=32, seed=seed)
+        rows = _rows(archive.tasks["ct-hemorrhage"])
+        for split in ("train", "val", "test"):
+            assert {r["label"] for r in rows if r["split"] == split} == {"hemorrhage", "normal"}, (seed, split)
 
 
 def test_generation_is_deterministic_for_a_seed(tmp_path):

@@ -119,10 +119,12 @@ def _balanced_flags(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.permutation(np.arange(n) < n // 2)
 
 
-def _round_robin(rng: np.random.Generator, by_group: dict[str, list], n: int) -> list:
-    """``n`` items drawn one group at a time, so every group gives one before any gives two."""
+def _round_robin(rng: np.random.Generator, by_group: dict[str, list], n: int, first: set[str]) -> list:
+    """``n`` items drawn one group at a time, so every group gives one before any gives two; in each
+    round the groups in ``first`` give theirs before the others."""
     pools = [[items[j] for j in rng.permutation(len(items))] for items in by_group.values()]
-    order = rng.permutation(len(pools))
+    names = list(by_group)
+    order = sorted(rng.permutation(len(pools)), key=lambda j: names[j] not in first)  # stable: random within
     chosen: list = []
     while len(chosen) < n:
         for j in order:
@@ -144,10 +146,14 @@ def _head_ct(b: _Builder, n: int, size: int, rng: np.random.Generator) -> None:
             b.wrote("CT")
             item = (relative, ident.patient_id, p.lesion[k], bool(hemorrhage))
             (positive if p.lesion[k].any() else negative.setdefault(ident.patient_id, [])).append(item)
-    # Every slice with haemorrhage and as many normal slices, spread over all patients (so every split
-    # has normal slices); the other slices stay unlabeled, in the pretraining pool only.
+    # Every slice with haemorrhage and as many normal slices, spread over all patients, the patients
+    # without haemorrhage first: there are about as many positive slices as such patients or more (one
+    # or two per haematoma), so (nearly) each gives a normal slice, and every split (stratified by
+    # patient) gets normal slices even when most haematomas span one slice. The other slices stay
+    # unlabeled, in the pretraining pool only.
     n_negative = min(len(positive), sum(len(v) for v in negative.values()))
-    labeled = sorted(positive + _round_robin(rng, negative, n_negative), key=lambda item: item[0])
+    normal_patients = {group for group, items in negative.items() if not items[0][3]}
+    labeled = sorted(positive + _round_robin(rng, negative, n_negative, normal_patients), key=lambda item: item[0])
     for relative, group, lesion, patient_has_lesion in labeled:
         label = "hemorrhage" if lesion.any() else "normal"
         b.label("ct-hemorrhage", relative, label, group, lesion, patient_has_lesion)

@@ -48,7 +48,14 @@ CT_HU = {
 }
 CORTICAL_BONE_HU = 1500.0      # skull tables
 RIB_HU = 900.0
-HEMORRHAGE_HU = (60.0, 85.0)   # acute clotted blood: haemoglobin raises it above brain (50-90 HU)
+# Acute intraparenchymal blood: haemoglobin raises it above brain, +50..+65 HU in the first hours (a
+# retracted clot reaches 80-90 HU later): 12-37 HU above grey (+38) and white matter (+28), against
+# 10 HU of noise. Small deep haematomas, 8-16 mm across (0.3-2 mL, the size a reader can miss), are
+# 2-5 pixels across at the demo's 64-pixel input (3.4 mm per pixel): the low end of both ranges keeps
+# the demo's task one where labels are scarce enough to matter.
+HEMORRHAGE_HU = (50.0, 65.0)
+HEMORRHAGE_MM = (8.0, 16.0)
+TUMOUR_MM = (16.0, 30.0)       # enhancing brain tumour (MR)
 NODULE_HU = (60.0, 150.0)      # solid nodule, some with fine calcification
 
 # MR signal relative to white matter on T1. T1-weighted: fat > WM > GM > CSF (CSF dark); T2-weighted:
@@ -229,9 +236,13 @@ class _Lesion:
     last: int
 
 
-def _draw_head_lesion(rng: np.random.Generator, head: _Head, z: np.ndarray) -> _Lesion:
+def _draw_head_lesion(rng: np.random.Generator, head: _Head, z: np.ndarray, across_mm: tuple[float, float]) -> _Lesion:
+    """A lesion ``across_mm`` (range of in-plane diameters) deep in the brain, spanning as many whole
+    slices as keep it about as tall as it is wide (at least one)."""
+    a, b = rng.uniform(*across_mm, 2) / 2
     n = len(z)
-    n_lesion = int(rng.integers(2, 5)) if n >= 4 else n
+    # Slices spanned: height (n_lesion + 1) x 5 mm (below) closest to the mean diameter a + b.
+    n_lesion = int(np.clip(round((a + b) / SLICE_MM) - 1, 1, n))
     first = int(rng.integers(0, n - n_lesion + 1))
     last = first + n_lesion - 1
     zc = (z[first] + z[last]) / 2
@@ -241,8 +252,7 @@ def _draw_head_lesion(rng: np.random.Generator, head: _Head, z: np.ndarray) -> _
     phi, frac = rng.uniform(0, 2 * np.pi), rng.uniform(0.15, 0.5)
     cx = frac * (head.semi_x - 25) * np.cos(phi)
     cy = frac * (head.semi_y - 25) * np.sin(phi)
-    return _Lesion(centre=(cx, cy, zc), semi=(rng.uniform(8, 15), rng.uniform(8, 15), half_height),
-                   angle=rng.uniform(0, np.pi), first=first, last=last)
+    return _Lesion(centre=(cx, cy, zc), semi=(a, b, half_height), angle=rng.uniform(0, np.pi), first=first, last=last)
 
 
 def _lesion_section(lesion: _Lesion, x: np.ndarray, y: np.ndarray, z: float, scale: float = 1.0) -> np.ndarray:
@@ -263,14 +273,15 @@ def head_ct(rng: np.random.Generator, size: int = 128, n_slices: int = 6, hemorr
 
     Air -1000, scalp skin +40 and fat -100, skull cortical tables +1500 around diploe +700, CSF +8
     (subarachnoid space, sulci, lateral ventricles), grey matter +38 (cortex, basal ganglia), white
-    matter +28; one blur for partial volume, then correlated noise of 10 HU. With ``hemorrhage``, an
-    intraparenchymal haematoma (ellipsoid, 16-30 mm across, +60..+85 HU) spanning 2-4 slices, inside
-    the brain; ``lesion`` is its mask, so a slice shows haemorrhage exactly where ``lesion`` is set.
+    matter +28; one blur for partial volume, then correlated noise of 10 HU. With ``hemorrhage``, a
+    small deep intraparenchymal haematoma (ellipsoid, 8-16 mm across, +50..+65 HU: see
+    ``HEMORRHAGE_HU``) spanning 1-2 slices (as tall as it is wide), inside the brain; ``lesion`` is its
+    mask, so a slice shows haemorrhage exactly where ``lesion`` is set.
     """
     head = _draw_head(rng)
     x, y = _head_frame(head, size)
     z = _head_z(rng, n_slices)
-    lesion = _draw_head_lesion(rng, head, z) if hemorrhage else None
+    lesion = _draw_head_lesion(rng, head, z, HEMORRHAGE_MM) if hemorrhage else None
     blood_hu = rng.uniform(*HEMORRHAGE_HU)
     hu = np.empty((n_slices, size, size), dtype=np.float32)
     tissue = np.empty((n_slices, size, size), dtype=np.uint8)
@@ -303,7 +314,7 @@ def mr_head(rng: np.random.Generator, size: int = 128, n_slices: int = 1,
     head = _draw_head(rng)
     x, y = _head_frame(head, size)
     z = _head_z(rng, n_slices)
-    lesion = _draw_head_lesion(rng, head, z) if enhancing_lesion else None
+    lesion = _draw_head_lesion(rng, head, z, TUMOUR_MM) if enhancing_lesion else None
     necrotic = rng.random() < 0.5
     tissue = np.empty((n_slices, size, size), dtype=np.uint8)
     whole = np.zeros_like(tissue, dtype=bool)
