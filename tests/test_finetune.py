@@ -221,10 +221,18 @@ def test_a_finetune_diverged_before_any_evaluation_fails_clearly(tmp_path, blob_
     assert not (tmp_path / "div" / "metrics.json").exists()
 
 
+def test_a_sweep_whose_every_value_diverged_fails_clearly(tmp_path, blob_task, tiny_run, monkeypatch):
+    _nan_loss_from_call(monkeypatch, 1)
+    with pytest.raises(TrainingDiverged, match=r"every head_lr tried \(0.001, 0.1\) diverged .* at 0.001: the "
+                                               "training loss was non-finite at step 1"):
+        finetune(blob_task, init=str(tiny_run), mode="linear", probe_lrs=[1e-3, 1e-1], out=tmp_path / "div", **FAST)
+    assert not (tmp_path / "div" / "metrics.json").exists()
+
+
 def _cli_args(blob_task, tiny_run, out):
     sets = [a for k, v in FAST.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     return ["finetune", "--task", str(blob_task), "--init", str(tiny_run), "--mode", "linear", "--out", str(out),
-            "--quiet", *sets]
+            "--quiet", "--set", "probe_lrs=[]", *sets]  # one head_lr: one run, not a sweep
 
 
 def test_cli_finetune_diverged_before_any_evaluation_is_a_one_line_error(tmp_path, blob_task, tiny_run, monkeypatch,

@@ -63,8 +63,8 @@ def run_sweep(cfg: FinetuneConfig, setting: str, values: list[float],
         tried.append({"value": value, "best_val_auc": metrics["best_val_auc"]})
     scored = [t for t in tried if t["best_val_auc"] is not None]
     if not scored:
-        raise TrainingDiverged(f"every {setting} of {values} diverged before a validation AUC: "
-                               + "; ".join(t["error"] for t in tried))
+        raise TrainingDiverged(f"every {setting} tried ({', '.join(f'{v:g}' for v in values)}) diverged before a "
+                               f"validation AUC; at {values[0]:g}: {tried[0]['error']}")
     chosen = max(scored, key=lambda t: t["best_val_auc"])["value"]  # max keeps the first of equals
     metrics = results[chosen]
     folder = out / SWEEP / f"{setting}-{chosen:g}"
