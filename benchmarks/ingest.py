@@ -23,7 +23,14 @@ CPU-second, counting the process and its pool workers) / 3600.
 
 ``--format-study`` adds a comparison of storage formats on the 16-bit images our ingest wrote:
 bytes per image and encode/decode time for 16-bit PNG (compress_level 1, ours), 16-bit PNG at Pillow's
-default level 6, and raw uint16 ``.npy``.
+default level 6, and raw uint16 ``.npy``; and the candidates of issue 12: raw uint16 compressed with
+zstd (levels 1, 3, 9, 19) or lz4, each as is, as two byte planes (low bytes, then high bytes) and as a
+horizontal delta in byte planes; and the lossless codecs of ``imagecodecs`` (JPEG-XL, JPEG-LS,
+JPEG 2000, HTJ2K; QOI and WebP are probed and skipped: 8-bit only). Every format must give back the
+same uint16 array; codecs run single-threaded, as in a data-loader process. Each format encodes once
+and decodes ``--format-repeats`` times (round-robin over the formats; the fastest pass counts). The
+summary compares each with 16-bit PNG level 1: size ratio and decode speed-up, per corpus and over all
+corpora (all: summed bytes and times, every image weighing the same).
 
 Run from the repository root:  .venv/bin/python benchmarks/ingest.py [--limit 200] [--repeats 3] [--format-study]
 """
@@ -37,6 +44,7 @@ import os
 import resource
 import shlex
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -266,14 +274,16 @@ def markdown_table(rows: list[dict]) -> str:
 
 def machine_info() -> dict:
     return {**machine_facts(), "torch": version("torch"), "pydicom": pydicom.__version__, "pillow": version("pillow"),
-            "numpy": np.__version__, "pylibjpeg": version("pylibjpeg")}
+            "numpy": np.__version__, "pylibjpeg": version("pylibjpeg"), "zstandard": version("zstandard"),
+            "lz4": version("lz4"), "imagecodecs": version("imagecodecs")}
 
 
 def print_machine(info: dict) -> None:
     print(f"machine: {info['cpu']}, {info['usable_cores']} usable of {info['logical_cores']} logical cores, "
           f"{info['ram_gib']} GiB RAM, {info['os']}")
     print(f"software: python {info['python']}, torch {info['torch']}, pydicom {info['pydicom']}, "
-          f"pillow {info['pillow']}, numpy {info['numpy']}, pylibjpeg {info['pylibjpeg']}")
+          f"pillow {info['pillow']}, numpy {info['numpy']}, pylibjpeg {info['pylibjpeg']}, "
+          f"zstandard {info['zstandard']}, lz4 {info['lz4']}, imagecodecs {info['imagecodecs']}")
     print(f"load average at start (1/5/15 min): {info['load_average_at_start']}")
 
 
@@ -333,8 +343,115 @@ def _adaptive_decode(b: bytes) -> np.ndarray:
     return levels[np.asarray(Image.open(io.BytesIO(b[5 + n:])))]
 
 
+# --- issue 12 candidates: the stored uint16 image compressed as bytes, or an image codec's lossless mode.
+# Raw formats carry the shape in an 8-byte header (in a shard it would live in the sample's JSON).
+
+
+def _byte_planes(a: np.ndarray) -> bytes:
+    """All low bytes, then all high bytes: the high bytes of medical images vary slowly and compress well."""
+    return a.astype("<u2", copy=False).view(np.uint8).reshape(-1, 2).T.tobytes()
+
+
+def _from_byte_planes(raw: bytes, shape: tuple[int, int]) -> np.ndarray:
+    planes = np.frombuffer(raw, np.uint8).reshape(2, -1)
+    pairs = np.empty((planes.shape[1], 2), np.uint8)
+    pairs[:, 0], pairs[:, 1] = planes[0], planes[1]
+    return pairs.view("<u2").reshape(shape)
+
+
+def _delta(a: np.ndarray) -> np.ndarray:
+    """Each pixel minus its left neighbour, modulo 2**16 (uint16 arithmetic wraps): lossless."""
+    d = a.copy()
+    d[:, 1:] -= a[:, :-1]
+    return d
+
+
+def _undelta(d: np.ndarray) -> np.ndarray:
+    return np.cumsum(d, axis=1, dtype=np.uint16)  # wraps the same way back
+
+
+PRE_FILTERS = {  # name -> (uint16 image -> bytes, (bytes, shape) -> uint16 image)
+    "": (lambda a: a.astype("<u2", copy=False).tobytes(), lambda raw, shape: np.frombuffer(raw, "<u2").reshape(shape)),
+    "byte planes": (_byte_planes, _from_byte_planes),
+    "delta + byte planes": (lambda a: _byte_planes(_delta(a)), lambda raw, shape: _undelta(_from_byte_planes(raw, shape))),
+}
+
+
+def _raw(pre_filter: str, compress, decompress):
+    to_bytes, from_bytes = PRE_FILTERS[pre_filter]
+
+    def encode(a: np.ndarray) -> bytes:
+        return struct.pack("<II", *a.shape) + compress(to_bytes(a))
+
+    def decode(b: bytes) -> np.ndarray:
+        return from_bytes(decompress(b[8:]), struct.unpack("<II", b[:8]))
+
+    return encode, decode
+
+
+def _zstd(level: int):
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=level).compress, zstandard.ZstdDecompressor().decompress
+
+
+def _lz4():
+    import lz4.frame
+
+    return lz4.frame.compress, lz4.frame.decompress
+
+
+def _imagecodecs(name: str, **options):
+    """imagecodecs' ``<name>_encode``/``_decode``; one thread where the codec takes a thread count."""
+    import imagecodecs
+
+    encoder, decoder = getattr(imagecodecs, f"{name}_encode"), getattr(imagecodecs, f"{name}_decode")
+    threads = {"numthreads": 1} if name in ("jpegxl", "jpeg2k") else {}
+    return lambda a: encoder(a, **options, **threads), lambda b: decoder(b, **threads)
+
+
+def _labelled(pre_filter: str, codec: str) -> str:
+    return f"raw uint16, {pre_filter}, {codec}" if pre_filter else f"raw uint16, {codec}"
+
+
+CANDIDATES = {  # label -> codec factory (called by candidate_formats, which skips what cannot run here)
+    **{_labelled(f, f"zstd {lv}"): (lambda f=f, lv=lv: _raw(f, *_zstd(lv))) for f in PRE_FILTERS for lv in (1, 3, 9, 19)},
+    **{_labelled(f, "lz4 frame (default level)"): (lambda f=f: _raw(f, *_lz4())) for f in PRE_FILTERS},
+    "JPEG-XL lossless, effort 1": lambda: _imagecodecs("jpegxl", lossless=True, effort=1),
+    "JPEG-XL lossless, effort 3": lambda: _imagecodecs("jpegxl", lossless=True, effort=3),
+    "JPEG-LS lossless": lambda: _imagecodecs("jpegls", level=0),  # level = NEAR; 0 is lossless
+    "JPEG 2000 reversible (OpenJPEG)": lambda: _imagecodecs("jpeg2k", reversible=True),
+    "HTJ2K reversible (OpenJPH)": lambda: _imagecodecs("htj2k", reversible=True),
+    "QOI": lambda: _imagecodecs("qoi"),
+    "WebP lossless": lambda: _imagecodecs("webp", lossless=True),
+}
+
+
+def candidate_formats() -> tuple[dict, list[str]]:
+    """(label -> (encode, decode) for the candidates that round-trip a small uint16 image here,
+    [why each other one is skipped]). A missing package or codec, or no 16-bit support, is a skip."""
+    probe = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000) ^ 0x0F0F  # both bytes vary
+    found, skipped = {}, []
+    for label, factory in CANDIDATES.items():
+        try:
+            encode, decode = factory()
+            back = decode(encode(probe))
+        except Exception as e:  # ImportError, or the codec refuses uint16 / is not in this build
+            skipped.append(f"{label}: {type(e).__name__}: {e}")
+            continue
+        if back.dtype != probe.dtype or not np.array_equal(back, probe):
+            skipped.append(f"{label}: not lossless on a uint16 probe image")
+            continue
+        found[label] = (encode, decode)
+    return found, skipped
+
+
+PNG_OURS = f"16-bit PNG, compress_level {PNG_COMPRESS_LEVEL} (ours)"  # the reference of the issue 12 summary
+# Issue 12's bar for adopting a format: decodes this many times faster than PNG_OURS, at most this many times its bytes.
+BAR_DECODE_SPEEDUP, BAR_SIZE_RATIO = 4.0, 1.25
+
 FORMATS = {
-    f"16-bit PNG, compress_level {PNG_COMPRESS_LEVEL} (ours)": _png(PNG_COMPRESS_LEVEL),
+    PNG_OURS: _png(PNG_COMPRESS_LEVEL),
     f"16-bit PNG, compress_level {PILLOW_DEFAULT_LEVEL} (Pillow default)": _png(PILLOW_DEFAULT_LEVEL),
     "raw uint16 .npy": (_npy_encode, _npy_decode),
     f"alternative: 8-bit PNG + level table if <= 256 levels, else 16-bit (level {PNG_COMPRESS_LEVEL})":
@@ -342,22 +459,43 @@ FORMATS = {
 }
 
 
-def format_study(images: list[np.ndarray]) -> list[dict]:
+def format_study(images: list[np.ndarray], formats: dict, repeats: int) -> list[dict]:
+    """Encode every image once per format; decode them ``repeats`` times, round-robin over the formats
+    (a burst of other load then hits all alike), and keep each format's fastest decode pass."""
     raw = sum(a.nbytes for a in images)
     few_levels = sum(len(np.unique(a)) <= 256 for a in images)
     print(f"  format study: {len(images)} stored images, {few_levels} of them with <= 256 distinct values")
-    rows = []
-    for name, (encode, decode) in FORMATS.items():
+    blobs, encode_s, decode_s = {}, {}, {name: float("inf") for name in formats}
+    for name, (encode, _) in formats.items():
         t0 = time.perf_counter()
-        blobs = [encode(a) for a in images]
-        t1 = time.perf_counter()
-        decoded = [decode(b) for b in blobs]
-        t2 = time.perf_counter()
-        assert all(np.array_equal(a, d) for a, d in zip(images, decoded)), f"{name} is not lossless"
-        size = sum(len(b) for b in blobs)
-        rows.append({"format": name, "images": len(images), "few_levels": few_levels, "bytes_per_image": round(size / len(images)),
-                     "vs_raw": round(size / raw, 3), "encode_ms": round(1e3 * (t1 - t0) / len(images), 3),
-                     "decode_ms": round(1e3 * (t2 - t1) / len(images), 3)})
+        blobs[name] = [encode(a) for a in images]
+        encode_s[name] = time.perf_counter() - t0
+    for _ in range(repeats):
+        for name, (_, decode) in formats.items():
+            t0 = time.perf_counter()
+            decoded = [decode(b) for b in blobs[name]]
+            decode_s[name] = min(decode_s[name], time.perf_counter() - t0)
+            # Same values, shape and dtype: a codec that silently went lossy (or to another dtype) fails here.
+            assert all(d.dtype == a.dtype and np.array_equal(a, d) for a, d in zip(images, decoded)), \
+                f"{name} is not lossless"
+    return [study_row(name, len(images), few_levels, sum(len(b) for b in blobs[name]), raw, encode_s[name], decode_s[name])
+            for name in formats]
+
+
+def study_row(name: str, images: int, few_levels: int, size: int, raw: int, encode_s: float, decode_s: float) -> dict:
+    return {"format": name, "images": images, "few_levels": few_levels, "bytes": size, "raw_bytes": raw,
+            "encode_s": encode_s, "decode_s": decode_s, "bytes_per_image": round(size / images),
+            "vs_raw": round(size / raw, 3), "encode_ms": round(1e3 * encode_s / images, 3),
+            "decode_ms": round(1e3 * decode_s / images, 3)}
+
+
+def overall_study(per_corpus: list[list[dict]]) -> list[dict]:
+    """One row per format over all corpora: summed bytes and times, so every image weighs the same."""
+    rows = []
+    for name in [r["format"] for r in per_corpus[0]]:
+        rs = [r for rows_ in per_corpus for r in rows_ if r["format"] == name]
+        rows.append(study_row(name, *(sum(r[k] for r in rs) for k in ("images", "few_levels", "bytes", "raw_bytes",
+                                                                         "encode_s", "decode_s"))))
     return rows
 
 
@@ -366,6 +504,29 @@ def format_table(corpus: str, rows: list[dict]) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {corpus} | {r['format']} | {r['images']} | {r['bytes_per_image']:,} | {r['vs_raw']:.2f} "
               f"| {r['encode_ms']:.2f} | {r['decode_ms']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def against_png(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """format -> (bytes / PNG level 1's bytes, PNG level 1's decode time / its decode time)."""
+    png = next(r for r in rows if r["format"] == PNG_OURS)
+    return {r["format"]: (r["bytes"] / png["bytes"], png["decode_s"] / r["decode_s"]) for r in rows}
+
+
+def versus_png_table(studies: dict[str, list[dict]]) -> str:
+    """Size ratio and decode speed-up against 16-bit PNG level 1, per corpus; a check mark where a format
+    meets issue 12's bar (decodes >= 4x faster at <= 1.25x the bytes)."""
+    ratios = {corpus: against_png(rows) for corpus, rows in studies.items()}
+    names = [r["format"] for r in next(iter(studies.values()))]
+    lines = ["| format | " + " | ".join(f"{c}: bytes vs PNG, decode speed-up" for c in studies) + " |",
+             "| --- |" + " ---: |" * len(studies)]
+    for name in names:
+        cells = []
+        for corpus in studies:
+            size, speed = ratios[corpus][name]
+            mark = " ✓" if speed >= BAR_DECODE_SPEEDUP and size <= BAR_SIZE_RATIO else ""
+            cells.append(f"{size:.2f}x, {speed:.1f}x{mark}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -389,16 +550,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, metavar="N",
                    help="run every measurement N times (round-robin) and keep each one's fastest (default: 1)")
     p.add_argument("--format-study", action="store_true",
-                   help="also compare 16-bit PNG (ours) with PNG at the default level and raw .npy")
+                   help="also compare 16-bit PNG (ours) with PNG at the default level, raw .npy, raw uint16 + "
+                        "zstd/lz4 (with byte-plane and delta pre-filters) and imagecodecs' lossless codecs")
     p.add_argument("--format-samples", type=int, default=300, metavar="N",
                    help="images per corpus for the format study (default: 300)")
+    p.add_argument("--format-repeats", type=int, default=3, metavar="N",
+                   help="format study: decode every format's images N times, round-robin, keep the fastest "
+                        "(encode runs once; default: 3)")
     p.add_argument("--tmp", type=Path, default=None, help="where temporary outputs go (default: system temp)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also save all results as JSON")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
-    if args.repeats < 1:
-        p.error("--repeats must be at least 1")
+    if args.repeats < 1 or args.format_repeats < 1:
+        p.error("--repeats and --format-repeats must be at least 1")
     if any(w < 1 for w in args.workers):
         p.error("--workers must be at least 1")
     return args
@@ -416,7 +581,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     rows: list[dict] = []
-    study: dict[str, list[dict]] = {}
+    study: dict[str, dict] = {}
+    formats, skipped = {}, []
+    if args.format_study:
+        candidates, skipped = candidate_formats()
+        formats = {**FORMATS, **candidates}
     with tempfile.TemporaryDirectory(prefix="medssl-bench-", dir=args.tmp) as tmp:
         tmp = Path(tmp)
         salt = tmp / "salt"
@@ -454,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                 if images:
                     study[name] = {"source_bytes_per_file": round(size / len(files)),
                                    "stored_bytes_per_image": round(first_ours["bytes_out"] / max(1, first_ours["images"])),
-                                   "rows": format_study(images)}
+                                   "rows": format_study(images, formats, args.format_repeats)}
         rows_all = rows + (total_rows(rows) if len(found) > 1 else [])
 
     print("\n## Ingest throughput\n")
@@ -469,9 +638,18 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(name, st["rows"]))
             print(f"\n{name}: source files average {st['source_bytes_per_file']:,} bytes; our shards hold "
                   f"{st['stored_bytes_per_image']:,} bytes per image (PNG + JSON + tar headers).\n")
+        studies = {name: st["rows"] for name, st in study.items()}
+        if len(studies) > 1:
+            study["all"] = {"rows": overall_study(list(studies.values()))}
+            studies["all"] = study["all"]["rows"]
+            print(format_table("all", studies["all"]))
+        print("\n### Against 16-bit PNG level 1 (bytes ratio, decode speed-up; ✓: >= 4x faster at <= 1.25x bytes)\n")
+        print(versus_png_table(studies))
+        if skipped:
+            print("\nskipped:\n" + "\n".join(f"- {why}" for why in skipped))
     if args.json:
         args.json.write_text(json.dumps({"command": command, "machine": info, "rows": rows_all,
-                                         "format_study": study}, indent=1))
+                                         "format_study": study, "format_skipped": skipped}, indent=1))
         print(f"results saved to {args.json}")
     return 0
 
