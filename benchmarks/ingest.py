@@ -58,7 +58,7 @@ from PIL import Image
 from machine import machine_facts, version  # benchmarks/machine.py
 from medssl.config import IngestConfig
 from medssl.ingest import ingest
-from medssl.shard_format import PNG_COMPRESS_LEVEL, read_shard
+from medssl.shard_format import PNG_COMPRESS_LEVEL, decode_pixels, read_shard
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -295,7 +295,8 @@ def stored_images(shard_dir: Path, limit: int) -> list[np.ndarray]:
     out = []
     for shard in sorted(shard_dir.glob("*.tar")):
         for s in read_shard(shard):
-            out.append(np.asarray(Image.open(io.BytesIO(s.png))))
+            store = s.meta["intensity"]["store"]  # back from values to the stored integers, whatever the format
+            out.append(np.rint((decode_pixels(s.pixels, s.meta) - store["offset"]) / store["scale"]).astype(np.uint16))
             if len(out) >= limit:
                 return out
     return out

@@ -189,7 +189,7 @@ def load_samples(root: Path, n: int) -> list[tuple[np.ndarray, str]]:
     out = []
     for shard in list_shards([root]):
         for s in read_shard(shard.path):
-            out.append((decode_pixels(s.png, s.meta), s.meta["intensity"]["semantics"]))
+            out.append((decode_pixels(s.pixels, s.meta), s.meta["intensity"]["semantics"]))
             if len(out) == n:
                 return out
     return out

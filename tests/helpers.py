@@ -16,7 +16,7 @@ def shard_samples(out: Path) -> dict[str, tuple[str, dict]]:
     for shard in sorted((out / "shards").glob("*.tar")):
         for s in read_shard(shard):
             assert s.key not in found, f"sample {s.key} written twice"
-            found[s.key] = (hashlib.sha256(s.png).hexdigest(), s.meta)
+            found[s.key] = (hashlib.sha256(s.pixels).hexdigest(), s.meta)
     return found
 
 

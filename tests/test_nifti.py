@@ -75,7 +75,7 @@ def test_ingest_skips_empty_slices_and_guesses_ct(tmp_path):
     from medssl.shard_format import read_shard
 
     first = next(read_shard(next((tmp_path / "out" / "shards").glob("*.tar"))))
-    values = decode_pixels(first.png, first.meta)
+    values = decode_pixels(first.pixels, first.meta)
     assert values.min() == -1024 and values.max() == 1200  # HU survive the round trip exactly
 
 

@@ -65,8 +65,8 @@ def test_shards_stream_from_s3_as_from_disk(tiny_shards, s3_bucket):
     remote, local = list_shards([dataset]), list_shards([tiny_shards])
     assert [s.samples for s in remote] == [s.samples for s in local]
     assert all(str(s.path).startswith(f"{dataset}/shards/") for s in remote)
-    first = [(s.key, s.png) for s in read_shard(remote[0].path)]
-    assert first == [(s.key, s.png) for s in read_shard(local[0].path)]
+    first = [(s.key, s.pixels) for s in read_shard(remote[0].path)]
+    assert first == [(s.key, s.pixels) for s in read_shard(local[0].path)]
 
     def keys(root):
         return [x["key"] for x in ShardStream(root, batch_size=4, seed=3, shuffle_buffer=8)]
@@ -80,7 +80,7 @@ def test_a_shard_on_s3_streams_in_blocks_not_whole(s3_bucket):
     with storage.open_read(url) as f:
         first = next(read_shard(f))
         fetched = f.cache.total_requested_bytes
-    assert first.key == "k00" and first.png == png
+    assert first.key == "k00" and first.pixels == png
     assert fetched <= storage.READ_BLOCK + 2**20 + 4096  # the first sample and one block ahead of it
 
 

@@ -128,7 +128,7 @@ def test_samples_are_decoded_values_with_metadata(archives):
         expected = stored[sample["key"]]
         assert sample["meta"] == expected.meta
         assert sample["values"].dtype == np.float32 and sample["values"].shape == (8, 8)
-        np.testing.assert_array_equal(sample["values"], decode_pixels(expected.png, expected.meta))
+        np.testing.assert_array_equal(sample["values"], decode_pixels(expected.pixels, expected.meta))
 
 
 @pytest.mark.parametrize(("num_workers", "batch_size", "stop_after"), [(2, 1, 5), (2, 2, 3), (0, 2, 2)])

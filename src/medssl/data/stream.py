@@ -417,7 +417,7 @@ class ShardStream(IterableDataset):
                                    "index.json lists: the shard is damaged; rerun `medssl ingest` on that output")
 
     def _decode(self, sample: Sample, epoch: int, restore_rngs: bool) -> dict:
-        values = decode_pixels(sample.png, sample.meta)
+        values = decode_pixels(sample.pixels, sample.meta)
         if self.transform is not None:
             with seeded_global_rngs(sample_seed(self.seed, epoch, sample.key), restore=restore_rngs):
                 values = self.transform(values, sample.meta["intensity"]["semantics"])

@@ -118,22 +118,22 @@ class SampleSpool:
 
     def __init__(self):
         self._file = tempfile.TemporaryFile(prefix="medssl-spool-")
-        self._where: list[tuple[str, int, int, int]] = []  # (key, offset, PNG bytes, metadata bytes)
+        self._where: list[tuple[str, int, int, int]] = []  # (key, offset, pixel bytes, metadata bytes)
 
     def __len__(self) -> int:
         return len(self._where)
 
     def add(self, sample: Sample) -> None:
         meta = json.dumps(sample.meta).encode()
-        self._where.append((sample.key, self._file.tell(), len(sample.png), len(meta)))
-        self._file.write(sample.png)
+        self._where.append((sample.key, self._file.tell(), len(sample.pixels), len(meta)))
+        self._file.write(sample.pixels)
         self._file.write(meta)
 
     def _read(self, i: int) -> Sample:
-        key, offset, n_png, n_meta = self._where[i]
+        key, offset, n_pixels, n_meta = self._where[i]
         self._file.seek(offset)
-        data = self._file.read(n_png + n_meta)
-        return Sample(key, data[:n_png], json.loads(data[n_png:]))
+        data = self._file.read(n_pixels + n_meta)
+        return Sample(key, data[:n_pixels], json.loads(data[n_pixels:]))
 
     def write_shards(self, chunk: int, per_shard: int, shard_dir) -> dict[str, str]:
         """Write the spooled samples in a shuffled order, ``per_shard`` at most per shard (sizes even);

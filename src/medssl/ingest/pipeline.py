@@ -141,7 +141,7 @@ def _samples(task: FileTask, src: SourceImage, cfg: IngestConfig, salt: bytes) -
             continue
         values, intensity = mapped
         stored = resize_longest_side(values, cfg.max_side)
-        scale, offset = storage_for(intensity.semantics)
+        store = storage_for(intensity.semantics, cfg.pixel_format)
         h, w = values.shape
         factor = h / stored.shape[0]
         spacing = list(src.spacing_mm) if src.spacing_mm else None
@@ -149,7 +149,7 @@ def _samples(task: FileTask, src: SourceImage, cfg: IngestConfig, salt: bytes) -
         meta = {
             "key": key,
             "modality": src.modality,
-            "intensity": {**intensity.as_dict(), "store": {"scale": scale, "offset": offset}},
+            "intensity": {**intensity.as_dict(), "store": store},
             "source": {"sha256": task.sha256, "format": src.format, "frame": frame.index, "plane": frame.plane,
                        "frames": src.n_frames, "photometric": src.photometric, "bits_stored": src.bits_stored,
                        **src.info},
@@ -159,7 +159,7 @@ def _samples(task: FileTask, src: SourceImage, cfg: IngestConfig, salt: bytes) -
             "stored_spacing_mm": [s * factor for s in spacing] if spacing else None,
             "linkage": linkage,
         }
-        samples.append(Sample(key=key, png=encode_pixels(stored, intensity.semantics), meta=meta))
+        samples.append(Sample(key=key, pixels=encode_pixels(stored, store), meta=meta))
     if not samples:
         what = "the image is constant" if seen == 1 else f"all {seen} frames/slices are constant"
         raise Rejected("empty", what if seen else "no frames to read")
@@ -205,10 +205,10 @@ def process_file_isolated(worker: IsolatedWorker, task: FileTask, cfg: IngestCon
     """
     args = {"task": asdict(task), "cfg": cfg.model_dump(mode="json"), "salt": salt.hex(), "seen": seen}
     try:
-        result, pngs = worker.call("serve_process_file", args)
+        result, pixels = worker.call("serve_process_file", args)
     except Rejected as fault:  # the file cost its worker (timeout, crash, memory)
         return FileOutcome("rejected", reason=f"{fault.code}: {fault.detail}")
-    samples = [Sample(key=s["key"], png=png, meta=s["meta"]) for s, png in zip(result.pop("samples"), pngs)]
+    samples = [Sample(key=s["key"], pixels=data, meta=s["meta"]) for s, data in zip(result.pop("samples"), pixels)]
     return FileOutcome(**result, samples=samples)
 
 
@@ -230,7 +230,7 @@ def serve_process_file(args: dict) -> tuple[dict, list[bytes]]:
               "modality": outcome.modality, "empty_frames": outcome.empty_frames,
               "sha256": outcome.sha256, "size": outcome.size,
               "samples": [{"key": s.key, "meta": s.meta} for s in outcome.samples]}
-    return result, [s.png for s in outcome.samples]
+    return result, [s.pixels for s in outcome.samples]
 
 
 def _hash_then_process(task: FileTask, cfg: IngestConfig, salt: bytes, seen: list | None) -> FileOutcome:

@@ -44,7 +44,7 @@ def pick_samples(folders: list[Path], group_of: Callable[[dict], str | None], pe
                 continue
             counts[group] = counts.get(group, 0) + 1
             picked.append(ShardImage(sample.key, sample.meta.get("modality", "?"), group,
-                                     to_display(decode_pixels(sample.png, sample.meta), sample.meta)))
+                                     to_display(decode_pixels(sample.pixels, sample.meta), sample.meta)))
         if groups is not None and all(counts.get(g, 0) >= per_group for g in groups):
             break
     return picked
