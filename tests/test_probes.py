@@ -128,6 +128,7 @@ def test_probe_curve_scores_every_snapshot(tmp_path, tiny_shards, blob_task):
     assert points == {(s, m, f) for s in (0, 2, 3) for m in ("knn", "linear") for f in (0.5, 1.0)}
     assert all(0 <= p["test_auc"] <= 1 for p in curve["points"])
     assert (tmp_path / "probe" / PLOT).stat().st_size > 0
+    assert not list((tmp_path / "probe").rglob("best.pt"))  # points keep their metrics, not 45-MB classifiers
     # Rerun: the finished points are read back, not trained again.
     again = probe_curve(run, task, tmp_path / "probe", [0.5, 1.0], [0], {"epochs": 2, "bootstrap": 50,
                                                                           "probe_lrs": [1e-2]}, show_progress=False)

@@ -3,8 +3,9 @@
 A pretraining run with ``snapshot_every`` keeps its encoder at steps N, 2N, ... in ``snapshots/``; each is
 scored on a task with the cheap frozen-encoder protocols, as is the randomly initialised encoder (step 0)
 and the final one. The encoder's features are computed once per checkpoint and shared by both probes,
-every label fraction and seed. Each point is an ordinary finetune folder,
-``<out>/step-NNNNNN/<mode>-f<fraction>-s<seed>/``, so a rerun resumes; ``curve.json`` lists the points
+every label fraction and seed. Each point is a finetune folder, ``<out>/step-NNNNNN/<mode>-f<fraction>-s<seed>/``,
+without its ``best.pt`` (a linear probe's classifier holds the whole encoder: 45 MB for a ResNet-18, times
+a hundred points), so a rerun resumes from the metrics; ``curve.json`` lists the points
 and ``pretraining-length.png`` draws test AUC (mean over seeds) against pretraining steps.
 """
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from medssl import storage
 from medssl.atomic import atomic_open, atomic_write_text
 from medssl.config import FinetuneConfig
-from medssl.downstream.model import build_networks, resolve_device
+from medssl.downstream.model import BEST, build_networks, resolve_device
 from medssl.downstream.probes import frozen_features
 from medssl.downstream.sweep import finished
 from medssl.downstream.tasks import Task
@@ -72,6 +73,7 @@ def probe_curve(run: str | Path, task: Task, out: Path, fractions: list[float], 
                             backbone = build_networks(cfg, len(task.table.outputs)).classifier.backbone.to(device)
                             features = frozen_features(backbone, task, cfg.ct_window, cfg.eval_batch_size, device)
                         metrics = run_finetune(cfg, task, False, features)
+                        (cfg.out / BEST).unlink(missing_ok=True)  # a point is a number; see the module doc
                     points.append({"step": step, "mode": mode, "label_fraction": fraction, "seed": seed,
                                    "val_auc": metrics["best_val_auc"], "test_auc": metrics["test_auc"]})
         bar.update(1)
