@@ -21,8 +21,8 @@ from tqdm import tqdm
 from medssl import storage
 from medssl.atomic import atomic_open, atomic_write_text
 from medssl.config import FinetuneConfig
-from medssl.downstream.model import BEST, build_networks, resolve_device
-from medssl.downstream.probes import frozen_features
+from medssl.downstream.model import BEST
+from medssl.downstream.probes import encoder_features
 from medssl.downstream.sweep import finished
 from medssl.downstream.tasks import Task
 from medssl.downstream.training import run_finetune
@@ -69,9 +69,7 @@ def probe_curve(run: str | Path, task: Task, out: Path, fractions: list[float], 
                     metrics = finished(cfg)
                     if metrics is None:
                         if features is None:  # once per checkpoint, only if some point needs it
-                            device = resolve_device(cfg.device)
-                            backbone = build_networks(cfg, len(task.table.outputs)).classifier.backbone.to(device)
-                            features = frozen_features(backbone, task, cfg.ct_window, cfg.eval_batch_size, device)
+                            features = encoder_features(cfg, task)
                         metrics = run_finetune(cfg, task, False, features)
                         (cfg.out / BEST).unlink(missing_ok=True)  # a point is a number; see the module doc
                     points.append({"step": step, "mode": mode, "label_fraction": fraction, "seed": seed,

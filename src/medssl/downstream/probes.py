@@ -17,7 +17,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from medssl.config import FinetuneConfig
 from medssl.downstream.images import to_input
+from medssl.downstream.model import build_networks, resolve_device
 from medssl.downstream.tasks import Task
 
 
@@ -31,6 +33,13 @@ def frozen_features(backbone: nn.Module, task: Task, ct_window: tuple[float, flo
         x = to_input(task.images[i:i + batch_size], task.is_ct[i:i + batch_size], ct_window)
         out.append(backbone(x.to(device)).float())
     return torch.cat(out)
+
+
+def encoder_features(cfg: FinetuneConfig, task: Task) -> Tensor:
+    """The features of ``cfg.init``'s encoder (run folder, weights file or scratch) for every task image."""
+    device = resolve_device(cfg.device)
+    backbone = build_networks(cfg, len(task.table.outputs)).classifier.backbone.to(device)
+    return frozen_features(backbone, task, cfg.ct_window, cfg.eval_batch_size, device)
 
 
 @torch.no_grad()

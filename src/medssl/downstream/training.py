@@ -55,7 +55,7 @@ from medssl.data.augment import MultiCrop
 from medssl.downstream.convergence import best_val_auc, steps_to_target
 from medssl.downstream.images import to_input
 from medssl.downstream.metrics import accuracy, auc_report, macro_auc
-from medssl.downstream.probes import frozen_features, knn_probabilities
+from medssl.downstream.probes import encoder_features, knn_probabilities
 from medssl.downstream.sweep import run_sweep, sweep_of
 from medssl.downstream.model import (BEST, build_networks, build_optimizer, load_classifier, optimizer_groups,
                                      predict, resolve_device, save_classifier)
@@ -139,8 +139,7 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
     kind, outputs = task.table.kind, task.table.outputs
     if cfg.mode in ("knn", "linear") and features is None:
         # Once per run: a linear probe's learning rates, and every step, share them.
-        backbone = build_networks(cfg, len(outputs)).classifier.backbone.to(device)
-        features = frozen_features(backbone, task, cfg.ct_window, cfg.eval_batch_size, device)
+        features = encoder_features(cfg, task)
     sweep = sweep_of(cfg)
     if sweep is not None:
         return run_sweep(cfg, *sweep, lambda sub: run_finetune(sub, task, show_progress, features))

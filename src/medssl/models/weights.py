@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from medssl.config import ConfigError
+from medssl.models.export import load_encoder, read_card
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict")
@@ -95,8 +96,6 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, in
 def init_backbone(backbone: nn.Module, architecture: str, source: str | Path) -> dict[str, object]:
     """Load ``source`` (a weights file, or a medssl run folder of the same architecture) into ``backbone``;
     returns where the weights came from, for run records."""
-    from medssl.models.export import load_encoder, read_card
-
     if is_weights_file(source):
         counts = load_backbone_weights(backbone, source)
         return {"weights_file": str(source), **counts}
