@@ -152,7 +152,7 @@ class ShardSamples(Dataset):
     """lightly's side of the data: the shard samples as a map-style Dataset of transformed PIL images.
 
     The tar members' offsets are indexed once (as LightlyDataset lists its folder once); an item is
-    read with one seek, its metadata parsed, its PNG decoded with the same ``decode_pixels`` as ours.
+    read with one seek, its metadata parsed, its pixels decoded with the same ``decode_pixels`` as ours.
     """
 
     def __init__(self, root: Path, transform):
@@ -165,7 +165,9 @@ class ShardSamples(Dataset):
                     key, _, ext = m.name.partition(".")
                     members.setdefault(key, {})[ext] = m
             for parts in members.values():
-                png, meta = parts["png"], parts["json"]
+                # The pixel member, whatever its format (decode_pixels reads the format from the JSON).
+                png = next(m for ext, m in parts.items() if ext != "json")
+                meta = parts["json"]
                 self.items.append((str(shard.path), png.offset_data, png.size, meta.offset_data, meta.size))
         self._files: dict[str, io.BufferedReader] = {}  # per process (opened after the workers fork)
 
