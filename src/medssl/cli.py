@@ -364,6 +364,44 @@ def _run_report(args) -> int:
     return 0
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="a run's encoder for other tools: a timm / Hugging Face folder or an ONNX file, with its card",
+        description="Write the encoder of a `medssl pretrain` run into an empty folder, with README.md (model card), "
+                    "model_card.json and sources.sha256 (the SHA-256 of every source file of the pretraining pool, "
+                    "read from the ingest manifests; the card holds counts and hashes, never paths). timm: "
+                    "config.json + model.safetensors, opened offline by timm.create_model(\"local-dir:DIR\", "
+                    "pretrained=True) and ready to push to a model hub. onnx: model.onnx (features out, any batch "
+                    "size). Each export is checked on images of the run's shards before it is declared done: timm "
+                    "must give medssl's features, onnxruntime must stay within 1e-4 of torch.",
+    )
+    p.add_argument("run", type=storage.location, help="a `medssl pretrain` run folder (local or s3://bucket/prefix)")
+    p.add_argument("--format", required=True, choices=["timm", "onnx"], help="timm folder or ONNX file")
+    p.add_argument("--out", required=True, type=Path, help="folder to write: absent, empty, or an earlier export of the same format")
+    p.add_argument("--license", help="licence of the weights, e.g. cc-by-nc-4.0 (default: unspecified)")
+    p.add_argument("--shards", nargs="+", type=storage.location, metavar="DIR",
+                   help="the pretraining's ingest outputs, if they moved since the run (default: as its card names them)")
+    p.add_argument("--check-images", type=int, default=8, help="shard images the export is checked on (default 8)")
+
+
+def _run_export(args) -> int:
+    from medssl.models.card import DEFAULT_LICENSE
+    from medssl.models.publish import ExportError, export_run
+
+    try:
+        card = export_run(args.run, args.format, args.out, license=args.license or DEFAULT_LICENSE,
+                          shards=args.shards, check_images=args.check_images)
+    except (ExportError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    data = card["data"]
+    print(f"{args.format} export of {card['architecture']} ({card['feature_dim']} features): {args.out}")
+    print(f"lineage: {data['source_files']} source files, {data['images']} images (sources.sha256); "
+          f"licence: {card['license']}")
+    print("check: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in card["checks"].items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medssl", description="Self-supervised learning from large medical image archives.")
@@ -377,12 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate_parser(sub)
     _demo_parser(sub)
     _report_parser(sub)
+    _export_parser(sub)
     return parser
 
 
 COMMANDS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "finetune": _run_finetune, "probe": _run_probe,
             "bench": _run_bench,
-            "evaluate": _run_evaluate, "demo": _run_demo, "report": _run_report}
+            "evaluate": _run_evaluate, "demo": _run_demo, "report": _run_report, "export": _run_export}
 
 
 def main(argv: list[str] | None = None) -> int:
