@@ -160,8 +160,8 @@ def test_without_a_seed_the_global_torch_generator_decides():
 
 
 def test_own_affine_grid_equals_torch_affine_grid():
-    from medssl.data.augment import _affine_grid
+    from medssl.data.augment import affine_grid
 
     theta = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.affine_grid(theta, [3, 1, 20, 20], align_corners=False)
-    assert torch.allclose(_affine_grid(theta, 20), expected, atol=1e-6)
+    assert torch.allclose(affine_grid(theta, 20), expected, atol=1e-6)

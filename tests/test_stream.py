@@ -11,9 +11,9 @@ from PIL import Image
 
 import medssl.data.stream as stream_module
 from medssl.config import IngestConfig
-from medssl.data.stream import BufferedShuffle, ShardStream
+from medssl.data.stream import BufferedShuffle, ShardStream, collate_stored, sample_seed
 from medssl.ingest import ingest
-from medssl.shard_format import decode_pixels, read_shard
+from medssl.shard_format import decode_pixels, decode_stored, read_shard
 
 # Two archives of 11 and 7 images; 4 files per work unit and 3 samples per shard give uneven shards
 # (3, 1, 3, 1, 3 and 3, 1, 3): 18 samples in 8 shards.
@@ -129,6 +129,32 @@ def test_samples_are_decoded_values_with_metadata(archives):
         assert sample["meta"] == expected.meta
         assert sample["values"].dtype == np.float32 and sample["values"].shape == (8, 8)
         np.testing.assert_array_equal(sample["values"], decode_pixels(expected.pixels, expected.meta))
+
+
+def test_stored_pixels_come_with_the_seed_the_transform_would_get(archives):
+    """pixels="stored" (crops on the training device): uint16 stored values, and the per-sample seed."""
+    stored = {s.key: s for out in archives for shard in (out / "shards").glob("*.tar") for s in read_shard(shard)}
+    stream = ShardStream(archives, seed=5, pixels="stored")
+    stream.set_epoch(2)
+    samples = list(stream)
+    assert len(samples) == TOTAL
+    for sample in samples:
+        expected = stored[sample["key"]]
+        assert sample["values"].dtype == np.uint16
+        np.testing.assert_array_equal(sample["values"], decode_stored(expected.pixels, expected.meta))
+        assert sample["seed"] == sample_seed(5, 2, sample["key"])
+    with pytest.raises(ValueError, match="transform takes values"):
+        ShardStream(archives, pixels="stored", transform=noisy)
+
+
+def test_collate_stored_puts_images_of_any_size_on_one_canvas():
+    images = [np.full((3, 5), 65535, np.uint16), np.arange(8, dtype=np.uint16).reshape(4, 2)]
+    batch = collate_stored([{"key": str(i), "meta": {}, "values": v, "seed": 10 + i} for i, v in enumerate(images)])
+    canvas = batch["values"].numpy().view(np.uint16)  # int16 with the uint16 bits
+    assert canvas.shape == (2, 4, 5) and batch["sizes"].tolist() == [[3, 5], [4, 2]] and batch["seeds"] == [10, 11]
+    for image, plane in zip(images, canvas):
+        np.testing.assert_array_equal(plane[: image.shape[0], : image.shape[1]], image)
+        assert plane.sum() == image.sum()  # zeros elsewhere
 
 
 @pytest.mark.parametrize(("num_workers", "batch_size", "stop_after"), [(2, 1, 5), (2, 2, 3), (0, 2, 2)])

@@ -84,6 +84,7 @@ class PretrainConfig(StrictModel):
     # views
     crops: Literal["cpu", "swav"] = Field(default="cpu", description="multi-crop preset: cpu = 2x96 + 4x48, swav = 2x224 + 6x96")
     augment: dict[str, Any] = Field(default_factory=dict, description="overrides of the preset (fields of MultiCropConfig)")
+    crops_on: Literal["loader", "device"] = Field(default="loader", description="where the views are made: loader = per image in the DataLoader workers (fastest when training on CPU); device = batched on the training device before the forward, the workers only read and decode (pick it for GPU training)")
     # objective: w_cluster * L_swav + w_contrast * L_infonce
     w_cluster: float = Field(default=1.0, ge=0)
     w_contrast: float = Field(default=1.0, ge=0)

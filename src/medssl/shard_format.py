@@ -72,17 +72,43 @@ def encode_pixels(values: np.ndarray, store: dict) -> bytes:
 def decode_pixels(data: bytes, meta: dict) -> np.ndarray:
     """Stored bytes -> float32 values in the sample's convention (HU, or [0, 1])."""
     store = meta["intensity"]["store"]
+    if _pixel_format(meta) == "u16-planes-zstd":
+        # Straight from the byte planes into one float array, in place: high * 256 + low is exact in
+        # float32, so this equals stored.astype(float32) * scale + offset, and it allocates one array
+        # instead of four (fresh large arrays cost page faults: 4x the time of the arithmetic).
+        low, high = _planes(data, meta)
+        values = high.astype(np.float32)
+        values *= np.float32(256)
+        values += low
+    else:
+        values = decode_stored(data, meta).astype(np.float32)
+    values *= np.float32(store["scale"])
+    values += np.float32(store["offset"])
+    return values
+
+
+def decode_stored(data: bytes, meta: dict) -> np.ndarray:
+    """Stored bytes -> the uint16 stored values (value = stored * scale + offset, ``intensity.store``):
+    half the bytes of float values, for a loader that leaves the conversion to the training device."""
     pixel_format = _pixel_format(meta)
     if pixel_format == "png16":
-        stored = np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32)
-    elif pixel_format == "u16-planes-zstd":
-        h, w = meta["size"]
-        planes = np.frombuffer(zstandard.ZstdDecompressor().decompress(data), np.uint8).reshape(2, h, w)
-        stored = (planes[0] | (planes[1].astype(np.uint16) << 8)).astype(np.float32)
-    else:
+        return np.asarray(Image.open(io.BytesIO(data)), dtype=np.uint16)
+    low, high = _planes(data, meta)
+    stored = high.astype(np.uint16)
+    stored <<= 8
+    stored |= low
+    return stored
+
+
+def _planes(data: bytes, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The (low, high) byte planes of a u16-planes-zstd sample."""
+    pixel_format = _pixel_format(meta)
+    if pixel_format != "u16-planes-zstd":
         raise ValueError(f"sample {meta.get('key')}: unknown pixel format {pixel_format!r} (known: "
                          f"{', '.join(PIXEL_EXTENSIONS)}); written by a newer medssl?")
-    return stored * np.float32(store["scale"]) + np.float32(store["offset"])
+    h, w = meta["size"]
+    planes = np.frombuffer(zstandard.ZstdDecompressor().decompress(data), np.uint8).reshape(2, h, w)
+    return planes[0], planes[1]
 
 
 @dataclass

@@ -44,6 +44,10 @@ whichever rank or worker reads the sample. In the main process (num_workers=0) t
 restored afterwards, so the trainer's random state does not depend on the data. A transform holding its
 own seeded generator (e.g. ``MultiCrop(seed=...)``) is outside this and will not resume exactly.
 
+For crops on the training device (``medssl.data.device_crops``), ``pixels="stored"`` hands out the uint16
+stored values instead of floats, with the seed the transform would have run with, and ``collate_stored``
+puts a batch of them on one canvas: the workers then only read and decode.
+
 Memory per worker: at most ``shuffle_buffer`` + ``interleave`` + 1 encoded samples (16-bit PNG bytes,
 ~0.1-0.5 MB at 512 px) and ``interleave`` open shard readers (a file handle and a 10 KB tar buffer
 each; on object storage a ``medssl.storage.READ_BLOCK`` of 4 MiB each), plus one decoded image at a time.
@@ -68,7 +72,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from medssl import storage
-from medssl.shard_format import INDEX_FORMAT, Sample, decode_pixels, read_shard
+from medssl.shard_format import INDEX_FORMAT, Sample, decode_pixels, decode_stored, read_shard
 
 # First word of every SeedSequence we build, so the streams of different purposes never coincide.
 _SHARD_ORDER, _BUFFER = 0, 1
@@ -253,6 +257,19 @@ def collate_samples(samples: list[dict]) -> dict:
             "values": default_collate([s["values"] for s in samples])}
 
 
+def collate_stored(samples: list[dict]) -> dict:
+    """Batch samples of ``pixels="stored"``: their uint16 values in the top-left corner of one canvas of the
+    batch's largest height and width (zeros elsewhere), as int16 with the same bits (every device copies
+    int16; torch has few uint16 kernels), with each image's (height, width) and augmentation seed."""
+    shapes = np.array([s["values"].shape for s in samples], dtype=np.int64)
+    canvas = np.zeros((len(samples), *shapes.max(axis=0)), dtype=np.uint16)
+    for i, s in enumerate(samples):
+        canvas[i, : shapes[i, 0], : shapes[i, 1]] = s["values"]
+    return {"key": [s["key"] for s in samples], "meta": [s["meta"] for s in samples],
+            "values": torch.from_numpy(canvas.view(np.int16)), "sizes": torch.from_numpy(shapes),
+            "seeds": [s["seed"] for s in samples]}
+
+
 def _distributed_layout(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size, or neither (then torch.distributed decides)")
@@ -269,16 +286,23 @@ class ShardStream(IterableDataset):
     """Samples ``{"key", "meta", "values"}`` of one rank's share of an epoch (see the module docstring).
 
     ``values`` is the decoded float32 (H, W) array in the sample's convention (HU, or [0, 1]), or what
-    ``transform(values, meta["intensity"]["semantics"])`` returned. ``batch_size`` and ``num_workers``
-    must be those of the DataLoader: build it with ``loader()``.
+    ``transform(values, meta["intensity"]["semantics"])`` returned. With ``pixels="stored"`` it is the
+    uint16 stored array (value = stored * scale + offset, ``meta["intensity"]["store"]``) and the sample
+    has a ``seed``: the one the transform would have run with, for augmentation elsewhere (batch them
+    with ``collate_stored``). ``batch_size`` and ``num_workers`` must be those of the DataLoader: build it
+    with ``loader()``.
     """
 
     def __init__(self, roots: Path | str | list[Path | str], *, batch_size: int = 1, num_workers: int = 0,
                  seed: int = 0, shuffle_buffer: int = 1000, interleave: int = DEFAULT_INTERLEAVE,
-                 transform: Callable | None = None, rank: int | None = None, world_size: int | None = None):
+                 transform: Callable | None = None, pixels: str = "values", rank: int | None = None,
+                 world_size: int | None = None):
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 1 or interleave < 1 or seed < 0:
             raise ValueError("need batch_size >= 1, num_workers >= 0, shuffle_buffer >= 1, interleave >= 1 "
                              "and seed >= 0")
+        if pixels not in ("values", "stored") or (pixels == "stored" and transform is not None):
+            raise ValueError(f"pixels must be 'values' or 'stored' (got {pixels!r}), and a transform takes values")
+        self.pixels = pixels
         self.roots = [storage.location(r) for r in (roots if isinstance(roots, list) else [roots])]
         self.shards = list_shards(self.roots)
         self.total = sum(s.samples for s in self.shards)
@@ -417,6 +441,9 @@ class ShardStream(IterableDataset):
                                    "index.json lists: the shard is damaged; rerun `medssl ingest` on that output")
 
     def _decode(self, sample: Sample, epoch: int, restore_rngs: bool) -> dict:
+        if self.pixels == "stored":
+            return {"key": sample.key, "meta": sample.meta, "values": decode_stored(sample.pixels, sample.meta),
+                    "seed": sample_seed(self.seed, epoch, sample.key)}
         values = decode_pixels(sample.pixels, sample.meta)
         if self.transform is not None:
             with seeded_global_rngs(sample_seed(self.seed, epoch, sample.key), restore=restore_rngs):

@@ -40,7 +40,8 @@ from medssl import __version__, storage
 from medssl.atomic import atomic_write_text
 from medssl.config import ConfigError, PretrainConfig, dump_config
 from medssl.data.augment import MultiCrop
-from medssl.data.stream import ShardStream, rank_samples
+from medssl.data.device_crops import DeviceMultiCrop
+from medssl.data.stream import ShardStream, collate_stored, rank_samples
 from medssl.models.export import save_encoder
 from medssl.models.ssl_model import SSLModel
 from medssl.models.weights import init_backbone
@@ -197,10 +198,12 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> str |
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     crops = cfg.multicrop()
+    # crops_on=device: the workers only decode; the same views are made per batch on the device (same seeds).
+    on_device = DeviceMultiCrop(crops) if cfg.crops_on == "device" else None
     stream = ShardStream(cfg.shards, batch_size=cfg.batch_size, num_workers=cfg.workers, seed=cfg.seed,
-                         shuffle_buffer=cfg.shuffle_buffer, transform=MultiCrop(crops),
-                         rank=info.rank, world_size=info.world_size)
-    loader = stream.loader(pin_memory=info.device.type == "cuda")
+                         shuffle_buffer=cfg.shuffle_buffer, transform=None if on_device else MultiCrop(crops),
+                         pixels="stored" if on_device else "values", rank=info.rank, world_size=info.world_size)
+    loader = stream.loader(pin_memory=info.device.type == "cuda", **({"collate_fn": collate_stored} if on_device else {}))
     ckpt, checkpoint_file = None, storage.join(out, CHECKPOINT)
     if storage.exists(checkpoint_file):
         ckpt = load_checkpoint(checkpoint_file, keys=("model", "optimizer", "loss", "data", "rng", "step", "log_rows"))
@@ -254,7 +257,8 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> str |
     bad_steps, seen, t_log = 0, 0, time.perf_counter()
     while step < total_steps:
         for batch in loader:  # goes on from the stream's position, into the next epoch when one is used up
-            views = [v.to(info.device, non_blocking=True) for v in batch["values"]]
+            views = (on_device.views(batch, info.device) if on_device else
+                     [v.to(info.device, non_blocking=True) for v in batch["values"]])
             lr = warmup_cosine(step, total_steps, cfg.lr * lr_scale, cfg.final_lr * lr_scale, cfg.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
