@@ -10,6 +10,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+from test_pretrain import TINY
 
 import medssl
 from medssl.cli import main
@@ -18,7 +19,6 @@ from medssl.downstream.decode import decode_image
 from medssl.downstream.images import to_input
 from medssl.models.publish import ExportError, export_run
 from medssl.train.pretrain import pretrain
-from test_pretrain import TINY
 
 # Real DICOM files of several modalities and encodings (pydicom's test files), decoded by medssl.
 REAL_IMAGES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "liver_1frame.dcm", "MR_small_RLE.dcm")
@@ -31,17 +31,7 @@ def run(tmp_path_factory, tiny_shards):
     return pretrain(PretrainConfig(shards=[tiny_shards], out=out, max_steps=1, **TINY), show_progress=False)
 
 
-@pytest.fixture(scope="module")
-def exports(run, tmp_path_factory):
-    """Both formats, the ONNX one through the command line."""
-    root = tmp_path_factory.mktemp("exported")
-    export_run(run, "timm", root / "timm", license="cc-by-nc-4.0")
-    assert main(["export", str(run), "--format", "onnx", "--out", str(root / "onnx")]) == 0
-    return root
-
-
-@pytest.fixture
-def no_network(monkeypatch):
+def _refuse_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any attempt to open a connection fails the test (and Hugging Face's client is told it is offline)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
@@ -50,6 +40,22 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def exports(run, tmp_path_factory):
+    """Both formats, offline, the ONNX one through the command line."""
+    root = tmp_path_factory.mktemp("exported")
+    with pytest.MonkeyPatch.context() as mp:
+        _refuse_network(mp)
+        export_run(run, "timm", root / "timm", license="cc-by-nc-4.0")
+        assert main(["export", str(run), "--format", "onnx", "--out", str(root / "onnx")]) == 0
+    return root
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    _refuse_network(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +86,12 @@ def test_timm_loads_the_folder_offline_with_medssl_features(exports, run, real_i
     assert model.pretrained_cfg["license"] == "cc-by-nc-4.0" and model.pretrained_cfg["tag"] == "medssl"
     card = json.loads((folder / "model_card.json").read_text())
     assert card["checks"]["timm_local_dir_max_abs_diff"] <= 1e-6
-    assert "license: cc-by-nc-4.0" in (folder / "README.md").read_text()
+    # The README's metadata block is what a model hub reads when the folder is pushed as it is.
+    from huggingface_hub import ModelCard
+
+    hub = ModelCard.load(folder / "README.md").data
+    assert hub.license == "cc-by-nc-4.0" and hub.library_name == "timm"
+    assert hub.pipeline_tag == "image-feature-extraction"
 
 
 def test_onnxruntime_matches_torch_on_real_images(exports, run, real_images):

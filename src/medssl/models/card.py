@@ -82,9 +82,9 @@ def readme(card: dict[str, Any], usage: str) -> str:
         "tags:", "- medical-imaging", "- self-supervised", "- medssl",
         "---",
         f"# {card['architecture']} encoder pretrained with medssl", "",
-        f"A {card['architecture']} feature extractor ({card['in_chans']} grey input channel, "
-        f"{card['feature_dim']} features out, no classifier), self-supervised on {data['images']} images from "
-        f"{data['source_files']} source files. Licence: {card['license']}.", "",
+        (f"A {card['architecture']} feature extractor ({card['in_chans']} grey input channel, "
+         f"{card['feature_dim']} features out, no classifier), self-supervised on {data['images']} images from "
+         f"{data['source_files']} source files. Licence: {card['license']}."), "",
         "## Usage", "", usage, "",
         "## Preprocessing", "",
         f"- input: {pre['input']}, mean {pre['mean']} / std {pre['std']} (no normalisation beyond [0, 1])",
@@ -93,10 +93,10 @@ def readme(card: dict[str, Any], usage: str) -> str:
         f"- {pre['ct_window']}", "",
         "## Training data", "",
         "| modality | source files | images |", "| --- | ---: | ---: |", *modality_rows, "",
-        f"The SHA-256 of every source file is in `{SOURCES_FILE}` (no names or paths). Anyone who holds a file "
-        "can check whether it was in the training data: publish that list only where that is acceptable.", "",
+        (f"The SHA-256 of every source file is in `{SOURCES_FILE}` (no names or paths). Anyone who holds a file "
+         "can check whether it was in the training data: publish that list only where that is acceptable."), "",
         "## Training", "",
-        f"{train['method']}; {train['steps']} steps (medssl {train['medssl_version']}). All settings are in "
-        "`model_card.json`.", "",
+        (f"{train['method']}; {train['steps']} steps (medssl {train['medssl_version']}). All settings are in "
+         "`model_card.json`."), "",
         "## Checks at export", "", *checks, "",
     ])

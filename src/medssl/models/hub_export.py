@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import timm
 import timm.models
 from safetensors.torch import save_file
 from torch import nn
@@ -65,8 +66,6 @@ def write_timm_folder(encoder: nn.Module, input_size: int, license: str, out: Pa
 
 def load_timm_folder(folder: Path) -> nn.Module:
     """The folder through timm's own loader, as a user would open it (eval mode)."""
-    import timm
-
     return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
 
 

@@ -52,7 +52,8 @@ def export_run(run_dir: str | Path, fmt: str, out: Path, license: str = DEFAULT_
     run_card = encoder.model_card
     folders = [storage.location(s) for s in (shards or run_card.get("config", {}).get("shards") or [])]
     if not folders:
-        raise ExportError(f"{run_dir}'s card names no shard folders: name the pretraining's ingest outputs with --shards")
+        raise ExportError(f"{run_dir}'s card names no shard folders: name the pretraining's ingest outputs "
+                          "with --shards")
     try:
         lineage = run_lineage(folders, run_card["data"]["samples"])
     except LineageError as e:
