@@ -402,6 +402,133 @@ def _run_export(args) -> int:
     return 0
 
 
+def _ct_window(text: str) -> tuple[float, float]:
+    values = _numbers(text, float, "--ct-window")
+    if len(values) != 2 or values[1] <= 0:
+        raise ConfigError(f"--ct-window expects LEVEL,WIDTH in HU with WIDTH > 0, e.g. 40,400; got {text!r}")
+    return values[0], values[1]
+
+
+def _embed_parser(sub) -> None:
+    p = sub.add_parser(
+        "embed", help="the encoder's features of every image of a dataset (or of image files) into Parquet",
+        description="Run a pretrained encoder over every sample of a `medssl ingest` output (or over image files and "
+                    "folders, read by medssl's readers: the middle frame of a volume) in batches, and write the "
+                    "features to Parquet parts under --out (parts/*.parquet: key, source_sha256, modality, frame, a "
+                    "thumbnail reference, embedding). Inputs are prepared as for fine-tuning. Rerun the same command to "
+                    "resume: finished parts are kept. Then: medssl search --index OUT, medssl serve --index OUT.",
+    )
+    p.add_argument("inputs", nargs="+", type=storage.location, metavar="DATASET_OR_FILES",
+                   help="one ingest output folder (local or s3://), or image files and folders")
+    p.add_argument("--run", required=True, type=storage.location, help="a `medssl pretrain` run folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder (new, or an earlier embed to resume)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--ct-window", default="40,400", help="CT level,width in HU as the encoder sees it (default 40,400)")
+    p.add_argument("--device", default="auto", help="auto (GPU if any), cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_embed(args) -> int:
+    from medssl.retrieval.embed import embed
+
+    try:
+        summary = embed(args.inputs, args.run, args.out, batch_size=args.batch_size, ct_window=_ct_window(args.ct_window),
+                        device=args.device, show_progress=not args.quiet)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{summary.rows} images embedded in {summary.parts_written} new parts"
+          + (f" ({summary.parts_skipped} parts already done)" if summary.parts_skipped else "") + f": {args.out}")
+    for r in summary.rejected[:5]:
+        print(f"rejected {r['path']}: {r['reason']}", file=sys.stderr)
+    if len(summary.rejected) > 5:
+        print(f"... {len(summary.rejected) - 5} more rejected files", file=sys.stderr)
+    return 0
+
+
+def _search_parser(sub) -> None:
+    p = sub.add_parser(
+        "search", help="the nearest cases of an archive sample or an image file, from a nearest-neighbour index",
+        description="Query the nearest-neighbour index of a `medssl embed` output folder by sample key or by image "
+                    "file (cosine distance of the encoder's features; 0 = same). The index (faiss) is built inside the "
+                    "folder on first use, and rebuilt when the folder gained parts.",
+    )
+    p.add_argument("--index", required=True, type=Path, metavar="DIR", help="a `medssl embed` output folder")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--key", help="a sample key of the index (as in the shards)")
+    what.add_argument("--image", type=Path, help="an image file (PNG, JPEG, TIFF, DICOM, NIfTI)")
+    what.add_argument("--build", action="store_true", help="only build (or rebuild) the index")
+    p.add_argument("-k", type=int, default=10, help="neighbours (default 10)")
+
+
+def _run_search(args) -> int:
+    from medssl.io import Rejected
+    from medssl.retrieval.embed import Encoder
+    from medssl.retrieval.index import build_index, open_index
+
+    try:
+        if args.build:
+            print(f"index: {build_index(args.index)}")
+            return 0
+        index = open_index(args.index, log=lambda m: print(m, file=sys.stderr))
+        if args.key is not None:
+            row = index.find_key(args.key)
+            if row is None:
+                print(f"error: no sample with key {args.key!r} in {args.index}", file=sys.stderr)
+                return 1
+            vector = index.vector(row)
+        else:
+            m = index.manifest
+            _, vector = Encoder(m["run"], tuple(m["ct_window"])).encode_file(args.image)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Rejected as r:
+        print(f"error: {args.image}: not readable as an image ({r.code}): {r.detail}", file=sys.stderr)
+        return 1
+    print(f"{'rank':>4}  {'distance':>8}  {'modality':<8}  key")
+    for rank, (row, distance) in enumerate(index.search(vector, args.k), 1):
+        r = index.row(row)
+        print(f"{rank:>4}  {distance:>8.4f}  {r['modality']:<8}  {r['key']}")
+    return 0
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="a local web page: pick or upload an image, see its nearest cases with thumbnails",
+        description="Serve a page where a user picks an archive image or uploads one (PNG, JPEG, TIFF, DICOM, NIfTI) "
+                    "and sees its nearest cases: thumbnails rendered from the shards' pixels, modality and distance. "
+                    "Bound to 127.0.0.1 (this machine only) unless --host says otherwise.",
+    )
+    p.add_argument("--index", required=True, type=Path, metavar="DIR", help="a `medssl embed` output folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest upload accepted (default 32 MB)")
+    p.add_argument("--quiet", action="store_true", help="no request log")
+
+
+def _run_serve(args) -> int:
+    from medssl.retrieval.index import open_index
+    from medssl.retrieval.server import make_server
+
+    try:
+        index = open_index(args.index)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    server = make_server(index, args.host, args.port, args.max_upload_mb, quiet=args.quiet)
+    host, port = server.server_address[:2]
+    print(f"serving {index.count} images of {args.index} on http://{'localhost' if host == '127.0.0.1' else host}:{port}/ "
+          "(Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medssl", description="Self-supervised learning from large medical image archives.")
@@ -416,12 +543,16 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _report_parser(sub)
     _export_parser(sub)
+    _embed_parser(sub)
+    _search_parser(sub)
+    _serve_parser(sub)
     return parser
 
 
 COMMANDS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "finetune": _run_finetune, "probe": _run_probe,
             "bench": _run_bench,
-            "evaluate": _run_evaluate, "demo": _run_demo, "report": _run_report, "export": _run_export}
+            "evaluate": _run_evaluate, "demo": _run_demo, "report": _run_report, "export": _run_export,
+            "embed": _run_embed, "search": _run_search, "serve": _run_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
