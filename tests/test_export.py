@@ -140,3 +140,17 @@ def test_export_refuses_a_folder_with_other_files(run, tmp_path, capsys):
     (tmp_path / "out" / "model.onnx").write_bytes(b"stale")
     assert main(["export", str(run), "--format", "timm", "--out", str(tmp_path / "out")]) == 1
     assert "holds other files (model.onnx)" in capsys.readouterr().err
+
+
+def test_a_failed_onnx_check_is_loud_and_leaves_no_card(exports, run, tmp_path, monkeypatch):
+    """Re-exporting into an earlier export's folder: a failed check must not leave the old card vouching."""
+    import shutil
+
+    from medssl.models import onnx_export
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(exports / "onnx", folder)
+    monkeypatch.setattr(onnx_export, "onnx_max_abs_diff", lambda *args: 0.01)
+    with pytest.raises(ExportError, match=r"differ from torch's by up to 0\.01 \(> 0\.0001\)"):
+        export_run(run, "onnx", folder)
+    assert not (folder / "model_card.json").exists() and not (folder / "README.md").exists()

@@ -9,7 +9,9 @@ torch. The figures go into the card.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from medssl.models import hub_export, onnx_export
 from medssl.models.card import DEFAULT_LICENSE, SOURCES_FILE, public_card, readme
 from medssl.models.export import CARD_FILE, load_encoder
 from medssl.models.lineage import LineageError, run_lineage, sources_text
-from medssl.shard_format import decode_pixels, read_shard
+from medssl.shard_format import Sample, decode_pixels, read_shard
 
 FORMATS = ("timm", "onnx")
 _FILES = {"timm": (hub_export.CONFIG_FILE, hub_export.WEIGHTS_FILE),
@@ -62,6 +64,8 @@ def export_run(run_dir: str | Path, fmt: str, out: Path, license: str = DEFAULT_
     images = _shard_images(folders, check_images, size)
 
     out.mkdir(parents=True, exist_ok=True)
+    for name in _CARD_FILES:  # an earlier export's card would vouch for weights it never checked
+        (out / name).unlink(missing_ok=True)
     if fmt == "timm":
         checks, usage = _export_timm(encoder, run_card, license, out, images)
     else:
@@ -83,23 +87,22 @@ def _check_out(out: Path, fmt: str) -> None:
         raise ExportError(f"{out} holds other files ({', '.join(others[:5])}): export into an empty folder")
 
 
-def _shard_images(folders: list[str | Path], n: int, size: int) -> np.ndarray:
-    """The first ``n`` images of the shards as the encoder takes them, prepared as `medssl finetune` does
-    (fit to a square, CT through a window): (n, 1, size, size) float32 in [0, 1]."""
-    picked, is_ct = [], []
+def _shard_samples(folders: list[str | Path]) -> Iterator[Sample]:
     for folder in folders:
         index = json.loads(storage.read_text(storage.join(folder, "index.json")))
         for shard in index["shards"]:
-            for sample in read_shard(storage.join(folder, "shards", shard["name"])):
-                picked.append(fit_square(decode_pixels(sample.pixels, sample.meta), size))
-                is_ct.append(sample.meta.get("intensity", {}).get("semantics") == "hounsfield")
-                if len(picked) == n:
-                    break
-            if len(picked) == n:
-                break
-    if not picked:
+            yield from read_shard(storage.join(folder, "shards", shard["name"]))
+
+
+def _shard_images(folders: list[str | Path], n: int, size: int) -> np.ndarray:
+    """The first ``n`` images of the shards as the encoder takes them, prepared as `medssl finetune` does
+    (fit to a square, CT through a window): (n, 1, size, size) float32 in [0, 1]."""
+    samples = list(itertools.islice(_shard_samples(folders), n))
+    if not samples:
         raise ExportError(f"no images in the shards of {', '.join(map(str, folders))} to check the export on")
-    return to_input(torch.from_numpy(np.stack(picked)), torch.tensor(is_ct), CHECK_CT_WINDOW).numpy()
+    images = np.stack([fit_square(decode_pixels(s.pixels, s.meta), size) for s in samples])
+    is_ct = torch.tensor([s.meta.get("intensity", {}).get("semantics") == "hounsfield" for s in samples])
+    return to_input(torch.from_numpy(images), is_ct, CHECK_CT_WINDOW).numpy()
 
 
 def _export_timm(encoder, run_card: dict, license: str, out: Path, images: np.ndarray) -> tuple[dict, str]:
