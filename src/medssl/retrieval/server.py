@@ -59,6 +59,7 @@ class SearchApp:
 
     def __init__(self, index: SearchIndex, max_upload_mb: float = 32.0):
         self.index = index
+        self.max_upload_mb = max_upload_mb
         self.max_upload_bytes = int(max_upload_mb * (1 << 20))
         self.ct_window = tuple(index.manifest["ct_window"])
         self._encoder: Encoder | None = None
@@ -70,7 +71,7 @@ class SearchApp:
         names, counts = np.unique(self._modalities.astype(str), return_counts=True)
         m = self.index.manifest
         return {"rows": self.index.count, "modalities": dict(zip(names.tolist(), counts.tolist())),
-                "encoder": m["encoder"], "library": self.index.library, "max_upload_mb": self.max_upload_bytes / (1 << 20)}
+                "encoder": m["encoder"], "library": self.index.library, "max_upload_mb": self.max_upload_mb}
 
     def samples(self, start: int, count: int, modality: str | None) -> dict:
         rows = np.arange(self.index.count) if not modality else np.flatnonzero(self._modalities == modality)
@@ -199,11 +200,10 @@ class Handler(BaseHTTPRequestHandler):
         if url.path != "/api/search":
             raise RequestError(HTTPStatus.NOT_FOUND, f"no page {url.path} to post to")
         length = int(self.headers.get("Content-Length") or 0)
-        limit = self.app.max_upload_bytes
-        if length > limit:
+        if length > self.app.max_upload_bytes:
             self.close_connection = True  # the body is not read: the connection cannot carry another request
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"the file is {length / (1 << 20):.1f} MB; the limit is {limit / (1 << 20):g} MB "
+                               f"the file is {length / (1 << 20):.2f} MB; the limit is {self.app.max_upload_mb:g} MB "
                                "(medssl serve --max-upload-mb)")
         if length == 0:
             raise RequestError(HTTPStatus.BAD_REQUEST, "the upload is empty: choose an image file")
