@@ -140,7 +140,12 @@ class MultiCrop:
                        [(c.n_global, c.global_size, c.global_scale), (c.n_local, c.local_size, c.local_scale)] if n > 0]
         self.n_crops = sum(n for n, _, _ in self.groups)
         self._ranges = [_ranges(c, scale) for _, _, scale in self.groups]  # (low, span) per group
-        self._windows = np.asarray(c.ct_windows, dtype=np.float64)
+        self._constants = _Constants(
+            windows=np.asarray(c.ct_windows, dtype=np.float64),
+            flip_probs=np.array([c.hflip_prob, c.vflip_prob]),
+            coin_probs=np.array([c.gamma_prob, c.blur_prob, c.noise_prob]),
+            neutral=np.array([1.0, 0.0, 0.0]),
+        )
         self._distance: dict = {}  # per crop size and device: (i - j)^2, to build blur matrices
 
     def __call__(self, values: np.ndarray | Tensor, semantics: str,
@@ -181,9 +186,12 @@ class MultiCrop:
             first += count
         values = np.concatenate(values)  # group by group, in each image by image
         values[:, _LOG_UNIFORM] = np.exp(values[:, _LOG_UNIFORM])
-        drawn = _crop_params(self.config, values, np.concatenate(rows), np.concatenate(sizes), self._windows)
-        ends = np.cumsum([len(r) for r in rows])
-        return [CropParams(*(f[end - len(r):end] for f in drawn)) for r, end in zip(rows, ends)]
+        drawn = _crop_params(values, np.concatenate(rows), np.concatenate(sizes), self._constants)
+        params, first = [], 0
+        for r in rows:
+            params.append(CropParams(*(f[first:first + len(r)] for f in drawn)))
+            first += len(r)
+        return params
 
 
 def check_semantics(semantics: str) -> None:
@@ -215,44 +223,50 @@ def _ranges(c: MultiCropConfig, scale: tuple[float, float]) -> tuple[np.ndarray,
     return table[:, 0], table[:, 1] - table[:, 0]
 
 
-def _crop_params(c: MultiCropConfig, v: np.ndarray, shapes: np.ndarray, size: np.ndarray,
-                 windows: np.ndarray) -> CropParams:
+class _Constants(NamedTuple):
+    """Arrays of a MultiCrop's settings used at every draw: building them costs as much as using them."""
+
+    windows: np.ndarray     # (k, 2) CT window levels and widths
+    flip_probs: np.ndarray  # horizontal, vertical
+    coin_probs: np.ndarray  # gamma, blur, noise
+    neutral: np.ndarray     # gamma, blur sigma, noise std when not applied
+
+
+_PLUS_MINUS = np.array([1.0, -1.0])
+
+
+def _crop_params(v: np.ndarray, shapes: np.ndarray, size: np.ndarray, k: _Constants) -> CropParams:
     """The parameters of n crops from their drawn values ``v`` (n, N_UNIFORMS; see ``_ranges``), the
-    (height, width) of each crop's image and the crops' output ``size``."""
-    height, width = shapes[:, 0], shapes[:, 1]
-    area = v[:, 0] * height * width
-    ratio = v[:, 1]
-    # A box taller or wider than the image is clipped to it rather than redrawn (torchvision
+    (height, width) of each crop's image and the crops' output ``size``. Numpy calls are most of the
+    cost at a few crops per call, so width and height go through as pairs and nothing is stacked."""
+    n = len(v)
+    wh = shapes[:, ::-1]  # image (width, height)
+    area = v[:, 0] * wh[:, 0] * wh[:, 1]
+    # A box wider or taller than the image is clipped to it rather than redrawn (torchvision
     # retries up to 10 times): no loop, and only extreme aspect ratios are affected.
-    box_w = np.minimum(np.sqrt(area * ratio), width)
-    box_h = np.minimum(np.sqrt(area / ratio), height)
-    cx = v[:, 2] * (width - box_w)  # box centre in pixels from the image centre,
-    cy = v[:, 3] * (height - box_h)  # anywhere the box fits
+    box = np.minimum(np.sqrt(area[:, None] * v[:, 1:2] ** _PLUS_MINUS), wh)  # (width, height); v1: aspect
+    centre = v[:, 2:4] * (wh - box)  # box centre in pixels from the image centre, anywhere the box fits
     zoom = v[:, 5]
-    half_w = zoom * box_w / 2 * np.where(v[:, 6] < c.hflip_prob, -1.0, 1.0)
-    half_h = zoom * box_h / 2 * np.where(v[:, 7] < c.vflip_prob, -1.0, 1.0)
+    half = zoom[:, None] * box / 2 * np.where(v[:, 6:8] < k.flip_probs, -1.0, 1.0)
     cos, sin = np.cos(v[:, 4]), np.sin(v[:, 4])
     # Scale the unit square to the box, rotate it, move it to its centre; pixels -> [-1, 1].
-    theta = np.stack([np.stack([cos * half_w, -sin * half_h, cx], axis=1) * (2 / width)[:, None],
-                      np.stack([sin * half_w, cos * half_h, cy], axis=1) * (2 / height)[:, None]], axis=1)
+    theta = np.empty((n, 2, 3))
+    theta[:, 0, 0], theta[:, 0, 1] = cos * half[:, 0], -sin * half[:, 1]
+    theta[:, 1, 0], theta[:, 1, 1] = sin * half[:, 0], cos * half[:, 1]
+    theta[:, :, 2] = centre
+    theta *= (2 / wh)[:, :, None]
     # Mip level: halve the source until the box shrinks by less than 2x onto the crop.
-    shrink = zoom * np.sqrt(box_w * box_h) / size
-    level = np.clip(np.floor(np.log2(shrink)), 0, _MAX_MIP_LEVEL).astype(np.int64)
+    shrink = zoom * np.sqrt(box[:, 0] * box[:, 1]) / size
+    level = np.minimum(np.maximum(np.floor(np.log2(shrink)), 0), _MAX_MIP_LEVEL).astype(np.int64)
 
-    level_hu, width_hu = windows[np.minimum((v[:, 8] * len(windows)).astype(np.int64), len(windows) - 1)].T
-    width_hu = width_hu * v[:, 10]
-    level_hu = level_hu + v[:, 9] * width_hu
-    return CropParams(
-        box=np.stack([box_w, box_h], axis=1),
-        theta=theta,
-        level=level,
-        window=np.stack([level_hu - width_hu / 2, width_hu], axis=1),
-        gamma=np.where(v[:, 11] < c.gamma_prob, v[:, 12], 1.0),
-        contrast=v[:, 13],
-        brightness=v[:, 14],
-        blur_sigma=np.where(v[:, 15] < c.blur_prob, v[:, 16], 0.0),
-        noise_std=np.where(v[:, 17] < c.noise_prob, v[:, 18], 0.0),
-    )
+    # CT window: (level, width) -> (lowest HU, width), width scaled by v10, level moved by v9 x width.
+    window = k.windows[np.minimum((v[:, 8] * len(k.windows)).astype(np.int64), len(k.windows) - 1)]
+    window[:, 1] *= v[:, 10]
+    window[:, 0] += (v[:, 9] - 0.5) * window[:, 1]
+    # Gamma, blur and noise, each applied with its probability (else neutral: 1, 0, 0).
+    gamma, blur, noise = np.where(v[:, [11, 15, 17]] < k.coin_probs, v[:, [12, 16, 18]], k.neutral).T
+    return CropParams(box=box, theta=theta, level=level, window=window, gamma=gamma, contrast=v[:, 13],
+                      brightness=v[:, 14], blur_sigma=blur, noise_std=noise)
 
 
 def apply_intensity(x: Tensor, p: CropParams, hounsfield: np.ndarray, generator: torch.Generator | None,
