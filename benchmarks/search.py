@@ -223,7 +223,8 @@ def main() -> int:
     info = {**machine_facts(), **{f"{d}_version": version(d) for d in DISTRIBUTIONS.values()}}
     print(f"machine: {info['cpu']}, {info['usable_cores']} usable cores, load {info['load_average_at_start']}")
     print(f"data: {len(real)} real embeddings (dim {real.shape[1]}) of {args.embeddings}, filled to {len(data)} rows "
-          f"({args.fill}); median real 1-NN cosine distance {target:.4f}, copy noise sigma {sigma:.4f}; {args.queries} queries")
+          f"({args.fill}); median real 1-NN cosine distance {target:.4f}, copy noise sigma {sigma:.4f}; "
+          f"{args.queries} queries")
     results = {}
     print(f"{'library':<22} {'version':>10} {'build s':>8} {'ef':>5} {'p50 ms':>8} {'p99 ms':>8} {'recall@10':>10}")
     for name in args.only or list(CANDIDATES):
@@ -234,11 +235,13 @@ def main() -> int:
             continue
         results[name] = {**r, "version": version(DISTRIBUTIONS[name])}
         for q in r["searches"]:
-            print(f"{CANDIDATES[name].name:<22} {results[name]['version']:>10} {r['build_s']:>8.2f} {q['ef'] or '-':>5} "
+            print(f"{CANDIDATES[name].name:<22} {results[name]['version']:>10} {r['build_s']:>8.2f} "
+                  f"{q['ef'] or '-':>5} "
                   f"{q['p50_ms']:>8.3f} {q['p99_ms']:>8.3f} {q['recall_at_10']:>10.4f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({
-            "command": " ".join(["python", *sys.argv]), "machine": info, "rows": len(data), "real": len(real), "fill": args.fill,
+            "command": " ".join(["python", *sys.argv]), "machine": info, "rows": len(data), "real": len(real),
+            "fill": args.fill,
             "dim": int(real.shape[1]), "queries": args.queries, "median_nn_distance": target, "sigma": sigma,
             "params": {"M": M, "ef_construction": EF_CONSTRUCTION, "ef_search": breadths, "threads": 1},
             "results": results}, indent=1))

@@ -120,25 +120,41 @@ def test_embed_refuses_a_folder_of_other_embeddings(demo, tmp_path):
 
 
 def test_embed_of_image_files_matches_the_ingested_keys_and_names_rejected_files(demo, tmp_path):
-    pngs = sorted(demo["archive"].rglob("*.dcm"))[:3]
+    dicoms = sorted(demo["archive"].rglob("*.dcm"))[:3]
     (tmp_path / "notes.txt").write_text("not an image")
-    summary = embed([*pngs, tmp_path / "notes.txt"], demo["run"], tmp_path / "emb", show_progress=False)
+    summary = embed([*dicoms, tmp_path / "notes.txt"], demo["run"], tmp_path / "emb", show_progress=False)
     assert summary.rows == 3
-    assert [(Path(r["path"]).name, r["reason"].split(":")[0]) for r in summary.rejected] == [("notes.txt", "not_an_image")]
+    rejected = [(Path(r["path"]).name, r["reason"].split(":")[0]) for r in summary.rejected]
+    assert rejected == [("notes.txt", "not_an_image")]
     table = read_embeddings(tmp_path / "emb")
     shard_keys = set(_shard_samples(demo["shards"]))
     assert set(table.column("key").to_pylist()) <= shard_keys   # same key as ingest gave the same file
-    assert table.column("path").to_pylist() == [str(p.resolve()) for p in pngs]
+    assert table.column("path").to_pylist() == [str(p.resolve()) for p in dicoms]
 
 
-def isolated_row(folder: Path) -> int:
-    """The sample whose nearest other sample is farthest (float64): the demo's 2-step encoder maps many
-    images to nearly the same direction, and ties at distance 0 have no defined order."""
+def _nearest_other(folder: Path) -> np.ndarray:
+    """Each sample's cosine distance to its nearest other sample (float64)."""
     f = embedding_matrix(read_embeddings(folder)).astype(np.float64)
     f /= np.linalg.norm(f, axis=1, keepdims=True)
     d = 1.0 - f @ f.T
     np.fill_diagonal(d, np.inf)
-    return int(d.min(axis=1).argmax())
+    return d.min(axis=1)
+
+
+def isolated_row(folder: Path) -> int:
+    """The sample whose nearest other sample is farthest: the demo's 2-step encoder maps many images to
+    nearly the same direction, and ties at distance 0 have no defined order."""
+    return int(_nearest_other(folder).argmax())
+
+
+def isolated_file(demo: dict) -> Path:
+    """The single-image DICOM file of the archive whose sample is farthest from all others."""
+    table = read_embeddings(demo["embeddings"], ["source_sha256"])
+    hashes = table.column("source_sha256").to_pylist()
+    nearest = _nearest_other(demo["embeddings"])
+    single = {h: nearest[i] for i, h in enumerate(hashes) if hashes.count(h) == 1}
+    files = {hashlib.sha256(f.read_bytes()).hexdigest(): f for f in demo["archive"].rglob("*.dcm")}
+    return files[max((h for h in single if h in files), key=single.get)]
 
 
 def _synthetic_embeddings(folder: Path, rows: int = 600, dim: int = 32) -> np.ndarray:
@@ -193,10 +209,10 @@ def test_search_command_by_key_and_by_image_file(demo, capsys):
     assert lines[1].split() == ["1", "0.0000", table.column("modality")[row].as_py(), key] and len(lines) == 4
 
     # An archive file finds its own ingested slice: the same pixels through the readers, not the shard.
-    png = sorted(demo["archive"].rglob("*.dcm"))[0]
-    assert main(["search", "--index", str(demo["embeddings"]), "--image", str(png), "-k", "2"]) == 0
+    dicom = isolated_file(demo)
+    assert main(["search", "--index", str(demo["embeddings"]), "--image", str(dicom), "-k", "2"]) == 0
     _, distance, _, found = capsys.readouterr().out.splitlines()[1].split()
-    assert found.startswith(hashlib.sha256(png.read_bytes()).hexdigest()[:20]) and float(distance) < 1e-3
+    assert found.startswith(hashlib.sha256(dicom.read_bytes()).hexdigest()[:20]) and float(distance) < 1e-3
     assert main(["search", "--index", str(demo["embeddings"]), "--key", "nope"]) == 1
     assert "no sample with key 'nope'" in capsys.readouterr().err
 
@@ -212,7 +228,8 @@ def server(demo):
 
 
 def _call(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    method = "POST" if data is not None else "GET"
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read()
@@ -228,16 +245,18 @@ def test_server_answers_searches_uploads_and_thumbnails(server, demo):
     status, body = _call(f"{server}/api/search?row={row}&k=4")
     result = json.loads(body)
     assert status == 200 and len(result["neighbours"]) == 4
-    assert result["neighbours"][0]["row"] == result["query"]["row"] == row and result["neighbours"][0]["distance"] < 1e-5
+    nearest = result["neighbours"][0]
+    assert nearest["row"] == result["query"]["row"] == row and nearest["distance"] < 1e-5
     status, thumbnail = _call(f"{server}{result['neighbours'][1]['thumbnail']}")
     image = Image.open(io.BytesIO(thumbnail))
     assert status == 200 and max(image.size) == 128 and np.asarray(image).std() > 5  # an image, not a blank
 
-    png = sorted(demo["archive"].rglob("*.dcm"))[0]
-    status, body = _call(f"{server}/api/search?k=3", data=png.read_bytes())
+    dicom = min(demo["archive"].rglob("*.dcm"))
+    status, body = _call(f"{server}/api/search?k=3", data=dicom.read_bytes())
     result = json.loads(body)
     assert status == 200, body
-    assert result["query"]["thumbnail"].startswith("data:image/png;base64,") and result["neighbours"][0]["distance"] < 1e-3
+    assert result["query"]["thumbnail"].startswith("data:image/png;base64,")
+    assert result["neighbours"][0]["distance"] < 1e-3
 
 
 @pytest.mark.parametrize("data, status, message", [
