@@ -106,7 +106,7 @@ class PretrainConfig(StrictModel):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     grad_clip: float | None = Field(default=3.0, gt=0, description="max gradient norm (None: no clipping)")
     max_bad_steps: int = Field(default=5, ge=1, description="stop after this many consecutive non-finite losses")
-    precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU")
+    precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 autocast where the hardware has bf16 (GPUs that support it, CPUs with AVX512-BF16 or AMX), fp32 elsewhere")
     channels_last: bool = True
     # data and bookkeeping
     workers: int = Field(default=2, ge=0, description="DataLoader worker processes per training process")

@@ -6,7 +6,8 @@ it. Works the same in one process and under ``torchrun`` (DDP; nccl on GPUs, glo
 Resume: rerunning the same command continues from ``checkpoint.pt`` in the run folder. The checkpoint
 holds model, optimiser, step, the data position, every rank's random state and loss state (the
 feature queue is per rank), so a resumed run takes the same steps an uninterrupted one would
-(bit-exact in fp32 with ``deterministic=True`` on the same machine and process count). It needs as many
+(bit-exact with ``deterministic=True`` on the same machine and process count, in fp32 and in bf16:
+see ``medssl.train.precision``). It needs as many
 processes as wrote the checkpoint, spread over nodes in any way, and mid-epoch the same data layout
 (``_resume_position`` says why and refuses otherwise, before anything is built). What was logged
 after the checkpoint is dropped (metrics.jsonl is cut back to the rows it had then, TensorBoard purges
@@ -49,6 +50,7 @@ from medssl.ssl import FeatureQueue, HybridLoss
 from medssl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from medssl.distributed import DistInfo, all_gather_objects, all_reduce_mean, init_distributed, shutdown_distributed
 from medssl.train.optim import build_optimizer
+from medssl.train.precision import guard_small_strided_convs, use_bf16
 from medssl.train.schedule import warmup_cosine
 
 CHECKPOINT = "checkpoint.pt"
@@ -58,15 +60,6 @@ SNAPSHOTS = "snapshots"
 class TrainingDiverged(RuntimeError):
     """Training cannot go on: pretraining after ``max_bad_steps`` consecutive non-finite losses, a
     fine-tune when it diverged before any evaluation gave a validation AUC (no result to report)."""
-
-
-def _use_bf16(cfg: PretrainConfig, device: torch.device) -> bool:
-    """bf16 autocast by default on GPUs that support it. Not by default on CPU: there it is faster, but in
-    our tests its oneDNN kernels gave different gradients for identical inputs after a resume and, rarely,
-    non-finite gradients (see docs/ARCHITECTURE.md); ``precision=bf16`` still enables it."""
-    if cfg.precision != "auto":
-        return cfg.precision == "bf16"
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def _data_summary(shards: list[str | Path]) -> dict:
@@ -212,6 +205,9 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> str |
 
     model = SSLModel(cfg.backbone, cfg.proj_hidden, cfg.proj_dim, cfg.n_prototypes,
                      channels_last=cfg.channels_last).to(info.device)
+    bf16 = use_bf16(cfg, info.device)
+    if bf16 and info.device.type == "cpu":
+        guard_small_strided_convs(model)
     # Without the SwAV term the prototypes get no gradient, which DDP must be told about.
     ddp = DistributedDataParallel(model, find_unused_parameters=cfg.w_cluster == 0) if info.world_size > 1 else model
     queue = FeatureQueue(crops.n_global, queue_length, cfg.proj_dim) if queue_length else None
@@ -219,7 +215,6 @@ def _pretrain(cfg: PretrainConfig, info: DistInfo, show_progress: bool) -> str |
                          cfg.sinkhorn_epsilon, cfg.sinkhorn_iterations, queue).to(info.device)
     optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
     lr_scale = cfg.batch_size * info.world_size / 256  # linear scaling rule (Goyal et al. 2017)
-    bf16 = _use_bf16(cfg, info.device)
 
     step, log_rows = 0, 0
     if ckpt is None and cfg.init is not None:  # continued pretraining (the card's config names the source)
