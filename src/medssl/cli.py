@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from medssl import __version__, storage
-from medssl.config import BenchConfig, ConfigError, FinetuneConfig, IngestConfig, PretrainConfig, load_config
+from medssl.config import (BenchConfig, ConfigError, CurateConfig, FinetuneConfig, IngestConfig, PretrainConfig,
+                           load_config)
 
 
 def _settings_epilog(model, flags) -> str:
@@ -529,6 +530,39 @@ def _run_serve(args) -> int:
     return 0
 
 
+def _curate_parser(sub) -> None:
+    p = sub.add_parser(
+        "curate", help="drop near-duplicate slices of ingest outputs before pretraining (perceptual hash)",
+        description="Hash every sample of the ingest outputs (64-bit DCT perceptual hash of the image as displayed, "
+                    "CT through --set ct_window) and write a new dataset under --out holding the samples that are "
+                    "not near-identical (at most --threshold bits apart) to a sample kept before them: near-copies "
+                    "among the slices of one series and copies across the archive go. Same shard format; pretrain "
+                    "on --out. report.md / report.json count what went, by reason, modality and series (no "
+                    "identifiers); drops.jsonl lists the dropped sample keys. Rerun the same command to finish an "
+                    "interrupted run.",
+        epilog=_settings_epilog(CurateConfig, ("shards", "out", "threshold")),
+    )
+    p.add_argument("shards", nargs="*", type=storage.location, metavar="SHARDS",
+                   help="`medssl ingest` output folders (local or s3://bucket/prefix)")
+    p.add_argument("--out", type=Path, help="output folder (new, or an interrupted curate of the same inputs)")
+    p.add_argument("--threshold", type=int, help="Hamming distance in bits (0-11) up to which two images are "
+                                                 "near-identical (default 4; 0: identical hashes only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_args(p)
+
+
+def _run_curate(args) -> int:
+    from medssl.curate import curate
+
+    cfg = load_config(CurateConfig, args.config, {"shards": args.shards or None, "out": args.out,
+                                                  "threshold": args.threshold}, args.overrides)
+    r = curate(cfg, show_progress=not args.quiet)
+    print(f"{r['read']} images: {r['kept']} kept, {r['dropped']} dropped ("
+          + ", ".join(f"{n} {reason}" for reason, n in r["by_reason"].items() if n) + ")")
+    print(f"report: {Path(cfg.out) / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medssl", description="Self-supervised learning from large medical image archives.")
@@ -546,13 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
     _embed_parser(sub)
     _search_parser(sub)
     _serve_parser(sub)
+    _curate_parser(sub)
     return parser
 
 
 COMMANDS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "finetune": _run_finetune, "probe": _run_probe,
             "bench": _run_bench,
             "evaluate": _run_evaluate, "demo": _run_demo, "report": _run_report, "export": _run_export,
-            "embed": _run_embed, "search": _run_search, "serve": _run_serve}
+            "embed": _run_embed, "search": _run_search, "serve": _run_serve, "curate": _run_curate}
 
 
 def main(argv: list[str] | None = None) -> int:

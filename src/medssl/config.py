@@ -332,6 +332,22 @@ def dump_config(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
+class CurateConfig(StrictModel):
+    """Settings of ``medssl curate`` (see README, section "Curate")."""
+
+    shards: list[Location] = Field(default_factory=list, description="ingest output folders to curate, local or s3://...")
+    out: Path | None = Field(default=None, description="output folder: a new dataset of the kept samples, its manifest, drops.jsonl and report")
+    threshold: int = Field(default=4, ge=0, le=11, description="two images whose 64-bit perceptual hashes differ in at most this many bits are near-identical: the later one is dropped (0: identical hashes only)")
+    ct_window: tuple[float, float] = Field(default=(40.0, 400.0), description="(level, width) in HU through which CT is hashed (as displayed)")
+
+    @field_validator("ct_window")
+    @classmethod
+    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] <= 0:
+            raise ValueError(f"ct_window width must be positive, got {v[1]}")
+        return v
+
+
 class BenchTask(StrictModel):
     """One labeled task of a bench."""
 
@@ -364,6 +380,7 @@ class BenchConfig(StrictModel):
     unlabeled: list[Path] = Field(default_factory=list, description="extra folders/files for the pretraining pool (their copies of any task's val/test images are left out)")
     ingest: settings_of(IngestConfig) = Field(default_factory=dict, description="IngestConfig settings for the pretraining pool")
     pretrain: settings_of(PretrainConfig) = Field(default_factory=dict, description="PretrainConfig settings of the pretraining run")
+    curate: settings_of(CurateConfig) | None = Field(default=None, description="CurateConfig settings (threshold, ct_window): drop near-duplicate slices of the pool before pretraining (none: pretrain on every pooled slice)")
     finetune: settings_of(FinetuneConfig) = Field(default_factory=dict, description="FinetuneConfig settings of every downstream run")
     arms: list[BenchArm] = Field(default_factory=_default_arms, min_length=1)
     label_fractions: list[float] = Field(default_factory=lambda: [0.1, 1.0], min_length=1)

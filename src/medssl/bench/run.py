@@ -6,6 +6,7 @@ Layout of the bench folder (every stage an ordinary medssl output, so each can b
     tasks/<task>.csv      each task CSV as used (absolute paths, relabelled)
     pool.json             the pretraining pool: which files, and the held-out copies left out
     shards/               `medssl ingest` of the pool
+    curated/              `medssl curate` of shards/ (with a curate: setting): what pretraining reads
     pretrain/             `medssl pretrain` run on those shards
     probe/<task>/          `medssl probe` of the pretraining run's snapshots (with pretrain.snapshot_every)
     <task>/<arm>-f<fraction>-s<seed>/   `medssl finetune` outputs (+ robustness.json)
@@ -28,7 +29,7 @@ from medssl.bench import plots
 from medssl.bench.pool import pretraining_pool, write_task_csv
 from medssl.bench.results import load_results, machine, markdown, summarise
 from medssl.bench.runs import execute, finetune_settings, pending_job, run_matrix
-from medssl.config import BenchConfig, ConfigError, IngestConfig, PretrainConfig, dump_config
+from medssl.config import BenchConfig, ConfigError, CurateConfig, IngestConfig, PretrainConfig, dump_config
 from medssl.train.pretrain import SNAPSHOTS
 from medssl.downstream.api import prepare_task
 from medssl.downstream.curve import PLOT, probe_curve
@@ -55,10 +56,20 @@ def _pool_stage(cfg: BenchConfig, tasks: dict[str, Task], out: Path, show_progre
             "rejected": summary.report["status"].get("rejected", 0)}
 
 
+def _curate_stage(cfg: BenchConfig, out: Path, show_progress: bool) -> dict:
+    """Near-duplicate slices of the pool's shards dropped into curated/ (counts of the curate report)."""
+    from medssl.curate import curate
+
+    report = curate(CurateConfig.model_validate({**cfg.curate, "shards": [out / "shards"], "out": out / "curated"}),
+                    show_progress)
+    return {k: report[k] for k in ("settings", "read", "kept", "dropped", "by_reason", "by_modality")}
+
+
 def _pretrain_stage(cfg: BenchConfig, out: Path, show_progress: bool) -> dict:
     from medssl.train.pretrain import pretrain
 
-    pcfg = PretrainConfig.model_validate({**cfg.pretrain, "shards": [out / "shards"], "out": out / "pretrain"})
+    shards = out / ("curated" if cfg.curate is not None else "shards")
+    pcfg = PretrainConfig.model_validate({**cfg.pretrain, "shards": [shards], "out": out / "pretrain"})
     run = pretrain(pcfg, show_progress)
     card = json.loads((run / "model_card.json").read_text())
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
@@ -104,6 +115,10 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
         t = time.perf_counter()
         pool = _pool_stage(cfg, tasks, out, show_progress)
         seconds["ingest"] = time.perf_counter() - t
+        if cfg.curate is not None:
+            t = time.perf_counter()
+            pool["curated"] = _curate_stage(cfg, out, show_progress)
+            seconds["curate"] = time.perf_counter() - t
         t = time.perf_counter()
         pre = _pretrain_stage(cfg, out, show_progress)
         seconds["pretrain"] = time.perf_counter() - t
@@ -130,7 +145,8 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
                "failures": [{"run": f["run"], "error": f["error"]} for f in failures],
                "notes": _notes(pool), **summarise(cfg, results), "curves": curves, "config": dump_config(cfg)}
     seconds["total"] = time.perf_counter() - t0
-    summary["seconds"] = {k: round(seconds.get(k, 0.0), 1) for k in ("ingest", "pretrain", "probe", "runs", "total")}
+    summary["seconds"] = {k: round(seconds.get(k, 0.0), 1) for k in ("ingest", "curate", "pretrain", "probe", "runs",
+                                                                     "total")}
     summary["plots"] = [str(p.relative_to(out)) for p in plots.bench_plots(cfg, results, out / "plots")]
     summary["plots"] += [f"probe/{name}/{PLOT}" for name in curves]
     for o in outcomes:  # a failure's traceback goes to a file, not into the summary; a success clears it
