@@ -48,7 +48,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -57,7 +56,6 @@ import sys
 import tarfile
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -66,16 +64,15 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from medssl.config import IngestConfig, PretrainConfig
-from medssl.data.augment import MultiCrop, MultiCropConfig
+from medssl.config import IngestConfig, MultiCropConfig, PretrainConfig
+from medssl.data.augment import MultiCrop
+from medssl.machine import machine_facts
 from medssl.data.stream import ShardStream, list_shards
 from medssl.models.backbone import create_backbone
-from medssl.models.ssl_model import SSLModel
 from medssl.shard_format import decode_pixels, read_shard
-from medssl.ssl import HybridLoss
-from medssl.train.optim import build_optimizer
 from medssl.train.precision import use_bf16
-from medssl.train.pretrain import pretrain
+from medssl.distributed import init_distributed
+from medssl.train.pretrain import backward, build, forward_loss, optimizer_step, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "brain-tumor-mri" / "Training"
@@ -86,28 +83,6 @@ OURS_FP32, OURS_BF16, PEER, PEER_BF16 = "medssl fp32", "medssl bf16", "lightly f
 
 
 # ------------------------------------------------------------------------------------------ machine
-
-
-def machine() -> dict:
-    info = {"cpu": platform.processor() or "unknown", "cores": os.cpu_count(), "system": f"{platform.system()} {platform.release()}"}
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        flags = set(fields.get("flags", "").split())
-        info["cpu"] = (f"{fields.get('model name', info['cpu'])} (family {fields.get('cpu family', '?')} model "
-                       f"{fields.get('model', '?')}; bf16: {', '.join(sorted(flags & {'avx512_bf16', 'amx_bf16'})) or 'no'})")
-    except OSError:
-        pass
-    try:
-        kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
-        info["ram_gib"] = round(kib / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    info["load_average_at_start"] = os.getloadavg()
-    info["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
-                        **{p: metadata.version(p) for p in ("lightly", "timm", "torchvision", "Pillow", "numpy", "medssl")}}
-    info["torch_threads"] = torch.get_num_threads()
-    return info
 
 
 # ------------------------------------------------------------------------------------------- shards
@@ -283,45 +258,37 @@ class PeerRun:
 
 
 def ours_steps(shards: Path, cfg: PretrainConfig, n: int, profile_step: int | None = None):
-    """The step of ``medssl.train.pretrain`` (single process), by hand, with phase times; for the profile."""
-    crops = cfg.multicrop()
-    stream = ShardStream([shards], batch_size=cfg.batch_size, num_workers=cfg.workers, seed=cfg.seed,
-                         shuffle_buffer=cfg.shuffle_buffer, transform=MultiCrop(crops))
-    model = SSLModel(cfg.backbone, cfg.proj_hidden, cfg.proj_dim, cfg.n_prototypes, channels_last=cfg.channels_last)
-    loss_fn = HybridLoss(cfg.w_cluster, cfg.w_contrast, crops.n_global, cfg.temperature, cfg.nce_temperature,
-                         cfg.sinkhorn_epsilon, cfg.sinkhorn_iterations)
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.lr * cfg.batch_size / 256, cfg.weight_decay, cfg.momentum)
-    bf16 = cfg.precision == "bf16"
-    it = forever(stream.loader())
-    last = time.perf_counter()
-    for step in range(n):
-        prof = _profiler() if step == profile_step else None
-        if prof:
-            prof.__enter__()
-        batch = next(it)
-        t_data = time.perf_counter()
-        views = batch["values"]
-        model.normalize_prototypes()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            embeddings, scores = model(views)
-        loss, _ = loss_fn(embeddings, scores, model.prototypes)
-        torch.isfinite(loss).item()
-        optimizer.zero_grad(set_to_none=True)
-        t_fwd = time.perf_counter()
-        loss.backward()
-        t_bwd = time.perf_counter()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        loss.item()
-        now = time.perf_counter()
-        if prof:
-            prof.__exit__(None, None, None)
-        yield {"data": t_data - last, "forward": t_fwd - t_data, "backward": t_bwd - t_fwd,
-               "optimizer": now - t_bwd, "total": now - last, "profile": prof,
-               "main_cpu": time.process_time(), "worker_cpu": children_cpu()}
-        last = now
-    del it
+    """The phases of ``medssl.train.pretrain.train_step`` (single process): its own ``build``,
+    ``forward_loss``, ``backward`` and ``optimizer_step``, timed one by one; for the profile."""
+    with tempfile.TemporaryDirectory(prefix="medssl-bench-steps-") as out:
+        run = build(cfg.model_copy(update={"shards": [shards], "out": Path(out)}), init_distributed("cpu"))
+        it = forever(run.loader)
+        last = time.perf_counter()
+        for step in range(n):
+            prof = _profiler() if step == profile_step else None
+            if prof:
+                prof.__enter__()
+            batch = next(it)
+            t_data = time.perf_counter()
+            for group in run.optimizer.param_groups:
+                group["lr"] = run.lr()
+            loss, _, embeddings = forward_loss(run, batch)
+            torch.isfinite(loss).item()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.loss_fn.enqueue(embeddings)
+            t_fwd = time.perf_counter()
+            backward(run, loss)
+            t_bwd = time.perf_counter()
+            optimizer_step(run)
+            loss.item()
+            now = time.perf_counter()
+            if prof:
+                prof.__exit__(None, None, None)
+            yield {"data": t_data - last, "forward": t_fwd - t_data, "backward": t_bwd - t_fwd,
+                   "optimizer": now - t_bwd, "total": now - last, "profile": prof,
+                   "main_cpu": time.process_time(), "worker_cpu": children_cpu()}
+            last = now
+        del it
 
 
 class OutsideLoad:
@@ -499,7 +466,7 @@ def main() -> None:
 
     started = time.perf_counter()
     command = shlex.join(sys.orig_argv)
-    info = machine()
+    info = machine_facts(("lightly", "timm", "torchvision", "Pillow", "numpy"))
     shards = ensure_shards(args.shards or DEFAULT_SHARDS, args.source)
     n_samples = json.loads((shards / "index.json").read_text())["samples"]
     if n_samples < args.batch_size:
@@ -514,9 +481,10 @@ def main() -> None:
                      "config": cfg.model_dump(mode="json"), "rounds": {}}
 
     print(f"command: {command}")
-    print(f"machine: {info['cpu']}, {info['cores']} cores, {info.get('ram_gib', '?')} GiB RAM, {info['system']}; "
+    print(f"machine: {info['cpu']}, {info['usable_cores']} cores, {info['ram_gib']} GiB RAM, {info['os']}; "
           f"load average at start {', '.join(f'{x:.2f}' for x in info['load_average_at_start'])}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + f"; torch threads {info['torch_threads']}")
+    print(f"versions: python {info['python']}, " + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+          + f"; torch threads {info['torch_threads']}")
     print(f"shards: {shards} ({n_samples} samples); crops {crop_text}; batch size {args.batch_size}; "
           f"DataLoader workers {args.workers}; backbone {cfg.backbone} (ours in_chans=1, lightly in_chans=3); "
           f"heads {cfg.proj_hidden}-{cfg.proj_dim}, {cfg.n_prototypes} prototypes", flush=True)

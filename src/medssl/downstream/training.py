@@ -15,6 +15,10 @@
   ``ssl_weight`` is its size relative to the supervised term. ``ssl_weight: auto`` trains each weight of
   ``ssl_weight_grid`` and keeps the best on validation (``sweep.py``).
 
+Structure, as in pretraining: ``build`` makes the networks, optimiser and the mode's train / validation
+functions (one ``Finetuning``); ``train_step`` is one optimisation step; ``run_finetune`` is the loop
+around them (epochs, evaluation, the best checkpoint, the results).
+
 Validation AUC is measured after every epoch; the best one's classifier is saved (``best.pt``,
 atomically) and the test score is computed from it.
 
@@ -39,7 +43,8 @@ import io
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +62,7 @@ from medssl.downstream.images import to_input
 from medssl.downstream.metrics import accuracy, auc_report, macro_auc
 from medssl.downstream.probes import encoder_features, knn_probabilities
 from medssl.downstream.sweep import run_sweep, sweep_of
-from medssl.downstream.model import (BEST, build_networks, build_optimizer, load_classifier, optimizer_groups,
+from medssl.downstream.model import (BEST, Networks, build_networks, build_optimizer, load_classifier, optimizer_groups,
                                      predict, resolve_device, save_classifier)
 from medssl.downstream.tasks import Task, TaskError, check_task, label_subset, load_task
 from medssl.train.pretrain import TrainingDiverged
@@ -118,52 +123,34 @@ def _diverged_text(diverged: dict) -> str:
     return f"the validation scores were non-finite after step {diverged['after_step']} (epoch {diverged['epoch']})"
 
 
-def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: bool = True,
-                 features: Tensor | None = None) -> dict:
-    """Train and evaluate one run; writes ``metrics.json``, ``best.pt``, ``test_predictions.csv`` under ``cfg.out``.
+@dataclass
+class Finetuning:
+    """What one downstream run trains with (made by ``build``); ``train_logits`` and ``val_probs`` differ
+    between a linear probe (on precomputed features) and fine-tuning (on images)."""
 
-    ``task``: a Task already prepared with ``load_task(cfg)`` (to decode the images once for many runs).
-    ``features``: the frozen encoder's features of every task image (knn and linear modes), when the caller
-    has them. Returns the metrics dict written to ``metrics.json``.
-    """
-    if cfg.out is None:
-        raise ConfigError("finetune needs an output folder (--out DIR)")
-    target = best_val_auc(cfg.target_from) if cfg.target_from is not None else cfg.target_auc
-    if task is None:
-        task = load_task(cfg, show_progress)
-    else:
-        check_task(task, cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    cfg: FinetuneConfig
+    task: Task
+    device: torch.device
+    nets: Networks
+    optimizer: torch.optim.Optimizer
+    labeled: np.ndarray  # training rows with labels (label_fraction)
+    targets: Tensor
+    train_logits: Callable[[np.ndarray], Tensor]
+    val_probs: Callable[[], np.ndarray]
+    total_steps: int
+    ssl_views: Callable[[], list[Tensor]] | None = None  # hybrid: the next batch of SSL views
+    ssl_factor: float | None = None  # hybrid: the self-supervised loss's scale, fixed at the first step
+    step: int = 0
+
+
+def build(cfg: FinetuneConfig, task: Task, features: Tensor | None, labeled: np.ndarray) -> Finetuning:
+    """Networks, optimiser and the train / validation functions of one run (its seed set by the caller)."""
     device = resolve_device(cfg.device)
-    kind, outputs = task.table.kind, task.table.outputs
-    if cfg.mode in ("knn", "linear") and features is None:
-        # Once per run: a linear probe's learning rates, and every step, share them.
-        features = encoder_features(cfg, task)
-    sweep = sweep_of(cfg)
-    if sweep is not None:
-        return run_sweep(cfg, *sweep, lambda sub: run_finetune(sub, task, show_progress, features))
-    targets = torch.from_numpy(task.table.targets)
-
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    sup_gen = torch.Generator().manual_seed(cfg.seed)
-    train_rows, val_rows, test_rows = task.rows("train"), task.rows("val"), task.rows("test")
-    labeled = label_subset(task.table, train_rows, cfg.label_fraction, cfg.seed)
-    if len(labeled) < 2:
-        raise TaskError(f"{len(labeled)} labeled training image(s) at label_fraction={cfg.label_fraction}; "
-                        "training needs at least 2: raise label_fraction or add images")
-    if cfg.mode == "knn":
-        return _run_knn(cfg, task, features, labeled)
-
-    nets = build_networks(cfg, len(outputs)).to(device)
+    kind = task.table.kind
+    nets = build_networks(cfg, len(task.table.outputs)).to(device)
     optimizer = build_optimizer(optimizer_groups(nets, cfg), cfg)
-    sup_crop = MultiCrop(cfg.finetune_augment())
-    if nets.ssl is not None:
-        ssl_crop = MultiCrop(nets.ssl_views)
-        ssl_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        ssl_batches = _cycle(train_rows, min(cfg.ssl_batch_size, len(train_rows)), np.random.default_rng([cfg.seed, 1]))
-
+    sup_crop, sup_gen = MultiCrop(cfg.finetune_augment()), torch.Generator().manual_seed(cfg.seed)
+    val_rows = task.rows("val")
     if cfg.mode == "linear":
         nets.classifier.backbone.requires_grad_(False).eval()
         features = features.to(device)
@@ -184,20 +171,95 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
         def val_probs() -> np.ndarray:
             return predict(nets.classifier, val_inputs, kind, cfg.eval_batch_size, device)
 
+    ssl_views = None
+    if nets.ssl is not None:
+        train_rows = task.rows("train")
+        ssl_crop, ssl_gen = MultiCrop(nets.ssl_views), torch.Generator().manual_seed(cfg.seed + 1)
+        ssl_batches = _cycle(train_rows, min(cfg.ssl_batch_size, len(train_rows)), np.random.default_rng([cfg.seed, 1]))
+
+        def ssl_views() -> list[Tensor]:
+            return [v.to(device) for v in _ssl_views(task, next(ssl_batches), ssl_crop, ssl_gen)]
+
     steps_per_epoch = len(_epoch_batches(labeled, cfg.batch_size, np.random.default_rng(0)))
-    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
-    record_base = {"kind": kind, "outputs": outputs, "classes": task.table.classes, "config": dump_config(cfg),
+    return Finetuning(cfg, task, device, nets, optimizer, labeled, torch.from_numpy(task.table.targets),
+                      train_logits, val_probs, min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf),
+                      ssl_views)
+
+
+def train_step(ft: Finetuning, rows: np.ndarray) -> dict[str, float] | None:
+    """One step on the labeled ``rows`` (plus, in hybrid mode, a batch of SSL views): the losses, or None
+    when the training loss is not finite (then nothing is updated: the run has diverged)."""
+    cfg, nets = ft.cfg, ft.nets
+    factor = warmup_cosine(ft.step, ft.total_steps, 1.0, 0.0, cfg.warmup_steps)
+    for group in ft.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    sup = _supervised_loss(ft.train_logits(rows), ft.targets[rows].to(ft.device), ft.task.table.kind)
+    loss, losses = sup, {}
+    if ft.ssl_views is not None and cfg.ssl_weight > 0:
+        views = ft.ssl_views()
+        nets.ssl.normalize_prototypes()  # SwAV keeps prototypes on the unit sphere
+        embeddings, scores = nets.ssl(views)
+        ssl, _ = nets.ssl_loss(embeddings, scores, nets.ssl.prototypes)
+        if ft.ssl_factor is None:
+            ft.ssl_factor = _ssl_factor(cfg.ssl_scale, sup.item(), ssl.item())
+        loss = sup + cfg.ssl_weight * ft.ssl_factor * ssl
+        losses["train_ssl_loss"] = ssl.item()
+    if not torch.isfinite(loss):
+        return None
+    ft.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    ft.optimizer.step()
+    ft.step += 1
+    return {"train_loss": loss.item(), "train_sup_loss": sup.item(), **losses}
+
+
+def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: bool = True,
+                 features: Tensor | None = None) -> dict:
+    """Train and evaluate one run; writes ``metrics.json``, ``best.pt``, ``test_predictions.csv`` under ``cfg.out``.
+
+    ``task``: a Task already prepared with ``load_task(cfg)`` (to decode the images once for many runs).
+    ``features``: the frozen encoder's features of every task image (knn and linear modes), when the caller
+    has them. Returns the metrics dict written to ``metrics.json``.
+    """
+    if cfg.out is None:
+        raise ConfigError("finetune needs an output folder (--out DIR)")
+    target = best_val_auc(cfg.target_from) if cfg.target_from is not None else cfg.target_auc
+    if task is None:
+        task = load_task(cfg, show_progress)
+    else:
+        check_task(task, cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.mode in ("knn", "linear") and features is None:
+        # Once per run: a linear probe's learning rates, and every step, share them.
+        features = encoder_features(cfg, task)
+    sweep = sweep_of(cfg)
+    if sweep is not None:
+        return run_sweep(cfg, *sweep, lambda sub: run_finetune(sub, task, show_progress, features))
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    train_rows, val_rows, test_rows = task.rows("train"), task.rows("val"), task.rows("test")
+    labeled = label_subset(task.table, train_rows, cfg.label_fraction, cfg.seed)
+    if len(labeled) < 2:
+        raise TaskError(f"{len(labeled)} labeled training image(s) at label_fraction={cfg.label_fraction}; "
+                        "training needs at least 2: raise label_fraction or add images")
+    if cfg.mode == "knn":
+        return _run_knn(cfg, task, features, labeled)
+
+    ft = build(cfg, task, features, labeled)
+    nets = ft.nets
+    record_base = {"kind": task.table.kind, "outputs": task.table.outputs, "classes": task.table.classes,
+                   "config": dump_config(cfg),
                    "preprocess": {k: task.settings[k] for k in ("input_size", "percentiles", "nifti_modality",
                                                                  "raster_modality")} | {"ct_window": list(cfg.ct_window)}}
-
     history: list[dict] = []
     best = {"val_auc": -math.inf}
-    step, epoch, stale, stopped_early = 0, 0, 0, False
+    epoch, stale, stopped_early = 0, 0, False
     diverged: dict | None = None  # where training diverged: {"after_step", "epoch", "what"}
-    ssl_factor: float | None = None  # hybrid: the self-supervised loss's scale, fixed at the first step
     t0 = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=f"{cfg.mode} ({cfg.init})", unit="step", disable=not show_progress)
-    while step < total_steps and not stopped_early and diverged is None:
+    bar = tqdm(total=ft.total_steps, desc=f"{cfg.mode} ({cfg.init})", unit="step", disable=not show_progress)
+    while ft.step < ft.total_steps and not stopped_early and diverged is None:
         epoch += 1
         nets.classifier.train(cfg.mode != "linear")
         if nets.ssl is not None:
@@ -205,47 +267,30 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
         sums = {"train_loss": 0.0, "train_sup_loss": 0.0, "train_ssl_loss": 0.0}
         n_steps = 0
         for rows in _epoch_batches(labeled, cfg.batch_size, rng):
-            factor = warmup_cosine(step, total_steps, 1.0, 0.0, cfg.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            sup = _supervised_loss(train_logits(rows), targets[rows].to(device), kind)
-            loss = sup
-            if nets.ssl is not None and cfg.ssl_weight > 0:
-                views = _ssl_views(task, next(ssl_batches), ssl_crop, ssl_gen)
-                nets.ssl.normalize_prototypes()  # SwAV keeps prototypes on the unit sphere
-                embeddings, scores = nets.ssl([v.to(device) for v in views])
-                ssl, _ = nets.ssl_loss(embeddings, scores, nets.ssl.prototypes)
-                if ssl_factor is None:
-                    ssl_factor = _ssl_factor(cfg.ssl_scale, sup.item(), ssl.item())
-                loss = sup + cfg.ssl_weight * ssl_factor * ssl
-                sums["train_ssl_loss"] += ssl.item()
-            if not torch.isfinite(loss):
-                diverged = {"after_step": step, "epoch": epoch, "what": "training loss"}
+            losses = train_step(ft, rows)
+            if losses is None:
+                diverged = {"after_step": ft.step, "epoch": epoch, "what": "training loss"}
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
             n_steps += 1
-            sums["train_loss"] += loss.item()
-            sums["train_sup_loss"] += sup.item()
+            for k, v in losses.items():
+                sums[k] += v
             bar.update(1)
-            if step >= total_steps:
+            if ft.step >= ft.total_steps:
                 break
 
         if diverged is not None:
             break  # the steps of this epoch before it are not evaluated: the best so far stands
-        probs = val_probs()
+        probs = ft.val_probs()
         if not np.isfinite(probs).all():
-            diverged = {"after_step": step, "epoch": epoch, "what": "validation scores"}
+            diverged = {"after_step": ft.step, "epoch": epoch, "what": "validation scores"}
         val_auc = macro_auc(task.table.targets[val_rows], probs)  # None for non-finite scores
-        entry = {"epoch": epoch, "step": step, "train_loss": sums["train_loss"] / n_steps, "val_auc": val_auc,
+        entry = {"epoch": epoch, "step": ft.step, "train_loss": sums["train_loss"] / n_steps, "val_auc": val_auc,
                  "elapsed_s": round(time.perf_counter() - t0, 3)}
         if nets.ssl is not None:
             entry |= {"train_sup_loss": sums["train_sup_loss"] / n_steps, "train_ssl_loss": sums["train_ssl_loss"] / n_steps}
         history.append(entry)
         if val_auc is not None and val_auc > best["val_auc"]:
-            best = {"val_auc": val_auc, "epoch": epoch, "step": step}
+            best = {"val_auc": val_auc, "epoch": epoch, "step": ft.step}
             save_classifier(out / BEST, nets, {**record_base, **best})
             stale = 0
         else:
@@ -265,21 +310,21 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
     # The test score comes from the saved best checkpoint, through the path evaluation will use.
     classifier, _ = load_classifier(out)
     test_inputs = to_input(task.images[test_rows], task.is_ct[test_rows], cfg.ct_window)
-    test_probs = predict(classifier.to(device), test_inputs, kind, cfg.eval_batch_size, device)
-    return _write_results(cfg, task, test_probs, labeled, nets.init, device, {
+    test_probs = predict(classifier.to(ft.device), test_inputs, task.table.kind, cfg.eval_batch_size, ft.device)
+    return _write_results(cfg, task, test_probs, labeled, nets.init, ft.device, {
         "best_val_auc": best["val_auc"],
         "best_epoch": best["epoch"],
         "best_step": best["step"],
         "target_auc": target,
         "steps_to_target": steps_to_target(history, target) if target is not None else None,
-        "steps": step,
+        "steps": ft.step,
         "epochs": epoch,
         "stopped_early": stopped_early,
         "status": "completed" if diverged is None else "diverged",
         "diverged": diverged,
         "train_seconds": round(train_seconds, 3),
         "history": history,
-        "ssl_scale_factor": ssl_factor,
+        "ssl_scale_factor": ft.ssl_factor,
         "files": {"checkpoint": BEST, "predictions": PREDICTIONS},
     })
 
