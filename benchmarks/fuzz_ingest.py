@@ -74,7 +74,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from machine import machine_facts, version  # benchmarks/machine.py
+from medssl.machine import machine_facts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1654,11 +1654,9 @@ def machine_info() -> dict:
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True)
     return {
-        **machine_facts(),
+        **machine_facts(("pydicom", "pydicom-data", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
+                         "pylibjpeg-rle", "pillow", "tifffile", "nibabel", "numpy")),
         "commit": (commit.stdout.strip() or "unknown") + (" + uncommitted changes" if dirty.stdout.strip() else ""),
-        "versions": {d: version(d) for d in ("medssl", "pydicom", "pydicom-data", "pylibjpeg", "pylibjpeg-libjpeg",
-                                             "pylibjpeg-openjpeg", "pylibjpeg-rle", "pillow", "tifffile", "nibabel",
-                                             "numpy")},
     }
 
 

@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loader import DEFAULT_SHARDS, DEFAULT_SOURCE, ensure_shards, stored_batches, stream, timed  # noqa: E402
-from machine import machine_facts, version  # noqa: E402
+from medssl.machine import machine_facts, version
 
 from medssl.config import PretrainConfig  # noqa: E402
 from medssl.data.augment import MultiCrop  # noqa: E402

@@ -55,7 +55,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from machine import machine_facts, version  # benchmarks/machine.py
+from medssl.machine import machine_facts
 from medssl.config import IngestConfig
 from medssl.ingest import ingest
 from medssl.shard_format import PNG_COMPRESS_LEVEL, decode_pixels, read_shard
@@ -273,17 +273,13 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def machine_info() -> dict:
-    return {**machine_facts(), "torch": version("torch"), "pydicom": pydicom.__version__, "pillow": version("pillow"),
-            "numpy": np.__version__, "pylibjpeg": version("pylibjpeg"), "zstandard": version("zstandard"),
-            "lz4": version("lz4"), "imagecodecs": version("imagecodecs")}
+    return machine_facts(("pydicom", "pillow", "numpy", "pylibjpeg", "zstandard", "lz4", "imagecodecs"))
 
 
 def print_machine(info: dict) -> None:
     print(f"machine: {info['cpu']}, {info['usable_cores']} usable of {info['logical_cores']} logical cores, "
           f"{info['ram_gib']} GiB RAM, {info['os']}")
-    print(f"software: python {info['python']}, torch {info['torch']}, pydicom {info['pydicom']}, "
-          f"pillow {info['pillow']}, numpy {info['numpy']}, pylibjpeg {info['pylibjpeg']}, "
-          f"zstandard {info['zstandard']}, lz4 {info['lz4']}, imagecodecs {info['imagecodecs']}")
+    print(f"software: python {info['python']}, " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     print(f"load average at start (1/5/15 min): {info['load_average_at_start']}")
 
 

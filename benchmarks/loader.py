@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import zstandard
 
-from machine import machine_facts, version  # benchmarks/machine.py
+from medssl.machine import machine_facts, version
 from medssl.config import PretrainConfig
 from medssl.data.augment import MultiCrop
 from medssl.data.device_crops import DeviceMultiCrop

@@ -42,7 +42,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from machine import machine_facts  # benchmarks/machine.py
+from medssl.machine import machine_facts
 
 from medssl.data.stream import INDEX_FORMAT, ShardStream, part_of
 from medssl.shard_format import read_shard

@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_facts  # noqa: E402
+from medssl.machine import machine_facts
 
 PAGE = 4096
 FILES_PER_SERIES, SERIES_PER_PATIENT = 100, 100

@@ -40,7 +40,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy: its BLAS (the exact search) reads it at import
 import numpy as np  # noqa: E402
 
-from machine import machine_facts, version  # noqa: E402  (benchmarks/machine.py)
+from medssl.machine import machine_facts, version
 from medssl.retrieval.embed import embedding_matrix, read_embeddings  # noqa: E402
 
 M, EF_CONSTRUCTION, K = 16, 128, 10

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.data.augment import MultiCrop, MultiCropConfig
+from medssl.config import MultiCropConfig
+from medssl.data.augment import MultiCrop
 
 # Geometry only: one full-image crop, no intensity change, so outputs can be compared to inputs.
 PLAIN = dict(n_global=1, global_size=64, global_scale=(1.0, 1.0), n_local=0, aspect_ratio=(1.0, 1.0),

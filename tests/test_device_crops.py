@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import medssl.train.pretrain as pretrain_module
 from medssl.config import PretrainConfig
-from medssl.data.augment import MultiCrop, MultiCropConfig
+from medssl.config import MultiCropConfig
+from medssl.data.augment import MultiCrop
 from medssl.data.device_crops import DeviceMultiCrop
 from medssl.data.stream import ShardStream, collate_samples, collate_stored
 from medssl.train.pretrain import pretrain

@@ -17,7 +17,7 @@ from medssl.cli import main
 from medssl.config import FinetuneConfig, PretrainConfig
 from medssl.downstream.decode import decode_image
 from medssl.downstream.images import to_input
-from medssl.models.publish import ExportError, export_run
+from medssl.publish import ExportError, export_run
 from medssl.train.pretrain import pretrain
 
 # Real DICOM files of several modalities and encodings (pydicom's test files), decoded by medssl.

@@ -229,7 +229,8 @@ def _bench_parser(sub) -> None:
 
 
 def _run_bench(args) -> int:
-    from medssl.bench import run_bench
+    from medssl.bench import report_task, run_bench
+    from medssl.report import build_report
     from medssl.downstream import TaskError
     from medssl.train.pretrain import TrainingDiverged
 
@@ -244,9 +245,10 @@ def _run_bench(args) -> int:
         print(f"error: pretraining diverged: {e}", file=sys.stderr)
         return 1
     out = Path(cfg.out)
+    report = build_report(out, task=report_task(cfg), log=lambda message: None)
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.md'} ({out / 'results.json'})")
-    print(f"report:  {Path(summary['report']).resolve()}")
+    print(f"report:  {Path(report).resolve()}")
     if summary["failures"]:
         print(f"error: {len(summary['failures'])} run(s) failed (see results.md and their error.txt)", file=sys.stderr)
         return 1
@@ -387,7 +389,7 @@ def _export_parser(sub) -> None:
 
 def _run_export(args) -> int:
     from medssl.models.card import DEFAULT_LICENSE
-    from medssl.models.publish import ExportError, export_run
+    from medssl.publish import ExportError, export_run
 
     try:
         card = export_run(args.run, args.format, args.out, license=args.license or DEFAULT_LICENSE,

@@ -70,6 +70,71 @@ class IngestConfig(StrictModel):
         return v if v == "auto" else v.upper()
 
 
+# (level, width) in HU of common display windows.
+DEFAULT_CT_WINDOWS = [
+    (40.0, 400.0),     # soft tissue (abdomen)
+    (40.0, 80.0),      # brain
+    (50.0, 350.0),     # mediastinum
+    (500.0, 2000.0),   # bone
+    (-600.0, 1500.0),  # lung
+]
+
+
+class MultiCropConfig(StrictModel):
+    """Crops and augmentation strengths. Ranges are (min, max); a range (v, v) fixes the value."""
+
+    n_global: int = Field(default=2, ge=1, description="global crops (codes are computed on these)")
+    global_size: int = Field(default=224, ge=8, description="side of a global crop in pixels")
+    global_scale: tuple[float, float] = Field(default=(0.25, 1.0), description="area of a global crop's box, fraction of the image")
+    n_local: int = Field(default=6, ge=0, description="local crops")
+    local_size: int = Field(default=96, ge=8, description="side of a local crop in pixels")
+    local_scale: tuple[float, float] = Field(default=(0.05, 0.25), description="area of a local crop's box, fraction of the image")
+    aspect_ratio: tuple[float, float] = Field(default=(3 / 4, 4 / 3), description="width/height of a crop's box (log-uniform)")
+    rotation: tuple[float, float] = Field(default=(-15.0, 15.0), description="rotation in degrees (uniform)")
+    scale_jitter: tuple[float, float] = Field(default=(0.9, 1.1), description="zoom of the box (log-uniform); > 1 shows more, outside the image filled with its minimum")
+    hflip_prob: float = Field(default=0.5, ge=0, le=1)
+    vflip_prob: float = Field(default=0.0, ge=0, le=1, description="off by default: anatomy has an up and down")
+    ct_windows: list[tuple[float, float]] = Field(default_factory=lambda: list(DEFAULT_CT_WINDOWS), min_length=1, description="(level, width) in HU; one is picked per crop")
+    ct_window_jitter: float = Field(default=0.2, ge=0, description="level moves by up to this fraction of the width; width scales by up to exp(+-this)")
+    gamma_prob: float = Field(default=0.5, ge=0, le=1)
+    gamma: tuple[float, float] = Field(default=(0.7, 1.5), description="gamma exponent (log-uniform)")
+    contrast: float = Field(default=0.3, ge=0, lt=1, description="contrast factor in 1 +- this, about the crop's mean")
+    brightness: float = Field(default=0.1, ge=0, description="added offset in +- this")
+    blur_prob: float = Field(default=0.5, ge=0, le=1)
+    blur_sigma: tuple[float, float] = Field(default=(0.1, 1.5), description="Gaussian blur sigma in output pixels")
+    noise_prob: float = Field(default=0.3, ge=0, le=1)
+    noise_std: tuple[float, float] = Field(default=(0.0, 0.03), description="std of added Gaussian noise")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> MultiCropConfig:
+        positive = ("global_scale", "local_scale", "aspect_ratio", "scale_jitter", "gamma", "blur_sigma")
+        for name in (*positive, "rotation", "noise_std"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}: need min <= max, got ({lo}, {hi})")
+            if name in positive and lo <= 0:
+                raise ValueError(f"{name}: values must be > 0, got ({lo}, {hi})")
+        for name in ("global_scale", "local_scale"):
+            if getattr(self, name)[1] > 1:
+                raise ValueError(f"{name}: a box cannot be larger than the image, got max {getattr(self, name)[1]}")
+        if any(width <= 0 for _, width in self.ct_windows):
+            raise ValueError(f"ct_windows: widths must be > 0, got {self.ct_windows}")
+        return self
+
+    @classmethod
+    def preset(cls, name: str) -> MultiCropConfig:
+        """``swav``: 2x224 + 6x96 as in SwAV; ``cpu``: 2x96 + 4x48 for CPU-scale runs."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown multi-crop preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+
+PRESETS = {
+    "swav": dict(n_global=2, global_size=224, n_local=6, local_size=96),
+    "cpu": dict(n_global=2, global_size=96, n_local=4, local_size=48),
+}
+
+
 class PretrainConfig(StrictModel):
     """Settings of ``medssl pretrain`` (see README, section "Pretrain")."""
 
@@ -129,7 +194,6 @@ class PretrainConfig(StrictModel):
         return self
 
     def multicrop(self):
-        from medssl.data.augment import MultiCropConfig  # lazy: augment imports this module
 
         return MultiCropConfig.model_validate({**MultiCropConfig.preset(self.crops).model_dump(), **self.augment})
 
@@ -249,7 +313,6 @@ class FinetuneConfig(StrictModel):
     @field_validator("augment", "ssl_augment")
     @classmethod
     def _crop_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from medssl.data.augment import MultiCropConfig  # lazy: augment imports this module
 
         _validate_nested(MultiCropConfig, v)  # now rather than at the first batch
         return v
@@ -264,7 +327,6 @@ class FinetuneConfig(StrictModel):
 
     def finetune_augment(self):
         """Augmentation of the labeled images: one view, milder than pretraining, CT through ``ct_window``."""
-        from medssl.data.augment import MultiCropConfig  # lazy: augment imports this module
 
         base = dict(n_global=1, n_local=0, global_size=self.input_size, global_scale=(0.7, 1.0),
                     rotation=(-10.0, 10.0), ct_windows=[self.ct_window], ct_window_jitter=0.05,

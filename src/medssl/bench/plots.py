@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from medssl.atomic import atomic_open
 from medssl.bench.results import FROZEN_MODES, RunResult
 from medssl.config import BenchConfig
-from medssl.report.plots import colours_for, panel_figure
+from medssl.figures import colours_for, panel_figure
 
 
 def _save(fig: Figure, path: Path) -> Path:

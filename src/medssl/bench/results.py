@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -139,26 +136,6 @@ def _robustness(records: list[dict]) -> dict:
     return sweeps
 
 
-def machine() -> dict:
-    import torch
-
-    info = {"cores": os.cpu_count(), "system": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "torch": torch.__version__,
-            "medssl": metadata.version("medssl"), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown"
-    info["cpu"] = cpu
-    try:
-        kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
-        info["ram_gib"] = round(kib / 2**20, 1)
-    except (OSError, StopIteration):
-        pass
-    return info
-
-
 def _f(value: float | None, digits: int = 3, sign: bool = False) -> str:
     if value is None:
         return "—"
@@ -178,8 +155,10 @@ def setup_lines(summary: dict) -> list[str]:
     """Command, machine, time, pool and pretraining of a bench, one sentence each."""
     m, sec = summary["machine"], summary["seconds"]
     lines = [f"Command: {summary['command']}",
-             f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib', '?')} GiB RAM"
-             + (f", GPU {m['cuda']}" if m.get("cuda") else "") + f"; torch {m.get('torch')}",
+             # results.json of benches before medssl.machine had cores / cuda / torch at the top level
+             f"Machine: {m.get('cpu')}, {m.get('usable_cores', m.get('cores'))} cores, {m.get('ram_gib', '?')} GiB RAM"
+             + (f", GPU {m.get('gpu') or m['cuda']}" if m.get("gpu") or m.get("cuda") else "")
+             + f"; torch {m.get('versions', {}).get('torch', m.get('torch'))}",
              f"Wall time of this invocation: {sec['total'] / 60:.1f} min (pool ingest {sec['ingest']:.0f} s, "
              f"pretraining {sec['pretrain']:.0f} s, probing its snapshots {sec.get('probe', 0):.0f} s, "
              f"downstream runs {sec['runs']:.0f} s)"]

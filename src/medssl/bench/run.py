@@ -1,4 +1,5 @@
-"""``run_bench``: pool -> ingest -> pretrain -> downstream runs -> results, plots and report.
+"""``run_bench``: pool -> ingest -> pretrain -> downstream runs -> results and plots (the callers, `medssl bench`
+and `medssl demo`, then build report.html from the folder with ``medssl.report.build_report``).
 
 Layout of the bench folder (every stage an ordinary medssl output, so each can be inspected alone):
 
@@ -27,8 +28,9 @@ import yaml
 from medssl.atomic import atomic_write_text
 from medssl.bench import plots
 from medssl.bench.pool import pretraining_pool, write_task_csv
-from medssl.bench.results import load_results, machine, markdown, summarise
+from medssl.bench.results import load_results, markdown, summarise
 from medssl.bench.runs import execute, finetune_settings, pending_job, run_matrix
+from medssl.machine import machine_facts
 from medssl.config import BenchConfig, ConfigError, CurateConfig, IngestConfig, PretrainConfig, dump_config
 from medssl.train.pretrain import SNAPSHOTS
 from medssl.downstream.api import prepare_task
@@ -94,8 +96,6 @@ def _curve_stage(cfg: BenchConfig, tasks: dict[str, Task], out: Path, show_progr
 
 def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None = None) -> dict:
     """Run (or resume) a bench; returns the summary also written to ``<out>/results.json``."""
-    from medssl.report import build_report
-
     if cfg.out is None:
         raise ConfigError("bench needs an output folder (--out DIR or out: in the config)")
     out = Path(cfg.out)
@@ -139,7 +139,7 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
     failures = [o for o in outcomes if not o["ok"]]
 
     results = load_results(cfg, specs)
-    summary = {"name": out.resolve().name, "command": command or "run_bench(...)", "machine": machine(),
+    summary = {"name": out.resolve().name, "command": command or "run_bench(...)", "machine": machine_facts(),
                "pool": pool, "pretrain": pre, "runs": {"planned": len(specs), "run_now": len(jobs),
                                                         "finished": len(results), "failed": len(failures)},
                "failures": [{"run": f["run"], "error": f["error"]} for f in failures],
@@ -156,10 +156,12 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
             atomic_write_text(out / o["run"] / "error.txt", o["traceback"])
     atomic_write_text(out / RESULTS, json.dumps(summary, indent=1))
     atomic_write_text(out / "results.md", markdown(summary))
-    # The embedding map is coloured by the labels of the first task (the report takes one task CSV).
-    first_task = out / "tasks" / f"{cfg.tasks[0].name}.csv"
-    summary["report"] = str(build_report(out, task=first_task, log=lambda message: None))
     return summary
+
+
+def report_task(cfg: BenchConfig) -> Path:
+    """The task CSV whose labels colour the report's embedding map (the report takes one): the first task's."""
+    return Path(cfg.out) / "tasks" / f"{cfg.tasks[0].name}.csv"
 
 
 def _notes(pool: dict | None) -> list[str]:

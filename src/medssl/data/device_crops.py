@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from medssl.data.augment import CropParams, MultiCrop, MultiCropConfig, affine_grid, apply_intensity, check_semantics
+from medssl.config import MultiCropConfig
+from medssl.data.augment import CropParams, MultiCrop, affine_grid, apply_intensity, check_semantics
 
 _GAP = 2  # zero pixels around each level in the atlas: a clamped position lies between two of them
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from medssl.bench import run_bench
+from medssl.bench import report_task, run_bench
 from medssl.config import BenchConfig
 from medssl.demo.archive import generate_demo_archive
+from medssl.report import build_report
 
 TASK = "ct-hemorrhage"
 # Head CT patients of the phantom archive (other modalities in proportion: ~1,100 files). Half have a
@@ -60,5 +61,6 @@ def run_demo(out: Path | str = "demo-out", workers: int = 2, show_progress: bool
         # The task CSVs are written last: without them an earlier generation was cut short; start it afresh.
         shutil.rmtree(data / "archive", ignore_errors=True)
         generate_demo_archive(data, n_patients=PATIENTS)
-    return run_bench(demo_config(out, task_csv, data / "archive", workers), show_progress,
-                     command=f"medssl demo --out {out}")
+    cfg = demo_config(out, task_csv, data / "archive", workers)
+    summary = run_bench(cfg, show_progress, command=f"medssl demo --out {out}")
+    return {**summary, "report": str(build_report(out, task=report_task(cfg), log=lambda message: None))}

@@ -94,7 +94,7 @@ def mean_curves(points: list[dict]) -> dict[tuple[str, float], list[tuple[int, f
 
 
 def plot_curve(curve: dict, path: Path) -> Path:
-    from medssl.report.plots import panel_figure  # matplotlib only when drawing
+    from medssl.figures import panel_figure  # matplotlib only when drawing
 
     fig, (ax,) = panel_figure(1, height=4.0, width=7.0)
     lines = mean_curves(curve["points"])

@@ -24,8 +24,7 @@ from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
 from medssl import storage
-from medssl.config import ConfigError, FinetuneConfig, PretrainConfig
-from medssl.data.augment import MultiCropConfig
+from medssl.config import ConfigError, FinetuneConfig, MultiCropConfig, PretrainConfig
 from medssl.models import SSLModel, create_backbone
 from medssl.models.export import load_encoder, read_card
 from medssl.models.weights import is_weights_file, load_backbone_weights as load_weights_file

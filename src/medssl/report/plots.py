@@ -13,37 +13,17 @@ from collections import defaultdict
 import numpy as np
 from matplotlib.figure import Figure
 
+from medssl.figures import DPI, PALETTE, colours_for, panel_figure
 from medssl.report.collect import DownstreamRun, PretrainRun
 from medssl.report.samples import ShardImage
 
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf"]
 STATUS_COLOURS = {"ingested": "#2ca02c", "rejected": "#d62728", "duplicate": "#7f7f7f"}
-DPI = 110
 
 
 def data_uri(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def colours_for(names: list[str]) -> dict[str, str]:
-    """One fixed colour per name, so a run looks the same in every figure."""
-    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
-
-
-def panel_figure(panels: int, height: float = 3.6, width: float = 10.0, columns: int | None = None) -> tuple[Figure, list]:
-    """A figure of ``panels`` axes, at most ``columns`` per row (default: one row); height and width per row."""
-    cols = min(panels, columns or panels)
-    rows = -(-panels // cols)
-    fig = Figure(figsize=(width, height * rows), layout="constrained")
-    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
-    for ax in axes[panels:]:
-        ax.remove()
-    for ax in axes[:panels]:
-        ax.grid(alpha=0.3)
-    return fig, axes[:panels]
 
 
 def ingest_summary(report: dict) -> str:
