@@ -37,11 +37,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loader import DEFAULT_SHARDS, DEFAULT_SOURCE, ensure_shards, stored_batches, stream, timed  # noqa: E402
-from medssl.machine import machine_facts, version
-
 from medssl.config import PretrainConfig  # noqa: E402
 from medssl.data.augment import MultiCrop  # noqa: E402
 from medssl.data.stream import list_shards  # noqa: E402
+from medssl.machine import machine_facts, version
 from medssl.models.ssl_model import SSLModel  # noqa: E402
 from medssl.ssl import HybridLoss  # noqa: E402
 

@@ -55,9 +55,9 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from medssl.machine import machine_facts
 from medssl.config import IngestConfig
 from medssl.ingest import ingest
+from medssl.machine import machine_facts
 from medssl.shard_format import PNG_COMPRESS_LEVEL, decode_pixels, read_shard
 
 REPO = Path(__file__).resolve().parents[1]

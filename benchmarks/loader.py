@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 import zstandard
 
-from medssl.machine import machine_facts, version
 from medssl.config import PretrainConfig
 from medssl.data.augment import MultiCrop
 from medssl.data.device_crops import DeviceMultiCrop
 from medssl.data.stream import ShardStream, collate_stored, list_shards
+from medssl.machine import machine_facts, version
 from medssl.shard_format import decode_pixels, decode_stored, read_shard
 
 REPO = Path(__file__).resolve().parents[1]

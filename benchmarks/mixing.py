@@ -42,9 +42,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from medssl.machine import machine_facts
 
 from medssl.data.stream import INDEX_FORMAT, ShardStream, part_of
+from medssl.machine import machine_facts
 from medssl.shard_format import read_shard
 
 FIRST_BATCHES = 5  # "start of an epoch": the first batches each DataLoader worker delivers after a refill

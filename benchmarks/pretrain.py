@@ -66,12 +66,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from medssl.config import IngestConfig, MultiCropConfig, PretrainConfig
 from medssl.data.augment import MultiCrop
-from medssl.machine import machine_facts
 from medssl.data.stream import ShardStream, list_shards
+from medssl.distributed import init_distributed
+from medssl.machine import machine_facts
 from medssl.models.backbone import create_backbone
 from medssl.shard_format import decode_pixels, read_shard
 from medssl.train.precision import use_bf16
-from medssl.distributed import init_distributed
 from medssl.train.pretrain import backward, build, forward_loss, optimizer_step, pretrain
 
 REPO = Path(__file__).resolve().parents[1]

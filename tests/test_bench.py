@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 import yaml
-from helpers import manifest
 
+from helpers import manifest
 from medssl.bench.pool import pretraining_pool, write_task_csv
 from medssl.cli import main
 from medssl.config import BenchConfig, BenchTask, ConfigError, load_config

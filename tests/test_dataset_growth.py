@@ -9,8 +9,8 @@ import os
 import shutil
 
 import numpy as np
-from helpers import manifest, shard_samples, write_ct_dicom
 
+from helpers import manifest, shard_samples, write_ct_dicom
 from medssl.config import IngestConfig
 from medssl.data.stream import ShardStream, list_shards
 from medssl.ingest import ingest

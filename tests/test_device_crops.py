@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import medssl.train.pretrain as pretrain_module
-from medssl.config import PretrainConfig
-from medssl.config import MultiCropConfig
+from medssl.config import MultiCropConfig, PretrainConfig
 from medssl.data.augment import MultiCrop
 from medssl.data.device_crops import DeviceMultiCrop
 from medssl.data.stream import ShardStream, collate_samples, collate_stored

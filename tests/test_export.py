@@ -10,7 +10,6 @@ import socket
 import numpy as np
 import pytest
 import torch
-from test_pretrain import TINY
 
 import medssl
 from medssl.cli import main
@@ -19,6 +18,7 @@ from medssl.downstream.decode import decode_image
 from medssl.downstream.images import to_input
 from medssl.publish import ExportError, export_run
 from medssl.train.pretrain import pretrain
+from test_pretrain import TINY
 
 # Real DICOM files of several modalities and encodings (pydicom's test files), decoded by medssl.
 REAL_IMAGES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "liver_1frame.dcm", "MR_small_RLE.dcm")

@@ -13,11 +13,11 @@ import subprocess
 import sys
 
 import pytest
-from test_pretrain import TINY, _command
 
 from medssl.config import ConfigError, PretrainConfig
 from medssl.train.checkpoint import load_checkpoint
 from medssl.train.pretrain import pretrain
+from test_pretrain import TINY, _command
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -190,7 +190,7 @@ def test_a_classifier_with_non_finite_scores_is_a_one_line_error(png_run, tmp_pa
     run = tmp_path / "diverged"
     shutil.copytree(png_run, run)
     ckpt = load_checkpoint(run / "best.pt")
-    for name, value in ckpt["model"].items():
+    for value in ckpt["model"].values():
         if value.is_floating_point():
             value.fill_(float("nan"))
     save_checkpoint(run / "best.pt", ckpt)

@@ -14,7 +14,6 @@ import pytest
 import s3fs
 import torch
 from safetensors.torch import load
-from test_pretrain import TINY
 
 import medssl
 from medssl import storage
@@ -25,6 +24,7 @@ from medssl.ingest import ingest
 from medssl.ingest.report import read_manifest
 from medssl.shard_format import Sample, read_shard, write_shard
 from medssl.train.checkpoint import load_checkpoint
+from test_pretrain import TINY
 
 
 def _dataset_on_s3(local_dataset, url: str) -> str:

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from helpers import manifest, write_ct_dicom
 
+from helpers import manifest, write_ct_dicom
 from medssl.ingest.chunk import shown_path
 from medssl.ingest.listing import scan
 
@@ -81,7 +81,7 @@ def test_names_that_are_not_utf8_or_hold_table_characters_reach_every_output(tmp
         f.write(b"also not an image")
     (src / "two\nlines.txt").write_text("not an image either")
     out = tmp_path / "out"
-    for attempt in range(2):  # the rerun (resume of a finished run) must work as well
+    for _ in range(2):  # the rerun (resume of a finished run) must work as well
         proc = _ingest(src, out)
         assert proc.returncode == 0, proc.stderr
     paths = sorted(r["path"] for r in manifest(out))

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import zstandard
 
-from medssl.shard_format import (PIXEL_EXTENSIONS, Sample, decode_pixels, encode_pixels, read_shard, storage_for,
-                                 write_shard)
+from medssl.shard_format import (
+    PIXEL_EXTENSIONS,
+    Sample,
+    decode_pixels,
+    encode_pixels,
+    read_shard,
+    storage_for,
+    write_shard,
+)
 
 
 def _values(semantics: str) -> np.ndarray:

@@ -28,7 +28,6 @@ from medssl.config import BenchConfig
 from medssl.downstream.convergence import steps_to_target
 from medssl.downstream.curve import mean_curves
 
-
 # Arms whose encoder is not trained: no convergence comparison.
 FROZEN_MODES = ("knn", "linear")
 

@@ -26,6 +26,7 @@ from medssl.intensity import map_frame
 from medssl.io import Limits, Rejected, read_image
 from medssl.io.isolation import Budget, shared_worker
 
+
 @dataclass(frozen=True)
 class DecodeSettings:
     """What ``decode_image`` reads of a ``FinetuneConfig``: all the decode worker is sent. (Validating a

@@ -27,7 +27,8 @@ from medssl import storage
 from medssl.config import ConfigError, FinetuneConfig, MultiCropConfig, PretrainConfig
 from medssl.models import SSLModel, create_backbone
 from medssl.models.export import load_encoder, read_card
-from medssl.models.weights import is_weights_file, load_backbone_weights as load_weights_file
+from medssl.models.weights import is_weights_file
+from medssl.models.weights import load_backbone_weights as load_weights_file
 from medssl.ssl import HybridLoss
 from medssl.train.checkpoint import load_checkpoint, save_checkpoint
 from medssl.train.optim import param_groups

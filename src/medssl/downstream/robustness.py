@@ -26,8 +26,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import ValidationError
@@ -39,9 +39,9 @@ from medssl.atomic import atomic_write_text
 from medssl.config import ConfigError, FinetuneConfig
 from medssl.downstream.images import to_input
 from medssl.downstream.metrics import macro_auc
-from medssl.train.pretrain import TrainingDiverged
 from medssl.downstream.model import load_classifier, predict, resolve_device
 from medssl.downstream.tasks import Task, TaskError, check_task, load_task
+from medssl.train.pretrain import TrainingDiverged
 
 ROBUSTNESS = "robustness.json"
 

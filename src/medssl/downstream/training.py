@@ -60,10 +60,19 @@ from medssl.data.augment import MultiCrop
 from medssl.downstream.convergence import best_val_auc, steps_to_target
 from medssl.downstream.images import to_input
 from medssl.downstream.metrics import accuracy, auc_report, macro_auc
+from medssl.downstream.model import (
+    BEST,
+    Networks,
+    build_networks,
+    build_optimizer,
+    load_classifier,
+    optimizer_groups,
+    predict,
+    resolve_device,
+    save_classifier,
+)
 from medssl.downstream.probes import encoder_features, knn_probabilities
 from medssl.downstream.sweep import run_sweep, sweep_of
-from medssl.downstream.model import (BEST, Networks, build_networks, build_optimizer, load_classifier, optimizer_groups,
-                                     predict, resolve_device, save_classifier)
 from medssl.downstream.tasks import Task, TaskError, check_task, label_subset, load_task
 from medssl.train.pretrain import TrainingDiverged
 from medssl.train.schedule import warmup_cosine

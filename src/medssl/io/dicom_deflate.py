@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filebase import DicomBytesIO
+
 # pydicom's own file meta reader (private): the transfer syntax seen here is then the one dcmread would act on,
 # including its retry of a file meta written in implicit VR. It leaves the file at the start of the data set.
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble

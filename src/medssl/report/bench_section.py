@@ -6,8 +6,16 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from medssl.bench.results import (ACCURACY_LEGEND, CURVE_LEGEND, ROBUSTNESS_LEGEND, accuracy_table, curve_table,
-                                  robustness_table, run_notes, setup_lines)
+from medssl.bench.results import (
+    ACCURACY_LEGEND,
+    CURVE_LEGEND,
+    ROBUSTNESS_LEGEND,
+    accuracy_table,
+    curve_table,
+    robustness_table,
+    run_notes,
+    setup_lines,
+)
 from medssl.report import html
 
 CAPTIONS = {
