@@ -42,26 +42,51 @@ class IngestConfig(StrictModel):
     """Settings of ``medssl ingest`` (see README, section "Ingest")."""
 
     inputs: list[Location] = Field(default_factory=list, description="folders or files to ingest, local or s3://...")
-    out: Location | None = Field(default=None, description="output folder (shards, manifest, report), local or s3://...")
+    out: Location | None = Field(
+        default=None, description="output folder (shards, manifest, report), local or s3://...")
     workers: int = Field(default=2, ge=1, description="local worker processes")
     engine: Literal["local", "ray"] = "local"
     ray_address: str | None = Field(default=None, description="Ray cluster address; None starts a local Ray")
-    files_per_chunk: int = Field(default=256, ge=1, description="input files per work unit (one unit writes its own shards; larger units give larger shards)")
-    samples_per_shard: int = Field(default=1000, ge=1, description="a work unit starts a new shard after this many samples")
-    mix_units: int = Field(default=256, ge=1, description="the listing is dealt round-robin to blocks of this many work units, so that one series' slices land in many shards and batches mix series (1: each unit takes consecutive files)")
+    files_per_chunk: int = Field(
+        default=256, ge=1,
+        description="input files per work unit (one unit writes its own shards; larger units give larger shards)")
+    samples_per_shard: int = Field(
+        default=1000, ge=1, description="a work unit starts a new shard after this many samples")
+    mix_units: int = Field(
+        default=256, ge=1,
+        description="the listing is dealt round-robin to blocks of this many work units, so that one series' slices "
+                    "land in many shards and batches mix series (1: each unit takes consecutive files)")
     max_side: int = Field(default=512, ge=8, description="resize so that the longer side is at most this")
-    pixel_format: Literal["u16-planes-zstd", "png16"] = Field(default="u16-planes-zstd", description="how shards store pixels: u16-planes-zstd (uint16 byte planes + zstd, ~9x faster to decode) or png16 (16-bit PNG, opens in any image tool); readers take both")
+    pixel_format: Literal["u16-planes-zstd", "png16"] = Field(
+        default="u16-planes-zstd",
+        description="how shards store pixels: u16-planes-zstd (uint16 byte planes + zstd, ~9x faster to decode) or "
+                    "png16 (16-bit PNG, opens in any image tool); readers take both")
     planes: list[Plane] = Field(default_factory=lambda: ["axial"], description="planes sliced from 3D volumes")
-    slice_stride: int = Field(default=1, ge=1, description="keep every n-th slice of a volume / frame of a multi-frame file")
-    max_pixels: int = Field(default=1_000_000_000, ge=1, description="reject files with more voxels (decompression bombs)")
+    slice_stride: int = Field(
+        default=1, ge=1, description="keep every n-th slice of a volume / frame of a multi-frame file")
+    max_pixels: int = Field(
+        default=1_000_000_000, ge=1, description="reject files with more voxels (decompression bombs)")
     max_frame_side: int = Field(default=32768, ge=1, description="reject images with a side longer than this")
-    max_memory_mb: int = Field(default=4096, ge=64, description="memory budget of one decode worker: a file whose header needs more is rejected (too_large) before decoding, and the worker is capped at it")
-    file_timeout_s: float = Field(default=300.0, gt=0, description="seconds one file may take to read; then its decode worker is stopped and the file rejected (timeout)")
-    percentiles: tuple[float, float] = Field(default=(0.5, 99.5), description="robust range mapped to [0, 1] for MR and images without a defined intensity scale")
-    nifti_modality: str = Field(default="auto", description="modality of NIfTI files: auto (CT if values look like HU, else MR) or a DICOM modality code")
-    raster_modality: str = Field(default="OT", description="modality recorded for PNG/JPEG/TIFF files, which carry none")
-    redact_paths: bool = Field(default=False, description="write salted path hashes instead of paths into manifest, report and logs")
-    salt_file: Path | None = Field(default=None, description="secret salt for identifier hashes (default ~/.medssl/salt)")
+    max_memory_mb: int = Field(
+        default=4096, ge=64,
+        description="memory budget of one decode worker: a file whose header needs more is rejected (too_large) before "
+                    "decoding, and the worker is capped at it")
+    file_timeout_s: float = Field(
+        default=300.0, gt=0,
+        description="seconds one file may take to read; then its decode worker is stopped and the file rejected "
+                    "(timeout)")
+    percentiles: tuple[float, float] = Field(
+        default=(0.5, 99.5),
+        description="robust range mapped to [0, 1] for MR and images without a defined intensity scale")
+    nifti_modality: str = Field(
+        default="auto",
+        description="modality of NIfTI files: auto (CT if values look like HU, else MR) or a DICOM modality code")
+    raster_modality: str = Field(
+        default="OT", description="modality recorded for PNG/JPEG/TIFF files, which carry none")
+    redact_paths: bool = Field(
+        default=False, description="write salted path hashes instead of paths into manifest, report and logs")
+    salt_file: Path | None = Field(
+        default=None, description="secret salt for identifier hashes (default ~/.medssl/salt)")
     strict: bool = Field(default=False, description="exit non-zero if any file is rejected")
 
     @field_validator("percentiles")
@@ -93,17 +118,26 @@ class MultiCropConfig(StrictModel):
 
     n_global: int = Field(default=2, ge=1, description="global crops (codes are computed on these)")
     global_size: int = Field(default=224, ge=8, description="side of a global crop in pixels")
-    global_scale: tuple[float, float] = Field(default=(0.25, 1.0), description="area of a global crop's box, fraction of the image")
+    global_scale: tuple[float, float] = Field(
+        default=(0.25, 1.0), description="area of a global crop's box, fraction of the image")
     n_local: int = Field(default=6, ge=0, description="local crops")
     local_size: int = Field(default=96, ge=8, description="side of a local crop in pixels")
-    local_scale: tuple[float, float] = Field(default=(0.05, 0.25), description="area of a local crop's box, fraction of the image")
-    aspect_ratio: tuple[float, float] = Field(default=(3 / 4, 4 / 3), description="width/height of a crop's box (log-uniform)")
+    local_scale: tuple[float, float] = Field(
+        default=(0.05, 0.25), description="area of a local crop's box, fraction of the image")
+    aspect_ratio: tuple[float, float] = Field(
+        default=(3 / 4, 4 / 3), description="width/height of a crop's box (log-uniform)")
     rotation: tuple[float, float] = Field(default=(-15.0, 15.0), description="rotation in degrees (uniform)")
-    scale_jitter: tuple[float, float] = Field(default=(0.9, 1.1), description="zoom of the box (log-uniform); > 1 shows more, outside the image filled with its minimum")
+    scale_jitter: tuple[float, float] = Field(
+        default=(0.9, 1.1),
+        description="zoom of the box (log-uniform); > 1 shows more, outside the image filled with its minimum")
     hflip_prob: float = Field(default=0.5, ge=0, le=1)
     vflip_prob: float = Field(default=0.0, ge=0, le=1, description="off by default: anatomy has an up and down")
-    ct_windows: list[tuple[float, float]] = Field(default_factory=lambda: list(DEFAULT_CT_WINDOWS), min_length=1, description="(level, width) in HU; one is picked per crop")
-    ct_window_jitter: float = Field(default=0.2, ge=0, description="level moves by up to this fraction of the width; width scales by up to exp(+-this)")
+    ct_windows: list[tuple[float, float]] = Field(
+        default_factory=lambda: list(DEFAULT_CT_WINDOWS), min_length=1,
+        description="(level, width) in HU; one is picked per crop")
+    ct_window_jitter: float = Field(
+        default=0.2, ge=0,
+        description="level moves by up to this fraction of the width; width scales by up to exp(+-this)")
     gamma_prob: float = Field(default=0.5, ge=0, le=1)
     gamma: tuple[float, float] = Field(default=(0.7, 1.5), description="gamma exponent (log-uniform)")
     contrast: float = Field(default=0.3, ge=0, lt=1, description="contrast factor in 1 +- this, about the crop's mean")
@@ -146,18 +180,31 @@ PRESETS = {
 class PretrainConfig(StrictModel):
     """Settings of ``medssl pretrain`` (see README, section "Pretrain")."""
 
-    shards: list[Location] = Field(default_factory=list, description="ingest output folders, local or s3://... (several are combined)")
-    out: Location | None = Field(default=None, description="run folder, local or s3://...: checkpoints, encoder, metrics")
+    shards: list[Location] = Field(
+        default_factory=list, description="ingest output folders, local or s3://... (several are combined)")
+    out: Location | None = Field(
+        default=None, description="run folder, local or s3://...: checkpoints, encoder, metrics")
     # model
-    backbone: str = Field(default="resnet18", description="timm backbone: resnet18, resnet50, densenet121, vit_small_patch16_224, ...")
-    init: str | None = Field(default=None, description="continue from weights instead of random ones: a weights file of `backbone` (.safetensors, or a PyTorch state dict .pt/.pth/.bin, read without unpickling; a 3-channel first layer is summed to 1 channel) or a medssl run folder; used at the start of a run, not on resume")
+    backbone: str = Field(
+        default="resnet18", description="timm backbone: resnet18, resnet50, densenet121, vit_small_patch16_224, ...")
+    init: str | None = Field(
+        default=None,
+        description="continue from weights instead of random ones: a weights file of `backbone` (.safetensors, or a "
+                    "PyTorch state dict .pt/.pth/.bin, read without unpickling; a 3-channel first layer is summed to 1 "
+                    "channel) or a medssl run folder; used at the start of a run, not on resume")
     proj_hidden: int = Field(default=2048, ge=1)
     proj_dim: int = Field(default=128, ge=1)
     n_prototypes: int = Field(default=3000, ge=2)
     # views
-    crops: Literal["cpu", "swav"] = Field(default="cpu", description="multi-crop preset: cpu = 2x96 + 4x48, swav = 2x224 + 6x96")
-    augment: dict[str, Any] = Field(default_factory=dict, description="overrides of the preset (fields of MultiCropConfig)")
-    crops_on: Literal["loader", "device"] = Field(default="loader", description="where the views are made: loader = per image in the DataLoader workers (fastest when training on CPU); device = batched on the training device before the forward, the workers only read and decode (pick it for GPU training)")
+    crops: Literal["cpu", "swav"] = Field(
+        default="cpu", description="multi-crop preset: cpu = 2x96 + 4x48, swav = 2x224 + 6x96")
+    augment: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the preset (fields of MultiCropConfig)")
+    crops_on: Literal["loader", "device"] = Field(
+        default="loader",
+        description="where the views are made: loader = per image in the DataLoader workers (fastest when training on "
+                    "CPU); device = batched on the training device before the forward, the workers only read and "
+                    "decode (pick it for GPU training)")
     # objective: w_cluster * L_swav + w_contrast * L_infonce
     w_cluster: float = Field(default=1.0, ge=0)
     w_contrast: float = Field(default=1.0, ge=0)
@@ -165,8 +212,10 @@ class PretrainConfig(StrictModel):
     nce_temperature: float = Field(default=0.1, gt=0)
     sinkhorn_epsilon: float = Field(default=0.05, gt=0)
     sinkhorn_iterations: int = Field(default=3, ge=1)
-    queue_length: int = Field(default=0, ge=0, description="feature queue length over all ranks, a multiple of their number (0: none)")
-    freeze_prototypes_steps: int = Field(default=100, ge=0, description="prototypes get no update for these first steps")
+    queue_length: int = Field(
+        default=0, ge=0, description="feature queue length over all ranks, a multiple of their number (0: none)")
+    freeze_prototypes_steps: int = Field(
+        default=100, ge=0, description="prototypes get no update for these first steps")
     # optimisation
     batch_size: int = Field(default=64, ge=1, description="per process")
     epochs: int = Field(default=10, ge=1)
@@ -179,13 +228,19 @@ class PretrainConfig(StrictModel):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     grad_clip: float | None = Field(default=3.0, gt=0, description="max gradient norm (None: no clipping)")
     max_bad_steps: int = Field(default=5, ge=1, description="stop after this many consecutive non-finite losses")
-    precision: Literal["auto", "bf16", "fp32"] = Field(default="auto", description="auto: bf16 autocast where the hardware has bf16 (GPUs that support it, CPUs with AVX512-BF16 or AMX), fp32 elsewhere")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto",
+        description="auto: bf16 autocast where the hardware has bf16 (GPUs that support it, CPUs with AVX512-BF16 or "
+                    "AMX), fp32 elsewhere")
     channels_last: bool = True
     # data and bookkeeping
     workers: int = Field(default=2, ge=0, description="DataLoader worker processes per training process")
     shuffle_buffer: int = Field(default=1000, ge=1)
     checkpoint_every: int = Field(default=500, ge=1, description="steps between checkpoints")
-    snapshot_every: int | None = Field(default=None, ge=1, description="also keep the encoder every this many steps in snapshots/step-NNNNNN/ (each a run folder that --init and `medssl probe` take), to see how pretraining length pays off")
+    snapshot_every: int | None = Field(
+        default=None, ge=1,
+        description="also keep the encoder every this many steps in snapshots/step-NNNNNN/ (each a run folder that "
+                    "--init and `medssl probe` take), to see how pretraining length pays off")
     log_every: int = Field(default=10, ge=1)
     seed: int = Field(default=0, ge=0)
     deterministic: bool = Field(default=False, description="deterministic kernels (exact resume, slower)")
@@ -238,54 +293,108 @@ class FinetuneConfig(StrictModel):
     """Settings of ``medssl finetune`` (see README, section "Downstream")."""
 
     task: Path | None = Field(default=None, description="task CSV: path,label[,split][,group]")
-    init: str = Field(default="scratch", description="a `medssl pretrain` run folder, a weights file of `backbone` (.safetensors, or a PyTorch state dict .pt/.pth/.bin, read without unpickling), or scratch (random weights)")
-    mode: Literal["knn", "linear", "finetune", "hybrid"] = Field(default="finetune", description="knn: frozen encoder, weighted votes of the k nearest labeled images; linear: frozen encoder + linear head (probe_lrs swept on validation); finetune: train everything; hybrid: finetune + ssl_weight x self-supervised loss on all training images")
-    label_fraction: float = Field(default=1.0, gt=0, le=1, description="fraction of the labeled training images used (stratified, seeded)")
+    init: str = Field(
+        default="scratch",
+        description="a `medssl pretrain` run folder, a weights file of `backbone` (.safetensors, or a PyTorch state "
+                    "dict .pt/.pth/.bin, read without unpickling), or scratch (random weights)")
+    mode: Literal["knn", "linear", "finetune", "hybrid"] = Field(
+        default="finetune",
+        description="knn: frozen encoder, weighted votes of the k nearest labeled images; linear: frozen encoder + "
+                    "linear head (probe_lrs swept on validation); finetune: train everything; hybrid: finetune + "
+                    "ssl_weight x self-supervised loss on all training images")
+    label_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="fraction of the labeled training images used (stratified, seeded)")
     seed: int = Field(default=0, ge=0, description="seed of initialisation, label subset, batch order and augmentation")
     out: Path | None = Field(default=None, description="output folder: metrics.json, best.pt, test_predictions.csv")
     # the task and its images
-    task_type: Literal["auto", "binary", "multiclass", "multilabel"] = Field(default="auto", description="auto: multilabel if a label holds '|', else binary (2 classes) or multiclass")
-    positive_class: str | None = Field(default=None, description="binary tasks: the positive class (default: the second in sorted order)")
-    input_size: int = Field(default=224, ge=8, description="images are resized (aspect kept, padded) to input_size x input_size")
-    ct_window: tuple[float, float] = Field(default=(40.0, 400.0), description="(level, width) in HU through which CT images reach the encoder; default soft tissue, e.g. [40, 80] for brain")
-    percentiles: tuple[float, float] = Field(default=(0.5, 99.5), description="robust range mapped to [0, 1] for MR and images without a defined intensity scale (as in ingest)")
+    task_type: Literal["auto", "binary", "multiclass", "multilabel"] = Field(
+        default="auto", description="auto: multilabel if a label holds '|', else binary (2 classes) or multiclass")
+    positive_class: str | None = Field(
+        default=None, description="binary tasks: the positive class (default: the second in sorted order)")
+    input_size: int = Field(
+        default=224, ge=8, description="images are resized (aspect kept, padded) to input_size x input_size")
+    ct_window: tuple[float, float] = Field(
+        default=(40.0, 400.0),
+        description="(level, width) in HU through which CT images reach the encoder; default soft tissue, e.g. [40, "
+                    "80] for brain")
+    percentiles: tuple[float, float] = Field(
+        default=(0.5, 99.5),
+        description="robust range mapped to [0, 1] for MR and images without a defined intensity scale (as in ingest)")
     nifti_modality: str = Field(default="auto", description="modality of NIfTI files (as in ingest)")
     raster_modality: str = Field(default="OT", description="modality of PNG/JPEG/TIFF files (as in ingest)")
-    val_fraction: float = Field(default=0.15, gt=0, lt=1, description="share of the training images carved out for validation when the CSV has no val split")
-    test_fraction: float = Field(default=0.15, gt=0, lt=1, description="share of the training images carved out for testing when the CSV has no test split")
-    split_seed: int = Field(default=0, ge=0, description="seed of the carve-out; separate from seed so that every run of a comparison shares one test set")
-    skip_bad: bool = Field(default=False, description="drop missing or unreadable images (listed in metrics.json) instead of stopping")
-    max_memory_mb: int = Field(default=4096, ge=64, description="memory budget of the image decode worker (as in ingest): larger images are rejected (too_large)")
-    file_timeout_s: float = Field(default=300.0, gt=0, description="seconds one image may take to decode (as in ingest); then it is rejected (timeout)")
+    val_fraction: float = Field(
+        default=0.15, gt=0, lt=1,
+        description="share of the training images carved out for validation when the CSV has no val split")
+    test_fraction: float = Field(
+        default=0.15, gt=0, lt=1,
+        description="share of the training images carved out for testing when the CSV has no test split")
+    split_seed: int = Field(
+        default=0, ge=0,
+        description="seed of the carve-out; separate from seed so that every run of a comparison shares one test set")
+    skip_bad: bool = Field(
+        default=False, description="drop missing or unreadable images (listed in metrics.json) instead of stopping")
+    max_memory_mb: int = Field(
+        default=4096, ge=64,
+        description="memory budget of the image decode worker (as in ingest): larger images are rejected (too_large)")
+    file_timeout_s: float = Field(
+        default=300.0, gt=0,
+        description="seconds one image may take to decode (as in ingest); then it is rejected (timeout)")
     # model
-    backbone: str = Field(default="resnet18", description="timm backbone for --init scratch or a weights file (a run folder brings its own)")
-    scratch_ssl: settings_of(PretrainConfig) = Field(default_factory=dict, description="scratch + hybrid: pretrain settings (proj_dim, n_prototypes, w_contrast, crops, ...) for the fresh heads, loss and views; default pretrain's defaults")
+    backbone: str = Field(
+        default="resnet18",
+        description="timm backbone for --init scratch or a weights file (a run folder brings its own)")
+    scratch_ssl: settings_of(PretrainConfig) = Field(
+        default_factory=dict,
+        description="scratch + hybrid: pretrain settings (proj_dim, n_prototypes, w_contrast, crops, ...) for the "
+                    "fresh heads, loss and views; default pretrain's defaults")
     # optimisation
     epochs: int = Field(default=20, ge=1)
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many steps (default: epochs)")
     batch_size: int = Field(default=32, ge=2, description="labeled images per step")
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(default=1e-4, gt=0, description="learning rate of the encoder (and, in hybrid mode, of the SSL heads)")
+    lr: float = Field(
+        default=1e-4, gt=0, description="learning rate of the encoder (and, in hybrid mode, of the SSL heads)")
     head_lr: float = Field(default=1e-3, gt=0, description="learning rate of the new classification head")
-    probe_lrs: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1], description="linear mode: head learning rates tried, the best on validation kept ([]: head_lr alone)")
+    probe_lrs: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1],
+        description="linear mode: head learning rates tried, the best on validation kept ([]: head_lr alone)")
     knn_k: int = Field(default=20, ge=1, description="knn mode: neighbours that vote (at most the labeled images)")
-    knn_temperature: float = Field(default=0.07, gt=0, description="knn mode: votes weigh exp(cosine similarity / this), as in DINO")
-    layer_decay: float | None = Field(default=None, gt=0, le=1, description="layer-wise lr decay of the encoder, e.g. 0.75: each block down gets this factor (None: off)")
+    knn_temperature: float = Field(
+        default=0.07, gt=0, description="knn mode: votes weigh exp(cosine similarity / this), as in DINO")
+    layer_decay: float | None = Field(
+        default=None, gt=0, le=1,
+        description="layer-wise lr decay of the encoder, e.g. 0.75: each block down gets this factor (None: off)")
     weight_decay: float = Field(default=1e-4, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
     warmup_steps: int = Field(default=0, ge=0, description="linear warm-up, then cosine decay to 0")
-    patience: int | None = Field(default=None, ge=1, description="early stopping: stop after this many epochs without a better validation AUC")
-    train_augment: bool = Field(default=True, description="random crop/rotation/flip/intensity changes of the labeled images (not in linear mode)")
-    augment: dict[str, Any] = Field(default_factory=dict, description="overrides of the fine-tuning augmentation (fields of MultiCropConfig)")
+    patience: int | None = Field(
+        default=None, ge=1, description="early stopping: stop after this many epochs without a better validation AUC")
+    train_augment: bool = Field(
+        default=True,
+        description="random crop/rotation/flip/intensity changes of the labeled images (not in linear mode)")
+    augment: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the fine-tuning augmentation (fields of MultiCropConfig)")
     # hybrid regime
-    ssl_weight: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(default=HYBRID_SSL_WEIGHT, description="hybrid: weight of the self-supervised term relative to the supervised loss (see ssl_scale); auto: each of ssl_weight_grid is trained, the best on validation kept")
-    ssl_weight_grid: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [0.1, 0.3, 1.0], min_length=1, description="hybrid, ssl_weight auto: the weights tried")
-    ssl_scale: Literal["start", "none"] = Field(default="start", description="hybrid: start: the self-supervised loss is scaled by (supervised / self-supervised loss) at the first step, so that ssl_weight 1 starts both terms equal whatever their units; none: raw")
-    ssl_batch_size: int = Field(default=16, ge=2, description="hybrid: images (labeled and unlabeled) per step for the self-supervised loss")
-    ssl_augment: dict[str, Any] = Field(default_factory=dict, description="hybrid: overrides of the multi-crop views (default: the pretraining run's views)")
+    ssl_weight: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        default=HYBRID_SSL_WEIGHT,
+        description="hybrid: weight of the self-supervised term relative to the supervised loss (see ssl_scale); auto: "
+                    "each of ssl_weight_grid is trained, the best on validation kept")
+    ssl_weight_grid: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [0.1, 0.3, 1.0], min_length=1, description="hybrid, ssl_weight auto: the weights tried")
+    ssl_scale: Literal["start", "none"] = Field(
+        default="start",
+        description="hybrid: start: the self-supervised loss is scaled by (supervised / self-supervised loss) at the "
+                    "first step, so that ssl_weight 1 starts both terms equal whatever their units; none: raw")
+    ssl_batch_size: int = Field(
+        default=16, ge=2, description="hybrid: images (labeled and unlabeled) per step for the self-supervised loss")
+    ssl_augment: dict[str, Any] = Field(
+        default_factory=dict,
+        description="hybrid: overrides of the multi-crop views (default: the pretraining run's views)")
     # evaluation and convergence
-    target_auc: float | None = Field(default=None, gt=0, le=1, description="report the first step whose validation AUC reaches this")
-    target_from: Path | None = Field(default=None, description="take target_auc from another finetune output folder: its best validation AUC")
+    target_auc: float | None = Field(
+        default=None, gt=0, le=1, description="report the first step whose validation AUC reaches this")
+    target_from: Path | None = Field(
+        default=None, description="take target_auc from another finetune output folder: its best validation AUC")
     bootstrap: int = Field(default=1000, ge=10, description="bootstrap resamples of the test AUC's 95% interval")
     eval_batch_size: int = Field(default=64, ge=1)
     device: str = Field(default="auto", description="auto, cpu or cuda")
@@ -330,7 +439,8 @@ class FinetuneConfig(StrictModel):
         if self.target_auc is not None and self.target_from is not None:
             raise ValueError("give target_auc or target_from, not both")
         if self.val_fraction + self.test_fraction >= 0.9:
-            raise ValueError(f"val_fraction + test_fraction leaves (almost) no training images: {self.val_fraction} + {self.test_fraction}")
+            raise ValueError("val_fraction + test_fraction leaves (almost) no training images: "
+                             f"{self.val_fraction} + {self.test_fraction}")
         return self
 
     def finetune_augment(self):
@@ -405,10 +515,17 @@ def dump_config(cfg: BaseModel) -> dict[str, Any]:
 class CurateConfig(StrictModel):
     """Settings of ``medssl curate`` (see README, section "Curate")."""
 
-    shards: list[Location] = Field(default_factory=list, description="ingest output folders to curate, local or s3://...")
-    out: Path | None = Field(default=None, description="output folder: a new dataset of the kept samples, its manifest, drops.jsonl and report")
-    threshold: int = Field(default=4, ge=0, le=11, description="two images whose 64-bit perceptual hashes differ in at most this many bits are near-identical: the later one is dropped (0: identical hashes only)")
-    ct_window: tuple[float, float] = Field(default=(40.0, 400.0), description="(level, width) in HU through which CT is hashed (as displayed)")
+    shards: list[Location] = Field(
+        default_factory=list, description="ingest output folders to curate, local or s3://...")
+    out: Path | None = Field(
+        default=None,
+        description="output folder: a new dataset of the kept samples, its manifest, drops.jsonl and report")
+    threshold: int = Field(
+        default=4, ge=0, le=11,
+        description="two images whose 64-bit perceptual hashes differ in at most this many bits are near-identical: "
+                    "the later one is dropped (0: identical hashes only)")
+    ct_window: tuple[float, float] = Field(
+        default=(40.0, 400.0), description="(level, width) in HU through which CT is hashed (as displayed)")
 
     @field_validator("ct_window")
     @classmethod
@@ -423,17 +540,24 @@ class BenchTask(StrictModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="folder name of the task's runs")
     csv: Path = Field(description="task CSV (paths in it are relative to its folder)")
-    relabel: dict[str, str] = Field(default_factory=dict, description="class -> new class, e.g. to merge tumour types into one 'tumour' class for a binary view")
-    settings: settings_of(FinetuneConfig) = Field(default_factory=dict, description="FinetuneConfig settings for this task only, e.g. ct_window")
+    relabel: dict[str, str] = Field(
+        default_factory=dict,
+        description="class -> new class, e.g. to merge tumour types into one 'tumour' class for a binary view")
+    settings: settings_of(FinetuneConfig) = Field(
+        default_factory=dict, description="FinetuneConfig settings for this task only, e.g. ct_window")
 
 
 class BenchArm(StrictModel):
     """One way of training a task's classifier: where the encoder starts and how it is trained."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    init: str = Field(description="scratch: random weights; ssl: the bench's pretraining run; or a path: a weights file or another run folder (an encoder to compare with)")
+    init: str = Field(
+        description="scratch: random weights; ssl: the bench's pretraining run; or a path: a weights file or another "
+                    "run folder (an encoder to compare with)")
     mode: Literal["knn", "linear", "finetune", "hybrid"]
-    settings: settings_of(FinetuneConfig) = Field(default_factory=dict, description="FinetuneConfig settings for this arm only, e.g. ssl_weight: 0.1 (win over the task's)")
+    settings: settings_of(FinetuneConfig) = Field(
+        default_factory=dict,
+        description="FinetuneConfig settings for this arm only, e.g. ssl_weight: 0.1 (win over the task's)")
 
 
 def _default_arms() -> list[BenchArm]:
@@ -445,20 +569,33 @@ def _default_arms() -> list[BenchArm]:
 class BenchConfig(StrictModel):
     """Settings of ``medssl bench`` (see README, section "Bench")."""
 
-    out: Path | None = Field(default=None, description="bench folder: tasks, pool shards, pretraining run, runs, results")
+    out: Path | None = Field(
+        default=None, description="bench folder: tasks, pool shards, pretraining run, runs, results")
     tasks: list[BenchTask] = Field(default_factory=list, description="labeled tasks")
-    unlabeled: list[Path] = Field(default_factory=list, description="extra folders/files for the pretraining pool (their copies of any task's val/test images are left out)")
-    ingest: settings_of(IngestConfig) = Field(default_factory=dict, description="IngestConfig settings for the pretraining pool")
-    pretrain: settings_of(PretrainConfig) = Field(default_factory=dict, description="PretrainConfig settings of the pretraining run")
-    curate: settings_of(CurateConfig) | None = Field(default=None, description="CurateConfig settings (threshold, ct_window): drop near-duplicate slices of the pool before pretraining (none: pretrain on every pooled slice)")
-    finetune: settings_of(FinetuneConfig) = Field(default_factory=dict, description="FinetuneConfig settings of every downstream run")
+    unlabeled: list[Path] = Field(
+        default_factory=list,
+        description="extra folders/files for the pretraining pool (their copies of any task's val/test images are left "
+                    "out)")
+    ingest: settings_of(IngestConfig) = Field(
+        default_factory=dict, description="IngestConfig settings for the pretraining pool")
+    pretrain: settings_of(PretrainConfig) = Field(
+        default_factory=dict, description="PretrainConfig settings of the pretraining run")
+    curate: settings_of(CurateConfig) | None = Field(
+        default=None,
+        description="CurateConfig settings (threshold, ct_window): drop near-duplicate slices of the pool before "
+                    "pretraining (none: pretrain on every pooled slice)")
+    finetune: settings_of(FinetuneConfig) = Field(
+        default_factory=dict, description="FinetuneConfig settings of every downstream run")
     arms: list[BenchArm] = Field(default_factory=_default_arms, min_length=1)
     label_fractions: list[float] = Field(default_factory=lambda: [0.1, 1.0], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    robustness_fractions: list[float] = Field(default_factory=lambda: [1.0], description="label fractions whose runs get the robustness sweep ([] for none)")
-    robustness_levels: dict[str, list[float]] = Field(default_factory=dict, description="sweep -> levels, overriding the defaults")
+    robustness_fractions: list[float] = Field(
+        default_factory=lambda: [1.0], description="label fractions whose runs get the robustness sweep ([] for none)")
+    robustness_levels: dict[str, list[float]] = Field(
+        default_factory=dict, description="sweep -> levels, overriding the defaults")
     workers: int = Field(default=2, ge=1, description="downstream runs in parallel, one process each")
-    threads_per_worker: int = Field(default=1, ge=1, description="torch threads of each run process (workers x threads <= cores)")
+    threads_per_worker: int = Field(
+        default=1, ge=1, description="torch threads of each run process (workers x threads <= cores)")
 
     @field_validator("label_fractions", "robustness_fractions")
     @classmethod
@@ -481,7 +618,8 @@ class BenchConfig(StrictModel):
         if not any(a.init == "scratch" for a in self.arms):
             raise ValueError("a bench compares against training from scratch: add an arm with init: scratch")
         reserved = {"task", "init", "mode", "label_fraction", "seed", "out", "target_auc", "target_from"}
-        for where, settings in ([("finetune", self.finetune)] + [(f"tasks.{t.name}.settings", t.settings) for t in self.tasks]
+        for where, settings in ([("finetune", self.finetune)]
+                                + [(f"tasks.{t.name}.settings", t.settings) for t in self.tasks]
                                 + [(f"arms.{a.name}.settings", a.settings) for a in self.arms]):
             clash = sorted(reserved & set(settings))
             if clash:
