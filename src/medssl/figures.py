@@ -16,7 +16,8 @@ def colours_for(names: list[str]) -> dict[str, str]:
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
 
 
-def panel_figure(panels: int, height: float = 3.6, width: float = 10.0, columns: int | None = None) -> tuple[Figure, list]:
+def panel_figure(panels: int, height: float = 3.6, width: float = 10.0,
+                 columns: int | None = None) -> tuple[Figure, list]:
     """A figure of ``panels`` axes, at most ``columns`` per row (default: one row); height and width per row."""
     cols = min(panels, columns or panels)
     rows = -(-panels // cols)

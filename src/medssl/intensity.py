@@ -81,7 +81,8 @@ def _display_scale(source: SourceImage, frame: Frame, values: np.ndarray, percen
     return out
 
 
-def map_frame(source: SourceImage, frame: Frame, percentiles: tuple[float, float]) -> tuple[np.ndarray, Intensity] | None:
+def map_frame(source: SourceImage, frame: Frame,
+              percentiles: tuple[float, float]) -> tuple[np.ndarray, Intensity] | None:
     """Map one frame to float32 values in the modality's convention; None if the frame is empty (constant)."""
     values = frame.pixels
     steps: list[str] = []

@@ -31,7 +31,8 @@ def _cpuinfo() -> dict[str, str]:
 
 def _ram_gib() -> float | None:
     try:
-        kib = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+        kib = next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal"))
     except (OSError, StopIteration):
         return None
     return round(int(kib) / 2**20, 1)

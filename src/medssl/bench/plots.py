@@ -41,7 +41,8 @@ def convergence(cfg: BenchConfig, task: str, results: list[RunResult], path: Pat
     for ax, fraction in zip(axes, fractions):
         for arm in (a for a in cfg.arms if a.mode not in FROZEN_MODES):
             runs = [r for r in results if r.spec.arm == arm.name and r.spec.label_fraction == fraction]
-            curves = [[(h["step"], h["val_auc"]) for h in r.metrics["history"] if h["val_auc"] is not None] for r in runs]
+            curves = [[(h["step"], h["val_auc"]) for h in r.metrics["history"] if h["val_auc"] is not None]
+                      for r in runs]
             for curve in curves:
                 ax.plot(*zip(*curve), alpha=0.25, linewidth=0.8, **_style(cfg, arm.name))
             length = min((len(c) for c in curves), default=0)

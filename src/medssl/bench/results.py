@@ -143,9 +143,9 @@ def _f(value: float | None, digits: int = 3, sign: bool = False) -> str:
 
 ACCURACY_LEGEND = ("Test AUC: mean ± sd over seeds [mean bootstrap 95% interval]; runs without a test AUC (non-finite "
                    "test scores) are left out of it and of Δ (scored/seeds), \"diverged\" or \"n/a\" if none has one; "
-                   "Δ: against the scratch baseline, paired by seed (seeds better); steps saved: 1 - (first step reaching "
-                   "the baseline's best validation AUC) / (step of the baseline's best), mean over the seeds that reached "
-                   "it (reached/seeds).")
+                   "Δ: against the scratch baseline, paired by seed (seeds better); steps saved: 1 - (first step "
+                   "reaching the baseline's best validation AUC) / (step of the baseline's best), mean over the seeds "
+                   "that reached it (reached/seeds).")
 ROBUSTNESS_LEGEND = ("AUC drop from clean at each sweep's worst level (mean over seeds; the level in brackets; "
                      "\"no drop\": no level lowered the AUC).")
 
@@ -192,8 +192,9 @@ def run_notes(summary: dict) -> list[str]:
         for seed, auc, diverged in zip(row["seeds"], row["test_auc"], _diverged(row)):
             run = f"{row['task']} / {row['arm']} / labels {row['label_fraction']:g} / seed {seed}"
             if diverged is not None:
-                notes.append(f"{run}: training diverged after step {diverged['after_step']} (epoch {diverged['epoch']}: "
-                             f"non-finite {diverged['what']}); reported from its best evaluation before it.")
+                notes.append(f"{run}: training diverged after step {diverged['after_step']} "
+                             f"(epoch {diverged['epoch']}: non-finite {diverged['what']}); reported from its best "
+                             "evaluation before it.")
             if auc is None:
                 notes.append(f"{run}: no test AUC (its best classifier's test scores are not finite); left out of the "
                              "means and of Δ vs scratch.")
@@ -201,12 +202,14 @@ def run_notes(summary: dict) -> list[str]:
 
 
 def accuracy_table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    headers = ["task", "arm", "labels", "train images", "test AUC", "Δ vs scratch", "steps saved", "steps (best / run)"]
+    headers = ["task", "arm", "labels", "train images", "test AUC", "Δ vs scratch", "steps saved",
+               "steps (best / run)"]
     rows = []
     for r in summary["rows"]:
         auc = _auc_cell(r)
         is_base = r["arm"] == r["baseline"]
-        diff = "baseline" if is_base else f"{_f(r['auc_diff_mean'], sign=True)} ({r['seeds_better']}/{len(r['auc_diff'])})"
+        diff = ("baseline" if is_base
+                else f"{_f(r['auc_diff_mean'], sign=True)} ({r['seeds_better']}/{len(r['auc_diff'])})")
         if is_base or r["mode"] in FROZEN_MODES:
             saved = "—"
         elif r["steps_saved_mean"] is None:

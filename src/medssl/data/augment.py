@@ -296,7 +296,8 @@ def affine_grid(theta: Tensor, size: int) -> Tensor:
     An affine map of a pixel grid is a row term plus a column term: two small outer sums instead
     of affine_grid's batched matmul with an inner dimension of 3, which is ~8x slower on CPU.
     """
-    centres = (torch.arange(size, dtype=torch.float32, device=theta.device) * 2 + 1) / size - 1  # pixel centres in [-1, 1]
+    # pixel centres in [-1, 1]
+    centres = (torch.arange(size, dtype=torch.float32, device=theta.device) * 2 + 1) / size - 1
     t = theta.unsqueeze(-1)  # (n, 2 outputs, 3 coefficients, 1)
     grid = t[:, :, 0:1] * centres.view(1, 1, 1, -1) + (t[:, :, 1:2] * centres.view(1, 1, -1, 1) + t[:, :, 2:3])
     return grid.permute(0, 2, 3, 1)  # (n, size, size, xy); grid_sample reads the strided view as fast

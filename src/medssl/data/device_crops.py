@@ -66,7 +66,8 @@ class DeviceMultiCrop:
             check_semantics(s)
         shapes = np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
         if (shapes < 1).any() or (shapes > values.shape[1:]).any():
-            raise ValueError(f"image shapes must lie within the canvas {tuple(values.shape[1:])}, got {shapes.tolist()}")
+            raise ValueError(f"image shapes must lie within the canvas {tuple(values.shape[1:])}, "
+                             f"got {shapes.tolist()}")
         uniforms = np.stack([self.crop.uniforms(g) for g in generators])
         params = self.crop.draw(uniforms, shapes)
         atlas = _Atlas(values, shapes, top_level=max(int(p.level.max()) for p in params))
@@ -95,7 +96,8 @@ class DeviceMultiCrop:
 
 def _batch_seed(seeds: Sequence[int]) -> int:
     """One seed from the batch's per-image seeds, for its noise: the same batch gets the same noise."""
-    return int.from_bytes(hashlib.blake2b(np.asarray(seeds, dtype=np.uint64).tobytes(), digest_size=8).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(np.asarray(seeds, dtype=np.uint64).tobytes(), digest_size=8).digest(),
+                          "little")
 
 
 class _Atlas:
@@ -117,7 +119,8 @@ class _Atlas:
                 h, w = level.shape[1] // 2, level.shape[2] // 2
                 top = level[:, : 2 * h, : 2 * w]
                 rows = top[:, 0::2] + top[:, 1::2]  # summed as the per-image pyramid sums them
-                level = ((rows[:, :, 0::2] + rows[:, :, 1::2]) * 0.25).masked_fill_(~self._inside(extent >> k, h, w), 0.0)
+                level = ((rows[:, :, 0::2] + rows[:, :, 1::2]) * 0.25).masked_fill_(
+                    ~self._inside(extent >> k, h, w), 0.0)
             x0 = int(self.origins[k])
             self.atlas[:, 0, _GAP:_GAP + level.shape[1], x0:x0 + level.shape[2]] = level
 

@@ -312,7 +312,8 @@ class ShardStream(IterableDataset):
         self.samples_per_rank = rank_samples(self.total, self.world_size, batch_size)
         if self.samples_per_rank == 0:
             raise ValueError(f"{self.total} samples in {', '.join(map(str, self.roots))} cannot fill one batch of "
-                             f"{batch_size} on each of {self.world_size} ranks; ingest more data or use smaller batches")
+                             f"{batch_size} on each of {self.world_size} ranks; ingest more data or use smaller "
+                             "batches")
         self.epoch = 0
         self.consumed = 0  # samples of this rank handed out in this epoch (counted by ShardLoader)
 

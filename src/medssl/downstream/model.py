@@ -123,14 +123,16 @@ def _plain_groups(module: nn.Module, weight_decay: float, lr: float) -> list[dic
 
 
 def optimizer_groups(nets: Networks, cfg: FinetuneConfig) -> list[dict]:
-    """Parameter groups with their ``base_lr``: encoder (``lr``, with layer decay), SSL heads (``lr``), head (``head_lr``)."""
+    """Parameter groups with their ``base_lr``: encoder (``lr``, with layer decay), SSL heads (``lr``), head
+    (``head_lr``)."""
     groups = []
     if cfg.mode != "linear":
         backbone = nets.classifier.backbone
         if cfg.layer_decay is not None:
             # timm's BEiT-style grouping: the block nearest the head gets lr * decay, each block below one more factor.
             for g in param_groups_layer_decay(backbone, cfg.weight_decay, layer_decay=cfg.layer_decay):
-                groups.append({"params": g["params"], "weight_decay": g["weight_decay"], "base_lr": cfg.lr * g["lr_scale"]})
+                groups.append({"params": g["params"], "weight_decay": g["weight_decay"],
+                               "base_lr": cfg.lr * g["lr_scale"]})
         else:
             groups += _plain_groups(backbone, cfg.weight_decay, cfg.lr)
         if nets.ssl is not None:

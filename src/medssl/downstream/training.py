@@ -260,8 +260,9 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
     nets = ft.nets
     record_base = {"kind": task.table.kind, "outputs": task.table.outputs, "classes": task.table.classes,
                    "config": dump_config(cfg),
-                   "preprocess": {k: task.settings[k] for k in ("input_size", "percentiles", "nifti_modality",
-                                                                 "raster_modality")} | {"ct_window": list(cfg.ct_window)}}
+                   "preprocess": {k: task.settings[k]
+                                  for k in ("input_size", "percentiles", "nifti_modality", "raster_modality")}
+                                 | {"ct_window": list(cfg.ct_window)}}
     history: list[dict] = []
     best = {"val_auc": -math.inf}
     epoch, stale, stopped_early = 0, 0, False
@@ -296,7 +297,8 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
         entry = {"epoch": epoch, "step": ft.step, "train_loss": sums["train_loss"] / n_steps, "val_auc": val_auc,
                  "elapsed_s": round(time.perf_counter() - t0, 3)}
         if nets.ssl is not None:
-            entry |= {"train_sup_loss": sums["train_sup_loss"] / n_steps, "train_ssl_loss": sums["train_ssl_loss"] / n_steps}
+            entry |= {"train_sup_loss": sums["train_sup_loss"] / n_steps,
+                      "train_ssl_loss": sums["train_ssl_loss"] / n_steps}
         history.append(entry)
         if val_auc is not None and val_auc > best["val_auc"]:
             best = {"val_auc": val_auc, "epoch": epoch, "step": ft.step}

@@ -68,7 +68,8 @@ class SeenContent:
         try:
             self._db = sqlite3.connect(path, timeout=60, isolation_level=None)  # autocommit: one upsert each
             self._db.execute("PRAGMA synchronous=OFF")  # a cache: a crash may lose it
-            self._db.execute("CREATE TABLE IF NOT EXISTS seen (sha256 TEXT PRIMARY KEY, idx INTEGER NOT NULL) WITHOUT ROWID")
+            self._db.execute("CREATE TABLE IF NOT EXISTS seen (sha256 TEXT PRIMARY KEY, idx INTEGER NOT NULL) "
+                             "WITHOUT ROWID")
             if content_db is not None and Path(content_db).exists():
                 self._content = sqlite3.connect(f"file:{content_db}?mode=ro", uri=True, timeout=60)
         except sqlite3.Error:

@@ -178,7 +178,8 @@ def _process_file(task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome
                     max_memory_bytes=cfg.max_memory_mb << 20)
     src = None
     try:
-        src = read_image(_fetched.get(task.path, task.path), limits, cfg.planes, cfg.slice_stride, cfg.nifti_modality, cfg.raster_modality)
+        src = read_image(_fetched.get(task.path, task.path), limits, cfg.planes, cfg.slice_stride,
+                         cfg.nifti_modality, cfg.raster_modality)
         samples, empty = _samples(task, src, cfg, salt)
         return FileOutcome("ingested", format=src.format, modality=src.modality, samples=samples, empty_frames=empty)
     except Rejected as r:

@@ -42,7 +42,8 @@ from medssl.privacy import keyed_hash
 PLAN_VERSION = 2
 # Settings that change what a work unit writes; every generation of a dataset uses the same ones.
 PROCESSING_KEYS = ("inputs", "files_per_chunk", "mix_units", "samples_per_shard", "max_side", "planes", "slice_stride",
-                   "max_pixels", "max_frame_side", "max_memory_mb", "percentiles", "nifti_modality", "raster_modality", "redact_paths")
+                   "max_pixels", "max_frame_side", "max_memory_mb", "percentiles", "nifti_modality", "raster_modality",
+                   "redact_paths")
 
 
 @dataclass
@@ -95,7 +96,8 @@ class DatasetPlan:
 
     def save(self, out: Path) -> None:
         body = {"version": PLAN_VERSION, "settings": self.settings, "roots": self.roots,
-                "paths_dropped": self.paths_dropped, "dataset_id": self.dataset_id, "generations": [asdict(g) for g in self.generations]}
+                "paths_dropped": self.paths_dropped, "dataset_id": self.dataset_id,
+                "generations": [asdict(g) for g in self.generations]}
         atomic_write_text(state_path(out), json.dumps(body, indent=1))
 
 
@@ -212,7 +214,8 @@ def planned_units(plan: DatasetPlan, out: Path, min_units: int = 1) -> Iterator[
         units = -(-count // size)
         n = min(count, -(-units // min_units) * min_units)  # a multiple of the workers: no idle tail
         for j in range(n):
-            save_unit(out, Unit(chunk + j, list(range(index + j, index + count, n)), block[j::n], (chunk, n, block[-1])))
+            save_unit(out, Unit(chunk + j, list(range(index + j, index + count, n)), block[j::n],
+                                (chunk, n, block[-1])))
         del block
         for j in range(n):
             yield load_unit(out, chunk + j)

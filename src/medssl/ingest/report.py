@@ -118,7 +118,8 @@ def finalize(out: str | Path, plan: DatasetPlan, stats: RunStats, content_db: Pa
         raise RuntimeError(f"the manifest has {rows_seen} rows for the {gen.files} files planned in this run; "
                            "rerun the command to repair")
 
-    shards = index["shards"] + [{"name": n, "samples": new_shards[n], "bytes": storage.size(storage.join(out, "shards", n))}
+    shards = index["shards"] + [{"name": n, "samples": new_shards[n],
+                                 "bytes": storage.size(storage.join(out, "shards", n))}
                                 for n in sorted(new_shards)]
     samples = sum(s["samples"] for s in shards)
     # The index is what readers see: replaced in one step, listing only finished shards.

@@ -155,7 +155,8 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path
             bar.update(summary.files)
             bar.set_postfix(images=n_samples)
     stats = RunStats(time.perf_counter() - start, n_files, n_samples, cfg.workers, cfg.engine, resumed,
-                     cfg.max_memory_mb, cfg.file_timeout_s, bytes_read, faults, peak_rss, worker_cpu, storage_read, mode)
+                     cfg.max_memory_mb, cfg.file_timeout_s, bytes_read, faults, peak_rss, worker_cpu, storage_read,
+                     mode)
     report = finalize(out, plan, stats, local / "content.sqlite")
     for suffix in ("", "-wal", "-shm"):  # content.sqlite now holds what the cache knew
         Path(f"{seen_db}{suffix}").unlink(missing_ok=True)

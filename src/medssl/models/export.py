@@ -34,7 +34,8 @@ def save_encoder(run_dir: str | Path, backbone: nn.Module, card: dict[str, Any])
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     with atomic_open(storage.join(run_dir, ENCODER_FILE), "wb") as f:
         f.write(save(state))
-    atomic_write_text(storage.join(run_dir, CARD_FILE), json.dumps({"intensity": INTENSITY_CONVENTION, **card}, indent=1))
+    atomic_write_text(storage.join(run_dir, CARD_FILE),
+                      json.dumps({"intensity": INTENSITY_CONVENTION, **card}, indent=1))
     return storage.join(run_dir, ENCODER_FILE)
 
 

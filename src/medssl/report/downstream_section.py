@@ -78,7 +78,8 @@ def _runs_table(runs: list[DownstreamRun]) -> str:
         m = r.metrics
         steps = m.get("steps_to_target")
         reached = "—" if m.get("target_auc") is None else ("never" if steps is None else steps)
-        rows.append([r.name, r.init, r.mode, f"{r.label_fraction:g}", m.get("seed", m.get("config", {}).get("seed", "—")),
+        rows.append([r.name, r.init, r.mode, f"{r.label_fraction:g}",
+                     m.get("seed", m.get("config", {}).get("seed", "—")),
                      _auc(r.test_auc), "—" if r.test_auc_ci is None else "{:.3f}–{:.3f}".format(*r.test_auc_ci),
                      _auc(m.get("best_val_auc")), reached])
     return html.table(["run", "init", "mode", "label fraction", "seed", "test AUC", "95% interval", "best val AUC",

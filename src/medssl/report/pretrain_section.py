@@ -96,7 +96,8 @@ def _embedding(run: PretrainRun, ingests: list[IngestOutput], labels: TaskLabels
     try:
         coords, method = project_2d(encode(run.path, samples))
     except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:  # a damaged or foreign encoder file
-        return blocks + [html.missing(f"Embedding map omitted: the encoder could not be used ({type(e).__name__}: {e}).")]
+        return blocks + [html.missing("Embedding map omitted: the encoder could not be used "
+                                      f"({type(e).__name__}: {e}).")]
     colourings = [("modality", [s.modality for s in samples])]
     level, width = CT_WINDOW
     caption = (f"{len(samples)} shard images through this run's encoder (CT through window level {level:g} width "
@@ -104,6 +105,7 @@ def _embedding(run: PretrainRun, ingests: list[IngestOutput], labels: TaskLabels
                f"by {method}. Nearby points are images the encoder finds similar.")
     if by_label:
         colourings.append(("task label", [s.group for s in samples]))
-        caption += f" Labels from {labels.csv}, matched by file content; every image of a labeled file carries its label."
+        caption += (f" Labels from {labels.csv}, matched by file content; every image of a labeled file carries its "
+                    "label.")
     blocks.append(html.figure(plots.embedding_map(coords, colourings, method), caption, "embedding map"))
     return blocks
