@@ -64,7 +64,8 @@ def tiny_shards(tmp_path_factory) -> Path:
             Image.fromarray(np.clip(60 + 150 * blob + rng.normal(0, 10, (64, 64)), 0, 255).astype(np.uint8)).save(
                 src / f"xr{i}.png")
     out = root / "shards"
-    ingest(IngestConfig(inputs=[src], out=out, workers=1, files_per_chunk=10, samples_per_shard=10), show_progress=False)
+    ingest(IngestConfig(inputs=[src], out=out, workers=1, files_per_chunk=10, samples_per_shard=10),
+           show_progress=False)
     return out
 
 

@@ -71,7 +71,8 @@ def write_blob_task(root: Path, with_ct: bool = True) -> Path:
             write_ct_dicom(root / name, 20 + 60 * blob + rng.normal(0, 5, blob.shape))
         else:
             name = f"xr{i}.png"
-            Image.fromarray(np.clip(60 + 150 * blob + rng.normal(0, 10, blob.shape), 0, 255).astype(np.uint8)).save(root / name)
+            Image.fromarray(np.clip(60 + 150 * blob + rng.normal(0, 10, blob.shape), 0, 255).astype(np.uint8)).save(
+                root / name)
         rows.append((name, "blob" if positive else "clear", f"patient{i // 2}"))
     with open(root / "task.csv", "w", newline="") as f:
         csv.writer(f).writerows([("path", "label", "group"), *rows])

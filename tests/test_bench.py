@@ -18,7 +18,8 @@ from medssl.downstream import TaskError, prepare_task
 from medssl.ingest.pipeline import hash_file
 
 TINY_PRETRAIN = {"max_steps": 2, "batch_size": 8, "workers": 0, "proj_hidden": 32, "proj_dim": 16, "n_prototypes": 8,
-                 "warmup_steps": 1, "freeze_prototypes_steps": 1, "augment": {"global_size": 32, "local_size": 16, "n_local": 2}}
+                 "warmup_steps": 1, "freeze_prototypes_steps": 1,
+                 "augment": {"global_size": 32, "local_size": 16, "n_local": 2}}
 TINY_FINETUNE = {"input_size": 32, "epochs": 2, "batch_size": 8, "ssl_batch_size": 4, "bootstrap": 50}
 
 
@@ -34,7 +35,8 @@ def _rows(path):
 
 def test_bench_end_to_end_and_resume(tmp_path, phantoms):
     config = {"out": str(tmp_path / "bench"),
-              "tasks": [{"name": "ct", "csv": str(phantoms.tasks["ct-hemorrhage"]), "settings": {"ct_window": [40, 80]}}],
+              "tasks": [{"name": "ct", "csv": str(phantoms.tasks["ct-hemorrhage"]),
+                         "settings": {"ct_window": [40, 80]}}],
               "unlabeled": [str(phantoms.archive)], "ingest": {"workers": 1}, "pretrain": TINY_PRETRAIN,
               "finetune": TINY_FINETUNE, "label_fractions": [0.5, 1.0], "seeds": [0, 1],
               "robustness_fractions": [1.0], "robustness_levels": {"rotation": [15]}, "workers": 2}
@@ -48,8 +50,10 @@ def test_bench_end_to_end_and_resume(tmp_path, phantoms):
     assert all(len(r["test_auc"]) == 2 and r["baseline"] == "scratch-finetune" for r in rows.values())
     assert rows[("scratch-finetune", 0.5)]["labeled_train"] < rows[("scratch-finetune", 1.0)]["labeled_train"]
     # Robustness only at fraction 1, with the level asked for (plus the clean point).
-    assert set(rows[("ssl-finetune", 1.0)]["robustness"]) >= {"rotation"} and not rows[("ssl-finetune", 0.5)]["robustness"]
-    levels = [p["level"] for p in json.loads((out / "ct/ssl-finetune-f1-s0/robustness.json").read_text())["sweeps"]["rotation"]]
+    assert (set(rows[("ssl-finetune", 1.0)]["robustness"]) >= {"rotation"}
+            and not rows[("ssl-finetune", 0.5)]["robustness"])
+    levels = [p["level"]
+              for p in json.loads((out / "ct/ssl-finetune-f1-s0/robustness.json").read_text())["sweeps"]["rotation"]]
     assert levels == [0, 15]
     # The SSL runs started from the bench's own pretraining run, the scratch runs did not.
     assert json.loads((out / "ct/ssl-hybrid-f1-s1/metrics.json").read_text())["init"]["init"] == str(out / "pretrain")
@@ -62,7 +66,8 @@ def test_bench_end_to_end_and_resume(tmp_path, phantoms):
     assert held_out and not held_out & ingested
     assert summary["pool"]["sources"][f"unlabeled: {phantoms.archive}"]["held_out_copies"] >= len(held_out)
 
-    assert {p.split("/")[-1] for p in summary["plots"]} == {"ct-convergence.png", "ct-label-efficiency.png", "ct-robustness.png"}
+    assert {p.split("/")[-1] for p in summary["plots"]} == {"ct-convergence.png", "ct-label-efficiency.png",
+                                                            "ct-robustness.png"}
     assert all((out / p).stat().st_size > 5000 for p in summary["plots"])
     md = (out / "results.md").read_text()
     assert "| ct | ssl-hybrid | 0.5 |" in md and "## Robustness" in md
@@ -106,7 +111,8 @@ def test_pool_leaves_out_copies_of_held_out_images(tmp_path, phantoms):
 
 def test_task_csv_is_rewritten_with_absolute_paths_and_merged_classes(tmp_path):
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "task.csv").write_text("path,label,split\na.png,glioma,train\nb.png,none,test\nc.png,meningioma,train\n")
+    (tmp_path / "data" / "task.csv").write_text("path,label,split\na.png,glioma,train\nb.png,none,test\n"
+                                                "c.png,meningioma,train\n")
     out = write_task_csv(BenchTask(name="mr", csv=tmp_path / "data" / "task.csv",
                                    relabel={"glioma": "tumour", "meningioma": "tumour"}), tmp_path / "tasks")
     rows = _rows(out)
@@ -122,7 +128,8 @@ def test_task_csv_is_rewritten_with_absolute_paths_and_merged_classes(tmp_path):
     ({"finetune": {"seed": 3}}, "set by the bench"),
     ({"finetune": {"epochs": 0}}, "epochs"),
     ({"tasks": []}, "no tasks"),
-    ({"arms": [{"name": "s", "init": "scratch", "mode": "finetune", "settings": {"mode": "linear"}}]}, "set by the bench"),
+    ({"arms": [{"name": "s", "init": "scratch", "mode": "finetune", "settings": {"mode": "linear"}}]},
+     "set by the bench"),
     ({"arms": [{"name": "s", "init": "scratch", "mode": "finetune", "settings": {"ssl_weight": -1}}]}, "ssl_weight"),
     ({"label_fractions": [0.0, 1.0]}, r"\(0, 1\]"),
 ])
@@ -244,7 +251,8 @@ def test_bench_with_a_diverged_pretraining_is_a_one_line_error(tmp_path, monkeyp
     from medssl.train.pretrain import TrainingDiverged
 
     def run_bench(cfg, show_progress=True, command=None):
-        raise TrainingDiverged("3 consecutive non-finite losses at step 7; lower lr, raise warmup_steps or check the data")
+        raise TrainingDiverged("3 consecutive non-finite losses at step 7; lower lr, raise warmup_steps or check the "
+                               "data")
 
     monkeypatch.setattr(medssl.bench, "run_bench", run_bench)
     config = tmp_path / "bench.yaml"

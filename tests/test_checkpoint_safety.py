@@ -72,7 +72,8 @@ def test_rng_states_survive_a_safe_round_trip(tmp_path):
     save_checkpoint(tmp_path / "c.pt", {"rng": rng_state()})
 
     def draws():
-        return random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.standard_normal(), torch.rand(3).tolist()
+        return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.standard_normal(),
+                torch.rand(3).tolist())
 
     expected = draws()
     random.seed(9), np.random.seed(9), torch.manual_seed(9)

@@ -32,7 +32,8 @@ def test_listing_is_sorted_by_path_components_and_resumes_after_any_entry(tmp_pa
     full = list(scan([tmp_path / "in"], tmp_path / "out"))
     keys = [entry_key(e.root, e.rel) for e in full]
     assert keys == sorted(keys) and len(set(keys)) == len(keys) == 9
-    assert [e.rel for e in full][:4] == ["a/x", "a/y/z", "a/y.dcm", "a-b/q"]  # a folder before its siblings "a-b", "a.dcm"
+    # a folder before its siblings "a-b", "a.dcm"
+    assert [e.rel for e in full][:4] == ["a/x", "a/y/z", "a/y.dcm", "a-b/q"]
     for k in range(len(full)):
         assert list(scan([tmp_path / "in"], tmp_path / "out", after=keys[k])) == full[k + 1:]
 
@@ -117,7 +118,8 @@ def test_a_second_ingest_adds_only_the_new_files(tmp_path):
     _archive(src, 20)
     first = ingest(_cfg(src, out), show_progress=False).report
     old_shards = {p.name: _digest(p) for p in (out / "shards").glob("*.tar")}
-    assert first["this_run"] == {"mode": "new", "files": 20, "samples": 20, "bytes_read": first["this_run"]["bytes_read"]}
+    assert first["this_run"] == {"mode": "new", "files": 20, "samples": 20,
+                                 "bytes_read": first["this_run"]["bytes_read"]}
 
     _archive(src, 2, start=20)                                         # 10% new files
     shutil.copy(src / "s2" / "img002.dcm", src / "s1" / "resent.dcm")  # an ingested image, sent again

@@ -83,14 +83,16 @@ def test_full_image_crop_on_a_larger_canvas_is_the_image():
     """The box is a fraction of the image, not of the canvas, and the padding never shows."""
     image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     canvas = batch_of([image, np.zeros((90, 100), np.float32)])
-    views = DeviceMultiCrop(MultiCropConfig(**PLAIN))(canvas, [(64, 64), (90, 100)], ["normalized"] * 2, generators([0, 1]))
+    views = DeviceMultiCrop(MultiCropConfig(**PLAIN))(canvas, [(64, 64), (90, 100)], ["normalized"] * 2,
+                                                      generators([0, 1]))
     torch.testing.assert_close(views[0][0, 0], torch.from_numpy(image), rtol=0, atol=1e-5)
 
 
 def test_zoom_out_fills_with_the_image_minimum_not_the_canvas_zeros():
     image = np.full((64, 64), 40.0, np.float32)
     image[0, 0] = -1024.0  # the darkest value: air; the canvas around it holds 0 HU (water)
-    cfg = MultiCropConfig(**{**PLAIN, "scale_jitter": (2.0, 2.0), "ct_windows": [(40.0, 400.0)], "ct_window_jitter": 0.0})
+    cfg = MultiCropConfig(**{**PLAIN, "scale_jitter": (2.0, 2.0), "ct_windows": [(40.0, 400.0)],
+                             "ct_window_jitter": 0.0})
     canvas = batch_of([image, np.zeros((128, 128), np.float32)])
     (view,) = DeviceMultiCrop(cfg)(canvas, [(64, 64), (128, 128)], ["hounsfield"] * 2, generators([0, 1]))
     assert view[0, 0, 0, 0] == 0.0 and view[0, 0, -1, -1] == 0.0  # outside the image: air, black
@@ -108,7 +110,8 @@ def test_view_distribution_matches_the_per_image_path(semantics):
     device = DeviceMultiCrop(cfg)
     views = device(batch_of(images), shapes, [semantics] * len(images), generators(seeds),
                    torch.Generator().manual_seed(7))
-    per_image = [MultiCrop(cfg)(im, semantics, generator=torch.Generator().manual_seed(s)) for im, s in zip(images, seeds)]
+    per_image = [MultiCrop(cfg)(im, semantics, generator=torch.Generator().manual_seed(s))
+                 for im, s in zip(images, seeds)]
 
     # Boxes: the same draws, a fraction of each image (not of the canvas) within the configured range.
     params = device.crop.draw(np.stack([device.crop.uniforms(g) for g in generators(seeds)]), shapes)

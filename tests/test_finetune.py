@@ -95,7 +95,8 @@ def test_finetune_trains_the_encoder_with_layer_decay(tmp_path, blob_task, tiny_
                        **FAST)
     model = _check_run(tmp_path / "ft", metrics, "finetune")
     pretrained = _state(medssl.load_encoder(tiny_run))
-    changed = [k for k, v in model.backbone.state_dict().items() if v.is_floating_point() and not torch.equal(v, pretrained[k])]
+    changed = [k for k, v in model.backbone.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, pretrained[k])]
     assert "conv1.weight" in changed and "layer4.1.conv2.weight" in changed
 
 
@@ -188,7 +189,8 @@ def test_cli_with_convergence_target(tmp_path, blob_task, tiny_run, capsys):
     second = json.loads((tmp_path / "b" / "metrics.json").read_text())
     # Same seed and settings: the same run again, so it reaches the first run's best exactly at its best step.
     assert second["target_auc"] == first["best_val_auc"]
-    assert second["steps_to_target"] == min(h["step"] for h in first["history"] if h["val_auc"] >= first["best_val_auc"])
+    assert second["steps_to_target"] == min(h["step"] for h in first["history"]
+                                            if h["val_auc"] >= first["best_val_auc"])
 
 
 def _nan_loss_from_call(monkeypatch, first_bad):
@@ -204,7 +206,8 @@ def _nan_loss_from_call(monkeypatch, first_bad):
     monkeypatch.setattr(training, "_supervised_loss", loss)
 
 
-def test_a_diverged_finetune_stops_and_reports_the_best_checkpoint_before_it(tmp_path, blob_task, tiny_run, monkeypatch):
+def test_a_diverged_finetune_stops_and_reports_the_best_checkpoint_before_it(tmp_path, blob_task, tiny_run,
+                                                                             monkeypatch):
     """FAST: 3 steps per epoch. The loss of step 4 is NaN: training stops there, status 'diverged', and the test
     score is that of the best evaluation before it (epoch 1), never one computed from NaN scores."""
     _nan_loss_from_call(monkeypatch, 4)
@@ -256,7 +259,8 @@ def test_cli_pretrain_diverged_is_a_one_line_error(tmp_path, monkeypatch, capsys
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "index.json").write_text("{}")
     assert main(["pretrain", str(tmp_path / "shards"), "--out", str(tmp_path / "run"), "--quiet"]) == 1
-    assert capsys.readouterr().err == "error: pretraining diverged: 3 consecutive non-finite losses at step 7; lower lr\n"
+    assert capsys.readouterr().err == ("error: pretraining diverged: 3 consecutive non-finite losses at step 7; "
+                                       "lower lr\n")
 
 
 def test_cli_finetune_warns_when_the_run_diverged_after_an_evaluation(tmp_path, blob_task, tiny_run, monkeypatch,

@@ -34,7 +34,8 @@ def _plain_pydicom_decodes(path: Path) -> bool:
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory, pydicom_data_dir, pydicom_test_files):
     out = tmp_path_factory.mktemp("corpus") / "shards"
-    summary = ingest(IngestConfig(inputs=[pydicom_data_dir, pydicom_test_files], out=out, workers=2), show_progress=False)
+    summary = ingest(IngestConfig(inputs=[pydicom_data_dir, pydicom_test_files], out=out, workers=2),
+                     show_progress=False)
     return out, summary, [pydicom_data_dir, pydicom_test_files]
 
 

@@ -20,7 +20,8 @@ def _data(n=300, k=3, seed=0):
 def test_auc_equals_sklearn_with_ties():
     targets, scores = _data()
     for k in range(3):
-        assert roc_auc(targets[:, k], scores[:, k]) == pytest.approx(roc_auc_score(targets[:, k], scores[:, k]), abs=1e-12)
+        assert roc_auc(targets[:, k], scores[:, k]) == pytest.approx(roc_auc_score(targets[:, k], scores[:, k]),
+                                                                     abs=1e-12)
     assert roc_auc(np.array([1, 1, 1]), np.array([0.1, 0.5, 0.2])) is None
 
 
@@ -72,7 +73,8 @@ def test_undefined_label_is_left_out_of_the_macro():
 
 def test_accuracy():
     assert accuracy("binary", np.array([[1], [0], [1]]), np.array([[0.9], [0.4], [0.2]])) == pytest.approx(2 / 3)
-    assert accuracy("multiclass", np.eye(3), np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0, 0, 1]])) == pytest.approx(2 / 3)
+    assert accuracy("multiclass", np.eye(3),
+                    np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0, 0, 1]])) == pytest.approx(2 / 3)
     assert accuracy("multilabel", np.eye(3), np.eye(3)) is None
 
 

@@ -77,7 +77,8 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path, tiny_shards, precision):
     proc.wait()
     done = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"]
     assert 1 <= done < steps, "the run was not interrupted mid-way"
-    resumed = subprocess.run(_command(tiny_shards, tmp_path / "killed", steps, precision), capture_output=True, text=True)
+    resumed = subprocess.run(_command(tiny_shards, tmp_path / "killed", steps, precision), capture_output=True,
+                             text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
     # Every step is logged once (what was logged after the checkpoint is dropped), with the same loss.
@@ -223,7 +224,8 @@ def test_resume_drops_the_log_written_after_the_checkpoint(tmp_path, tiny_shards
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     settings = {**TINY, "checkpoint_every": 2}
     with pytest.raises(KeyboardInterrupt):
-        pretrain(PretrainConfig(shards=[tiny_shards], out=tmp_path / "run", max_steps=6, **settings), show_progress=False)
+        pretrain(PretrainConfig(shards=[tiny_shards], out=tmp_path / "run", max_steps=6, **settings),
+                 show_progress=False)
     assert [m["step"] for m in _log(tmp_path / "run")] == [1, 2, 3, 4]
     monkeypatch.undo()
     pretrain(PretrainConfig(shards=[tiny_shards], out=tmp_path / "run", max_steps=6, **settings), show_progress=False)

@@ -139,6 +139,7 @@ def test_ingest_on_a_two_node_ray_cluster_from_and_into_object_storage(tmp_path,
     report = json.loads(storage.read_text(f"{out}/report.json"))
     assert report["files"] == FILES and report["status"] == {"ingested": FILES}
     assert report["this_run"]["bytes_read"] == sum(p.stat().st_size for p in (tmp_path / "archive").iterdir())
-    assert sorted(storage.listdir(f"{out}/manifest")) == [f"chunk-{c:06d}.jsonl" for c in range(FILES // FILES_PER_UNIT)]
+    assert sorted(storage.listdir(f"{out}/manifest")) == [f"chunk-{c:06d}.jsonl"
+                                                          for c in range(FILES // FILES_PER_UNIT)]
     ran = ray_cluster.tasks_per_node("_call")
     assert all(ran.values()), f"work units per node: {ran}; both nodes should have run some"

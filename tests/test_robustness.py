@@ -169,7 +169,8 @@ def test_ct_window_shift_is_skipped_without_ct(png_run, tmp_path):
 
 
 def test_cli(png_run, capsys):
-    code = main(["evaluate", str(png_run), "--robustness", "--only", "rotation", "--levels", "rotation=10,20", "--quiet"])
+    code = main(["evaluate", str(png_run), "--robustness", "--only", "rotation", "--levels", "rotation=10,20",
+                 "--quiet"])
     out = capsys.readouterr().out
     assert code == 0 and "rotation" in out and str(png_run / "robustness.json") in out
     written = json.loads((png_run / "robustness.json").read_text())

@@ -43,9 +43,11 @@ def test_ingest_reads_and_writes_object_storage_and_adds_new_objects(tiny_shards
     report = json.loads(storage.read_text(f"{dataset}/report.json"))
     local = json.loads((tiny_shards / "report.json").read_text())
     assert report["status"] == local["status"] == {"ingested": 40} and report["samples"] == 40
-    assert sorted(storage.listdir(f"{dataset}/shards")) == sorted(p.name for p in (tiny_shards / "shards").glob("*.tar"))
+    assert sorted(storage.listdir(f"{dataset}/shards")) == sorted(
+        p.name for p in (tiny_shards / "shards").glob("*.tar"))
     rows = sorted(read_manifest(dataset), key=lambda r: r["index"])
-    assert [r["path"] for r in rows] == [r["path"] for r in sorted(read_manifest(tiny_shards), key=lambda r: r["index"])]
+    assert [r["path"] for r in rows] == [r["path"]
+                                         for r in sorted(read_manifest(tiny_shards), key=lambda r: r["index"])]
     assert report["this_run"]["bytes_read"] == sum(p.stat().st_size for p in (tiny_shards.parent / "archive").iterdir())
     assert storage.exists(f"{dataset}/content.sqlite") and storage.exists(f"{dataset}/ingest.log")
     old = {name: storage.read_bytes(f"{dataset}/shards/{name}") for name in storage.listdir(f"{dataset}/shards")}
@@ -103,7 +105,8 @@ def _command(shards: str, out: str, steps: int) -> list[str]:
             *[a for s in sets for a in ("--set", s)]]
 
 
-@pytest.mark.slow  # three pretraining processes, as the local test_pretrain.py::test_sigkill_resume_equals_uninterrupted
+# three pretraining processes, as the local test_pretrain.py::test_sigkill_resume_equals_uninterrupted
+@pytest.mark.slow
 def test_pretrain_on_s3_killed_and_resumed_equals_uninterrupted(tiny_shards, s3_bucket):
     dataset = _dataset_on_s3(tiny_shards, f"{s3_bucket}/ds")
     steps, straight, killed = 8, f"{s3_bucket}/straight", f"{s3_bucket}/killed"
@@ -114,7 +117,8 @@ def test_pretrain_on_s3_killed_and_resumed_equals_uninterrupted(tiny_shards, s3_
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = f"{killed}/metrics.jsonl"  # uploaded just before each checkpoint
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (storage.exists(metrics) and len(storage.read_text(metrics).splitlines()) >= 3):
+    while time.monotonic() < deadline and not (storage.exists(metrics)
+                                               and len(storage.read_text(metrics).splitlines()) >= 3):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

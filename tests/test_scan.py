@@ -85,7 +85,8 @@ def test_names_that_are_not_utf8_or_hold_table_characters_reach_every_output(tmp
         proc = _ingest(src, out)
         assert proc.returncode == 0, proc.stderr
     paths = sorted(r["path"] for r in manifest(out))
-    assert paths == sorted(["archive/notes|x*.txt", "archive/ok.dcm", "archive/two\\nlines.txt", "archive/\\xff\\xfename.txt"])
+    assert paths == sorted(["archive/notes|x*.txt", "archive/ok.dcm", "archive/two\\nlines.txt",
+                            "archive/\\xff\\xfename.txt"])
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "| archive/notes\\|x\\*.txt |" in report and "archive/\\\\xff\\\\xfename.txt" in report
     table = [line for line in report.splitlines() if line.startswith("| archive/")]

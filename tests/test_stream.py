@@ -30,7 +30,8 @@ def archives(tmp_path_factory) -> list[Path]:
         folder = base / f"in{len(outs)}"
         folder.mkdir()
         for _ in range(n):  # distinct content: ingest drops duplicates
-            Image.fromarray((np.arange(64).reshape(8, 8) * 3 + image * 7).astype(np.uint8)).save(folder / f"{image}.png")
+            Image.fromarray((np.arange(64).reshape(8, 8) * 3 + image * 7).astype(np.uint8)).save(
+                folder / f"{image}.png")
             image += 1
         out = base / f"out{len(outs)}"
         ingest(IngestConfig(inputs=[folder], out=out, workers=1, files_per_chunk=4, samples_per_shard=3,

@@ -26,7 +26,8 @@ def _png(path, value=100, shape=(20, 30)):
 
 def test_multilabel_parsing(tmp_path):
     table = read_task_csv(_csv(tmp_path / "t.csv", "path,label",
-                               [("a.png", "effusion|nodule"), ("b.png", "nodule"), ("c.png", ""), ("d.png", " mass | effusion")]))
+                               [("a.png", "effusion|nodule"), ("b.png", "nodule"), ("c.png", ""),
+                                ("d.png", " mass | effusion")]))
     assert table.kind == "multilabel" and table.classes == ["effusion", "mass", "nodule"] == table.outputs
     np.testing.assert_array_equal(table.targets, [[1, 0, 1], [0, 0, 1], [0, 0, 0], [1, 1, 0]])
 
@@ -119,7 +120,8 @@ def task_with_bad_files(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "empty.png").write_bytes(b"")
     Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / "flat.png")
-    rows += [("gone1.png", "pos"), ("sub/gone2.dcm", "neg"), ("notes.png", "pos"), ("empty.png", "neg"), ("flat.png", "pos")]
+    rows += [("gone1.png", "pos"), ("sub/gone2.dcm", "neg"), ("notes.png", "pos"), ("empty.png", "neg"),
+             ("flat.png", "pos")]
     return _csv(tmp_path / "task.csv", "path,label", rows)
 
 
@@ -136,7 +138,8 @@ def test_unusable_images_give_one_error_listing_all(task_with_bad_files):
 def test_skip_bad_drops_and_reports(task_with_bad_files):
     task = load_task(FinetuneConfig(task=task_with_bad_files, input_size=16, skip_bad=True))
     assert len(task.table) == 20 and task.images.shape == (20, 16, 16)
-    assert sorted(s["path"] for s in task.skipped) == ["empty.png", "flat.png", "gone1.png", "notes.png", "sub/gone2.dcm"]
+    assert sorted(s["path"] for s in task.skipped) == ["empty.png", "flat.png", "gone1.png", "notes.png",
+                                                       "sub/gone2.dcm"]
     assert all(p.startswith("ok") for p in task.table.paths)
     assert task.summary()["images"]["train"] + task.summary()["images"]["val"] + task.summary()["images"]["test"] == 20
 
