@@ -71,7 +71,8 @@ def ssl_sample_flops(backbone: str, crops, batch: int = 2) -> float:
         return loss(embeddings, scores, model.prototypes)[0]
 
     assert n_views == len(views())
-    return training_flops(lambda: SSLModel(backbone, cfg.proj_hidden, cfg.proj_dim, cfg.n_prototypes), views, step) / batch
+    return training_flops(lambda: SSLModel(backbone, cfg.proj_hidden, cfg.proj_dim, cfg.n_prototypes), views,
+                          step) / batch
 
 
 def reference_image_flops(batch: int = 2) -> float:
@@ -85,9 +86,11 @@ def reference_image_flops(batch: int = 2) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--shards", type=Path, default=None, help=f"a `medssl ingest` output (default: {DEFAULT_SHARDS}, made if missing)")
+    parser.add_argument("--shards", type=Path, default=None,
+                        help=f"a `medssl ingest` output (default: {DEFAULT_SHARDS}, made if missing)")
     parser.add_argument("--target", type=float, default=1500.0, help="samples/s per GPU to plan for (default 1500)")
     parser.add_argument("--reference-rate", type=float, default=2470.0, help=f"images/s of the reference ({REFERENCE})")
     parser.add_argument("--samples", type=int, default=300, help="samples per loader measurement (default 300)")
@@ -96,12 +99,14 @@ def main() -> None:
     torch.set_num_threads(1)
     crops = PretrainConfig(crops="swav").multicrop()
     result = {"machine": machine_facts(), "versions": {"torch": version("torch"), "timm": version("timm")},
-              "target_samples_per_s": args.target, "reference": REFERENCE, "reference_images_per_s": args.reference_rate}
+              "target_samples_per_s": args.target, "reference": REFERENCE,
+              "reference_images_per_s": args.reference_rate}
 
     # 1. model
     ref = reference_image_flops()
     result["reference_gflops_per_image"] = round(ref / 1e9, 2)
-    print(f"reference ResNet-50 224 px, 3 channels, 1000 classes: {ref / 1e9:.1f} GFLOPs per training image", flush=True)
+    print(f"reference ResNet-50 224 px, 3 channels, 1000 classes: {ref / 1e9:.1f} GFLOPs per training image",
+          flush=True)
     result["models"] = {}
     for backbone in ("resnet50", "resnet18", "vit_small_patch16_224"):
         flops = ssl_sample_flops(backbone, crops)
@@ -110,7 +115,8 @@ def main() -> None:
                                       "samples_per_s_at_reference_flop_rate": round(estimate),
                                       "tflops_needed_at_target": round(args.target * flops / 1e12, 1)}
         print(f"{backbone}: {flops / 1e9:.1f} GFLOPs per sample (2x224 + 6x96, fwd + bwd, loss); at the reference's "
-              f"achieved FLOP rate {estimate:,.0f} samples/s; {args.target:.0f}/s needs {args.target * flops / 1e12:.0f} TFLOP/s", flush=True)
+              f"achieved FLOP rate {estimate:,.0f} samples/s; {args.target:.0f}/s needs "
+              f"{args.target * flops / 1e12:.0f} TFLOP/s", flush=True)
 
     # 2.-3. loader cores and bytes
     shards = ensure_shards(args.shards or DEFAULT_SHARDS, DEFAULT_SOURCE)
@@ -126,14 +132,16 @@ def main() -> None:
         "crops_on_device": {**device_path, "cores_per_gpu": round(args.target / device_path["per_cpu_s"], 2)},
         "crops_on_loader_swav": {**cpu_path, "cores_per_gpu": round(args.target / cpu_path["per_cpu_s"], 2)},
     }
-    result["bytes"] = {"shard_bytes_per_sample": round(stored_bytes), "storage_mb_per_s_at_target": round(args.target * stored_bytes / 1e6, 1),
+    result["bytes"] = {"shard_bytes_per_sample": round(stored_bytes),
+                       "storage_mb_per_s_at_target": round(args.target * stored_bytes / 1e6, 1),
                        "host_to_device_bytes_per_sample": canvas_bytes,
                        "host_to_device_gb_per_s_at_target": round(args.target * canvas_bytes / 1e9, 2)}
     out_pixels = crops.n_global * crops.global_size ** 2 + crops.n_local * crops.local_size ** 2
     result["device_crops"] = {"output_pixels_per_sample": out_pixels,
                               "gflops_per_sample_at_10_per_pixel": round(out_pixels * 10 / 1e9, 4)}
     for name, row in result["loader"].items():
-        print(f"loader, {name}: {row['per_cpu_s']:.0f} samples per CPU-s -> {row['cores_per_gpu']:.1f} cores per GPU at {args.target:.0f}/s", flush=True)
+        print(f"loader, {name}: {row['per_cpu_s']:.0f} samples per CPU-s -> {row['cores_per_gpu']:.1f} cores per GPU "
+              f"at {args.target:.0f}/s", flush=True)
     print(json.dumps(result["bytes"]), json.dumps(result["device_crops"]), flush=True)
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:

@@ -370,7 +370,8 @@ def _undelta(d: np.ndarray) -> np.ndarray:
 PRE_FILTERS = {  # name -> (uint16 image -> bytes, (bytes, shape) -> uint16 image)
     "": (lambda a: a.astype("<u2", copy=False).tobytes(), lambda raw, shape: np.frombuffer(raw, "<u2").reshape(shape)),
     "byte planes": (_byte_planes, _from_byte_planes),
-    "delta + byte planes": (lambda a: _byte_planes(_delta(a)), lambda raw, shape: _undelta(_from_byte_planes(raw, shape))),
+    "delta + byte planes": (lambda a: _byte_planes(_delta(a)),
+                            lambda raw, shape: _undelta(_from_byte_planes(raw, shape))),
 }
 
 
@@ -412,7 +413,8 @@ def _labelled(pre_filter: str, codec: str) -> str:
 
 
 CANDIDATES = {  # label -> codec factory (called by candidate_formats, which skips what cannot run here)
-    **{_labelled(f, f"zstd {lv}"): (lambda f=f, lv=lv: _raw(f, *_zstd(lv))) for f in PRE_FILTERS for lv in (1, 3, 9, 19)},
+    **{_labelled(f, f"zstd {lv}"): (lambda f=f, lv=lv: _raw(f, *_zstd(lv)))
+       for f in PRE_FILTERS for lv in (1, 3, 9, 19)},
     **{_labelled(f, "lz4 frame (default level)"): (lambda f=f: _raw(f, *_lz4())) for f in PRE_FILTERS},
     "JPEG-XL lossless, effort 1": lambda: _imagecodecs("jpegxl", lossless=True, effort=1),
     "JPEG-XL lossless, effort 3": lambda: _imagecodecs("jpegxl", lossless=True, effort=3),
@@ -475,7 +477,8 @@ def format_study(images: list[np.ndarray], formats: dict, repeats: int) -> list[
             # Same values, shape and dtype: a codec that silently went lossy (or to another dtype) fails here.
             assert all(d.dtype == a.dtype and np.array_equal(a, d) for a, d in zip(images, decoded)), \
                 f"{name} is not lossless"
-    return [study_row(name, len(images), few_levels, sum(len(b) for b in blobs[name]), raw, encode_s[name], decode_s[name])
+    return [study_row(name, len(images), few_levels, sum(len(b) for b in blobs[name]), raw, encode_s[name],
+                      decode_s[name])
             for name in formats]
 
 
@@ -612,14 +615,16 @@ def main(argv: list[str] | None = None) -> int:
                     if label not in best or row["wall_seconds"] < best[label]["wall_seconds"]:
                         best[label] = row
             for label, _, _ in runs:
-                rows.append(finish_row({**best[label], "repeats": args.repeats, "wall_seconds_all": walls[label]}, name))
+                rows.append(finish_row({**best[label], "repeats": args.repeats, "wall_seconds_all": walls[label]},
+                                       name))
             first_ours = best[runs[0][0]]
             if args.format_study:
                 kept = keep / "shards"
                 images = stored_images(kept, args.format_samples)
                 if images:
                     study[name] = {"source_bytes_per_file": round(size / len(files)),
-                                   "stored_bytes_per_image": round(first_ours["bytes_out"] / max(1, first_ours["images"])),
+                                   "stored_bytes_per_image": round(first_ours["bytes_out"]
+                                                                   / max(1, first_ours["images"])),
                                    "rows": format_study(images, formats, args.format_repeats)}
         rows_all = rows + (total_rows(rows) if len(found) > 1 else [])
 

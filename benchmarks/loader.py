@@ -60,7 +60,8 @@ def ensure_shards(shards: Path, source: Path) -> Path:
                  "(a `medssl ingest` output) or --source DIR")
     print(f"making shards: medssl ingest {source} --out {shards}", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "medssl.cli", "ingest", str(source), "--out", str(shards), "--quiet"], check=True)
+    subprocess.run([sys.executable, "-m", "medssl.cli", "ingest", str(source), "--out", str(shards), "--quiet"],
+                   check=True)
     print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
     return shards
 
@@ -104,7 +105,8 @@ def breakdown(shards: Path, n: int) -> dict:
         for s in zstd_samples:
             zstandard.ZstdDecompressor().decompress(s.pixels)
         parts["zstd"] = (time.process_time() - start) / len(zstd_samples)
-    for name, decode in (("decode to uint16 (decode_stored)", decode_stored), ("decode to float32 (decode_pixels)", decode_pixels)):
+    for name, decode in (("decode to uint16 (decode_stored)", decode_stored),
+                         ("decode to float32 (decode_pixels)", decode_pixels)):
         start = time.process_time()
         for s in samples:
             decode(s.pixels, s.meta)
@@ -113,15 +115,21 @@ def breakdown(shards: Path, n: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--shards", type=Path, default=None, help=f"a `medssl ingest` output folder (default: {DEFAULT_SHARDS}, made if missing)")
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help=f"what to ingest when the shards are missing (default: {DEFAULT_SOURCE})")
+    parser.add_argument("--shards", type=Path, default=None,
+                        help=f"a `medssl ingest` output folder (default: {DEFAULT_SHARDS}, made if missing)")
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
+                        help=f"what to ingest when the shards are missing (default: {DEFAULT_SOURCE})")
     parser.add_argument("--samples", type=int, default=1000, help="samples per stream measurement (default 1000)")
     parser.add_argument("--warmup", type=int, default=50, help="samples taken before each measurement (default 50)")
-    parser.add_argument("--crops", choices=["cpu", "swav"], default="cpu", help="multi-crop preset (default cpu: 2x96 + 4x48)")
-    parser.add_argument("--batch", type=int, default=64, help="images per batch for collate_stored and the device crops (default 64)")
-    parser.add_argument("--device-batches", type=int, default=4, help="batches timed for the device crops on CPU (default 4)")
+    parser.add_argument("--crops", choices=["cpu", "swav"], default="cpu",
+                        help="multi-crop preset (default cpu: 2x96 + 4x48)")
+    parser.add_argument("--batch", type=int, default=64,
+                        help="images per batch for collate_stored and the device crops (default 64)")
+    parser.add_argument("--device-batches", type=int, default=4,
+                        help="batches timed for the device crops on CPU (default 4)")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement to this file")
     args = parser.parse_args()
     if min(args.samples, args.batch, args.device_batches) < 1 or args.warmup < 0:

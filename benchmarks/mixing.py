@@ -117,7 +117,8 @@ def iid_batches(args, counts, n_batches: int) -> list[float]:
     rng = np.random.default_rng(args.seed)
     shares = []
     while len(shares) < n_batches:
-        for batch in rng.permutation(groups)[:len(groups) // args.batch_size * args.batch_size].reshape(-1, args.batch_size):
+        for batch in rng.permutation(groups)[:len(groups) // args.batch_size * args.batch_size].reshape(
+                -1, args.batch_size):
             _, c = np.unique(batch, return_counts=True)
             shares.append(float((c * (c - 1)).sum()) / (args.batch_size * (args.batch_size - 1)))
     return shares[:n_batches]
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deal", type=int, default=1, metavar="W",
                    help="synthetic archive: files dealt round-robin to the W units of a block (ingest's mix_units)")
     p.add_argument("--shuffle-units", action="store_true",
-                   help="synthetic archive: each unit's samples shuffled before they are cut into shards (ingest today)")
+                   help="synthetic archive: each unit's samples shuffled before they are cut into shards "
+                        "(ingest today)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     p.add_argument("--shuffle-buffer", type=int, default=1000)

@@ -61,7 +61,8 @@ def generate(folder: Path, n: int, start: int = 0) -> None:
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (16, 16), dtype=np.uint8)
     for i in range(start, start + n):
-        series = folder / f"p{i // (FILES_PER_SERIES * SERIES_PER_PATIENT):05d}" / f"s{(i // FILES_PER_SERIES) % SERIES_PER_PATIENT:03d}"
+        series = (folder / f"p{i // (FILES_PER_SERIES * SERIES_PER_PATIENT):05d}"
+                  / f"s{(i // FILES_PER_SERIES) % SERIES_PER_PATIENT:03d}")
         if i % FILES_PER_SERIES == 0:
             series.mkdir(parents=True, exist_ok=True)
         pixels = noise.copy()
@@ -141,7 +142,8 @@ def measure(data: Path, n: int, workers: int, tmp: Path, keep: bool) -> dict:
     row = {
         "files": files, "input_bytes": size, "input_bytes_in_pages": pages, "workers": workers,
         "ingested": report["status"].get("ingested", 0), "status": report["status"],
-        "rejections_by_code": report["rejections_by_code"], "wall_s": round(wall, 1), "files_per_s": round(files / wall, 1),
+        "rejections_by_code": report["rejections_by_code"], "wall_s": round(wall, 1),
+        "files_per_s": round(files / wall, 1),
         "driver_peak_rss_mb": round(result["driver_peak_rss_bytes"] / 2**20, 1),
         "plan_mb": round(_bytes_under(out / "plan") / 1e6, 2),
         "index_mb": round(_bytes_under(out / "index.json") / 1e6, 3),
@@ -177,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also save the rows as JSON")
     p.add_argument("--keep", action="store_true", help="keep the datasets (dataset-N under --tmp) for stream checks")
     p.add_argument("--incremental", type=int, metavar="N", default=None,
-                   help="instead: ingest N files, add N/10, ingest again into the same dataset (time and files processed)")
+                   help="instead: ingest N files, add N/10, ingest again into the same dataset (time and files "
+                        "processed)")
     args = p.parse_args(argv)
     args.data.mkdir(parents=True, exist_ok=True)
     print("machine:", json.dumps(machine_facts()), flush=True)
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(markdown(rows))
     if len(rows) > 1:
-        print(f"\ndriver peak RSS, largest / smallest archive: {rows[-1]['driver_peak_rss_mb'] / rows[0]['driver_peak_rss_mb']:.2f}x")
+        print("\ndriver peak RSS, largest / smallest archive: "
+              f"{rows[-1]['driver_peak_rss_mb'] / rows[0]['driver_peak_rss_mb']:.2f}x")
     return 0
 
 

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  every sample at most once, all but the unfillable rest read:", ok, flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    print("\n| samples | read | distinct | left out | worker peak RSS MB | samples/s |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| samples | read | distinct | left out | worker peak RSS MB | samples/s |\n"
+          "| ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['samples']:,} | {r['read']:,} | {r['distinct']:,} | {r['left_out']} | {r['worker_peak_rss_mb']} "
               f"| {r['samples_per_s']} |")
