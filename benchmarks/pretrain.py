@@ -326,7 +326,8 @@ def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = usage.ru_utime + usage.ru_stime
     try:
-        pids = {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
+        pids = {int(pid) for task in Path("/proc/self/task").iterdir()
+                for pid in (task / "children").read_text().split()}
     except OSError:
         return total
     for pid in pids:
@@ -419,11 +420,15 @@ def phase_profile(shards: Path, cfg: PretrainConfig, warmup: int, steps: int, wi
             records = list(run(warmup + steps + 1, warmup + steps))  # the last step runs under the profiler
         steady = records[warmup:-1]
         before = records[warmup - 1] if warmup else None
-        phases = {k: statistics.median(r[k] for r in steady) for k in ("data", "forward", "backward", "optimizer", "total")}
-        table = records[-1]["profile"].key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40)
-        cpu = {k: (steady[-1][k] - before[k]) / len(steady) if before else float("nan") for k in ("main_cpu", "worker_cpu")}
-        result[name] = {"phases_s": phases, "main_cpu_s_per_step": cpu["main_cpu"], "worker_cpu_s_per_step": cpu["worker_cpu"],
-                        "outside_load_cores": meter.cores, "top_ops": table}
+        phases = {k: statistics.median(r[k] for r in steady)
+                  for k in ("data", "forward", "backward", "optimizer", "total")}
+        table = records[-1]["profile"].key_averages().table(sort_by="self_cpu_time_total", row_limit=10,
+                                                            max_name_column_width=40)
+        cpu = {k: (steady[-1][k] - before[k]) / len(steady) if before else float("nan")
+               for k in ("main_cpu", "worker_cpu")}
+        result[name] = {"phases_s": phases, "main_cpu_s_per_step": cpu["main_cpu"],
+                        "worker_cpu_s_per_step": cpu["worker_cpu"], "outside_load_cores": meter.cores,
+                        "top_ops": table}
     return result
 
 
@@ -435,33 +440,52 @@ def fmt(x: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("--shards", type=Path, default=None, help=f"a `medssl ingest` output folder (default: {DEFAULT_SHARDS}, made if missing)")
-    parser.add_argument("--source", type=Path, default=None, help=f"what to ingest when the shards are missing (default: {DEFAULT_SOURCE}, else pydicom-data)")
-    parser.add_argument("--batch-size", type=int, default=64, help="per step, both pipelines (default 64, the config default)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, both pipelines (default 2, the config default)")
-    parser.add_argument("--crops", choices=["cpu", "swav"], default="cpu", help="multi-crop preset (default cpu: 2x96 + 4x48)")
-    parser.add_argument("--rounds", type=int, default=3, help="end-to-end rounds, alternating the pipelines (default 3, at least 1)")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="steps left out of every end-to-end rate (default 2)")
+    parser.add_argument("--shards", type=Path, default=None,
+                        help=f"a `medssl ingest` output folder (default: {DEFAULT_SHARDS}, made if missing)")
+    parser.add_argument("--source", type=Path, default=None,
+                        help=f"what to ingest when the shards are missing (default: {DEFAULT_SOURCE}, "
+                             "else pydicom-data)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="per step, both pipelines (default 64, the config default)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="DataLoader workers, both pipelines (default 2, the config default)")
+    parser.add_argument("--crops", choices=["cpu", "swav"], default="cpu",
+                        help="multi-crop preset (default cpu: 2x96 + 4x48)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="end-to-end rounds, alternating the pipelines (default 3, at least 1)")
+    parser.add_argument("--warmup-steps", type=int, default=2,
+                        help="steps left out of every end-to-end rate (default 2)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per pipeline and round (default 6)")
-    parser.add_argument("--quiet", type=float, default=0.25, help="a round is quiet if every end-to-end run in it saw at most this "
-                        "many cores busy with other processes; the table uses quiet rounds when there are any (default 0.25)")
-    parser.add_argument("--max-wait", type=float, default=20, help="before each end-to-end or profile run, wait up to this many "
-                        "seconds for a second with at most --quiet cores of outside load (default 20)")
-    parser.add_argument("--extra-rounds", type=int, default=3, help="rounds added while fewer than --rounds were quiet (default 3)")
-    parser.add_argument("--budget", type=float, default=240, help="no extra round starts that would end later than this many seconds after the start (default 240)")
-    parser.add_argument("--aug-images", type=int, default=200, help="images per augmentation round and pipeline (default 200)")
+    parser.add_argument("--quiet", type=float, default=0.25,
+                        help="a round is quiet if every end-to-end run in it saw at most this many cores busy with "
+                             "other processes; the table uses quiet rounds when there are any (default 0.25)")
+    parser.add_argument("--max-wait", type=float, default=20,
+                        help="before each end-to-end or profile run, wait up to this many seconds for a second with "
+                             "at most --quiet cores of outside load (default 20)")
+    parser.add_argument("--extra-rounds", type=int, default=3,
+                        help="rounds added while fewer than --rounds were quiet (default 3)")
+    parser.add_argument("--budget", type=float, default=240,
+                        help="no extra round starts that would end later than this many seconds after the start "
+                             "(default 240)")
+    parser.add_argument("--aug-images", type=int, default=200,
+                        help="images per augmentation round and pipeline (default 200)")
     parser.add_argument("--aug-rounds", type=int, default=5, help="augmentation rounds (default 5)")
-    parser.add_argument("--loader-batches", type=int, default=8, help="batches timed per data-loading round (default 8)")
+    parser.add_argument("--loader-batches", type=int, default=8,
+                        help="batches timed per data-loading round (default 8)")
     parser.add_argument("--only", choices=["all", "augment", "end-to-end"], default="all")
-    parser.add_argument("--peer-bf16", action="store_true", help="also run lightly's pipeline with bf16 autocast + channels_last")
+    parser.add_argument("--peer-bf16", action="store_true",
+                        help="also run lightly's pipeline with bf16 autocast + channels_last")
     profile = parser.add_mutually_exclusive_group()
-    profile.add_argument("--profile", action="store_true", help="always add the phase profile (default: when a target is missed)")
+    profile.add_argument("--profile", action="store_true",
+                         help="always add the phase profile (default: when a target is missed)")
     profile.add_argument("--no-profile", action="store_true", help="never add the phase profile")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement to this file")
     args = parser.parse_args()
-    if min(args.rounds, args.steps, args.aug_rounds, args.aug_images, args.loader_batches, args.batch_size) < 1 or args.warmup_steps < 0:
+    if (min(args.rounds, args.steps, args.aug_rounds, args.aug_images, args.loader_batches, args.batch_size) < 1
+            or args.warmup_steps < 0):
         parser.error("rounds, steps, batch sizes and image counts must be >= 1, warm-up steps >= 0")
 
     started = time.perf_counter()
@@ -470,7 +494,8 @@ def main() -> None:
     shards = ensure_shards(args.shards or DEFAULT_SHARDS, args.source)
     n_samples = json.loads((shards / "index.json").read_text())["samples"]
     if n_samples < args.batch_size:
-        sys.exit(f"{shards} holds {n_samples} samples, fewer than one batch of {args.batch_size}: use --batch-size {n_samples} or more data")
+        sys.exit(f"{shards} holds {n_samples} samples, fewer than one batch of {args.batch_size}: "
+                 f"use --batch-size {n_samples} or more data")
     cfg = PretrainConfig(shards=[shards], crops=args.crops, batch_size=args.batch_size, workers=args.workers,
                          max_steps=args.warmup_steps + args.steps, log_every=1, checkpoint_every=10**9,
                          freeze_prototypes_steps=0)  # both pipelines update every parameter
@@ -526,19 +551,24 @@ def main() -> None:
             while True:
                 quiet = [i for i in range(r) if max(outside[k][i] for k in e2e) <= args.quiet]
                 if r >= args.rounds and (len(quiet) >= args.rounds or r >= args.rounds + args.extra_rounds
-                                         or time.perf_counter() - started + (time.perf_counter() - e2e_start) / r > args.budget):
+                                         or time.perf_counter() - started + (time.perf_counter() - e2e_start) / r
+                                         > args.budget):
                     break
                 stream = ShardStream([shards], batch_size=args.batch_size, num_workers=args.workers, seed=r,
                                      shuffle_buffer=cfg.shuffle_buffer, transform=MultiCrop(crops))
-                loaders["medssl ShardStream + MultiCrop"].append(loader_rate(stream.loader(), args.loader_batches, args.batch_size))
+                loaders["medssl ShardStream + MultiCrop"].append(
+                    loader_rate(stream.loader(), args.loader_batches, args.batch_size))
                 peer_data = ShardSamples(shards, swav_transform(crops))
                 loaders["lightly Dataset + SwaVTransform"].append(loader_rate(
-                    DataLoader(peer_data, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers),
+                    DataLoader(peer_data, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                               num_workers=args.workers),
                     args.loader_batches, args.batch_size))
-                runs = {OURS_FP32: lambda: ours_end_to_end(shards, cfg.model_copy(update={"precision": "fp32", "seed": r}),
+                runs = {OURS_FP32: lambda: ours_end_to_end(shards,
+                                                           cfg.model_copy(update={"precision": "fp32", "seed": r}),
                                                            work / f"fp32-{r}", args.warmup_steps),
                         PEER: lambda: peer_end_to_end(shards, cfg, args.warmup_steps, args.steps, bf16=False),
-                        OURS_BF16: lambda: ours_end_to_end(shards, cfg.model_copy(update={"precision": "bf16", "seed": r}),
+                        OURS_BF16: lambda: ours_end_to_end(shards,
+                                                           cfg.model_copy(update={"precision": "bf16", "seed": r}),
                                                            work / f"bf16-{r}", args.warmup_steps)}
                 if args.peer_bf16:
                     runs[PEER_BF16] = lambda: peer_end_to_end(shards, cfg, args.warmup_steps, args.steps, bf16=True)
@@ -551,7 +581,8 @@ def main() -> None:
                 r += 1
                 print(f"end to end: round {r} done ({time.perf_counter() - started:.0f} s): "
                       + ", ".join(f"{k} {v[-1]:.1f}" for k, v in e2e.items()) + " images/s; outside load "
-                      + ", ".join(f"{outside[k][-1]:.2f}" for k in e2e) + f" cores; {waited:.0f} s waited for quiet so far", flush=True)
+                      + ", ".join(f"{outside[k][-1]:.2f}" for k in e2e)
+                      + f" cores; {waited:.0f} s waited for quiet so far", flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         quiet = [i for i in range(r) if max(outside[k][i] for k in e2e) <= args.quiet]
@@ -573,7 +604,8 @@ def main() -> None:
         med = {k: statistics.median(v[i] for i in used) for k, v in e2e.items()}
         for name, rate in med.items():
             ratio = med[name] / med[PEER] if name.startswith("medssl") else None
-            default = OURS_BF16 if use_bf16(cfg.model_copy(update={"precision": "auto"}), torch.device("cpu")) else OURS_FP32
+            default = (OURS_BF16 if use_bf16(cfg.model_copy(update={"precision": "auto"}), torch.device("cpu"))
+                       else OURS_FP32)
             label = {OURS_FP32: "medssl pretrain, fp32", OURS_BF16: "medssl pretrain, bf16 autocast",
                      PEER: "lightly SwAV, fp32", PEER_BF16: "lightly SwAV, bf16 autocast + channels_last"}[name]
             label += " (the default here)" if name == default else ""
@@ -587,7 +619,8 @@ def main() -> None:
     if args.only != "end-to-end":
         how.append(f"{args.aug_rounds} augmentation rounds x {args.aug_images} images")
     if args.only != "augment":
-        how.append(f"{len(used)} end-to-end rounds x ({args.warmup_steps} warm-up + {args.steps} timed steps), rate of a run's median step")
+        how.append(f"{len(used)} end-to-end rounds x ({args.warmup_steps} warm-up + {args.steps} timed steps), "
+                   "rate of a run's median step")
     print(f"\n{'; '.join(how)}; median round; ratio = medssl / lightly (the plain lightly row of the same measure)\n")
     print("| measure | pipeline | images/s | medssl / lightly |")
     print("| --- | --- | ---: | ---: |")
@@ -615,14 +648,17 @@ def main() -> None:
               f"components stepped by hand, median of {args.steps} steps after {args.warmup_steps} warm-up steps; "
               "seconds per step", flush=True)
         prof = phase_profile(shards, cfg, args.warmup_steps, args.steps, args.peer_bf16, args.quiet, args.max_wait)
-        print("\n| pipeline | wait for data | forward + loss | backward | optimizer | step | main CPU-s | worker CPU-s | outside load (cores) |")
+        print("\n| pipeline | wait for data | forward + loss | backward | optimizer | step | main CPU-s | worker CPU-s "
+              "| outside load (cores) |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, p in prof.items():
             ph = p["phases_s"]
             print(f"| {name} | {ph['data']:.3f} | {ph['forward']:.3f} | {ph['backward']:.3f} | {ph['optimizer']:.3f} | "
-                  f"{ph['total']:.3f} | {p['main_cpu_s_per_step']:.2f} | {p['worker_cpu_s_per_step']:.2f} | {p['outside_load_cores']:.2f} |")
+                  f"{ph['total']:.3f} | {p['main_cpu_s_per_step']:.2f} | {p['worker_cpu_s_per_step']:.2f} | "
+                  f"{p['outside_load_cores']:.2f} |")
         print()
-        compute = {k: p["phases_s"]["forward"] + p["phases_s"]["backward"] + p["phases_s"]["optimizer"] for k, p in prof.items()}
+        compute = {k: p["phases_s"]["forward"] + p["phases_s"]["backward"] + p["phases_s"]["optimizer"]
+                   for k, p in prof.items()}
         peer_cpu = prof[PEER]["main_cpu_s_per_step"] + prof[PEER]["worker_cpu_s_per_step"]
         for name, p in prof.items():
             data_share = p["worker_cpu_s_per_step"] / (p["worker_cpu_s_per_step"] + p["main_cpu_s_per_step"])
@@ -631,7 +667,8 @@ def main() -> None:
                 p["ratio_compute_only"] = compute[PEER] / compute[name]
                 p["ratio_if_our_data_loading_were_free"] = peer_cpu / p["main_cpu_s_per_step"]
                 line += (f"; training step alone (forward + backward + optimizer, wall) {p['ratio_compute_only']:.2f}x "
-                         f"lightly fp32's; if our data loading cost nothing: {p['ratio_if_our_data_loading_were_free']:.2f}x "
+                         "lightly fp32's; if our data loading cost nothing: "
+                         f"{p['ratio_if_our_data_loading_were_free']:.2f}x "
                          "(lightly's main + worker CPU-s over our main CPU-s per step; the cores are saturated)")
             print(line)
         for name, p in prof.items():
