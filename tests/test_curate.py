@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import yaml
-from helpers import shard_samples, write_ct_dicom
 
+from helpers import shard_samples, write_ct_dicom
 from medssl.cli import main
 from medssl.config import ConfigError, CurateConfig, IngestConfig
 from medssl.curate import curate
@@ -68,7 +68,8 @@ def archive(tmp_path_factory):
     g8[10, 10] ^= 1
     Image.fromarray(g8).save(src / "g-copy.png")
     shards = root / "shards"
-    ingest(IngestConfig(inputs=[src], out=shards, workers=1, files_per_chunk=4, samples_per_shard=3, nifti_modality="CT"),
+    ingest(IngestConfig(inputs=[src], out=shards, workers=1, files_per_chunk=4, samples_per_shard=3,
+                        nifti_modality="CT"),
            show_progress=False)
     return root, shards
 
@@ -235,7 +236,8 @@ def test_bench_curates_the_pool_before_pretraining(tmp_path):
                            "n_prototypes": 4, "warmup_steps": 1, "freeze_prototypes_steps": 1,
                            "augment": {"global_size": 32, "local_size": 16, "n_local": 2}},
               "finetune": {"input_size": 32, "epochs": 1, "batch_size": 8, "bootstrap": 20},
-              "arms": [{"name": "scratch", "init": "scratch", "mode": "knn"}, {"name": "ssl", "init": "ssl", "mode": "knn"}],
+              "arms": [{"name": "scratch", "init": "scratch", "mode": "knn"},
+                       {"name": "ssl", "init": "ssl", "mode": "knn"}],
               "label_fractions": [1.0], "seeds": [0], "robustness_fractions": [], "workers": 1}
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
     assert main(["bench", "--config", str(tmp_path / "bench.yaml"), "--quiet"]) == 0

@@ -23,7 +23,8 @@ import numpy as np
 
 BANDS = 4
 BAND_BITS = 64 // BANDS
-MAX_THRESHOLD = 11      # band radius 2 (137 lookups per band); a pHash distance above ~10 of 64 is no longer "near-identical"
+# band radius 2 (137 lookups per band); a pHash distance above ~10 of 64 is no longer "near-identical"
+MAX_THRESHOLD = 11
 
 
 def _flip_masks(bits: int, radius: int) -> list[int]:

@@ -88,7 +88,8 @@ def _check_out(out: Path, record: dict, inputs: list[str | Path]) -> None:
         earlier = json.loads(state.read_text())
         if earlier != record:
             changed = [k for k in record if earlier.get(k) != record[k]]
-            raise ConfigError(f"{out} was curated with other {' and '.join(changed)}: choose another --out or delete it")
+            raise ConfigError(f"{out} was curated with other {' and '.join(changed)}: choose another --out or "
+                              "delete it")
     elif out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty and holds no curate.json: choose a new or empty folder for --out")
 
@@ -165,7 +166,8 @@ def _fixed_key(key: str, shard: InputShard) -> bytes:
 
 def _keys(work: Path, n: int) -> np.ndarray:
     """The sample keys as a read-only array on disk ('S32', NUL-padded)."""
-    return np.memmap(work / "keys.bin", dtype=f"S{KEY_BYTES}", mode="r", shape=(n,)) if n else np.empty(0, f"S{KEY_BYTES}")
+    return (np.memmap(work / "keys.bin", dtype=f"S{KEY_BYTES}", mode="r", shape=(n,)) if n
+            else np.empty(0, f"S{KEY_BYTES}"))
 
 
 def visit_order(h: Hashes) -> np.ndarray:
