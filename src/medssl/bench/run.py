@@ -30,12 +30,12 @@ from medssl.bench import plots
 from medssl.bench.pool import pretraining_pool, write_task_csv
 from medssl.bench.results import load_results, markdown, summarise
 from medssl.bench.runs import execute, finetune_settings, pending_job, run_matrix
-from medssl.machine import machine_facts
 from medssl.config import BenchConfig, ConfigError, CurateConfig, IngestConfig, PretrainConfig, dump_config
-from medssl.train.pretrain import SNAPSHOTS
 from medssl.downstream.api import prepare_task
 from medssl.downstream.curve import PLOT, probe_curve
 from medssl.downstream.tasks import Task
+from medssl.machine import machine_facts
+from medssl.train.pretrain import SNAPSHOTS
 
 RESULTS = "results.json"
 
@@ -48,7 +48,8 @@ def _pool_stage(cfg: BenchConfig, tasks: dict[str, Task], out: Path, show_progre
         raise ConfigError("the pretraining pool is empty: the tasks' train splits hold no usable file")
     record = {"files": [str(f) for f in pool.files], "sources": pool.summary}
     pool_file = out / "pool.json"
-    if (out / "shards").exists() and pool_file.is_file() and json.loads(pool_file.read_text())["files"] != record["files"]:
+    if ((out / "shards").exists() and pool_file.is_file()
+            and json.loads(pool_file.read_text())["files"] != record["files"]):
         raise ConfigError(f"{out}: the pretraining pool differs from the one its shards/ and pretrain/ were made from "
                           "(tasks, splits or unlabeled inputs changed); choose another --out or delete those folders")
     atomic_write_text(pool_file, json.dumps(record, indent=1))
@@ -131,7 +132,8 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
 
     specs = run_matrix(cfg)
     jobs = [job for spec in specs
-            if (job := pending_job(spec, finetune_settings(cfg, spec, out / "tasks" / f"{spec.task}.csv", out / "pretrain"),
+            if (job := pending_job(spec,
+                                   finetune_settings(cfg, spec, out / "tasks" / f"{spec.task}.csv", out / "pretrain"),
                                    cfg.robustness_levels))]
     t = time.perf_counter()
     outcomes = execute(jobs, tasks, cfg, show_progress)
