@@ -9,8 +9,15 @@ import sys
 from pathlib import Path
 
 from medssl import __version__, storage
-from medssl.config import (BenchConfig, ConfigError, CurateConfig, FinetuneConfig, IngestConfig, PretrainConfig,
-                           load_config)
+from medssl.config import (
+    BenchConfig,
+    ConfigError,
+    CurateConfig,
+    FinetuneConfig,
+    IngestConfig,
+    PretrainConfig,
+    load_config,
+)
 
 
 def _settings_epilog(model, flags) -> str:
@@ -104,7 +111,9 @@ _FINETUNE_FLAGS = ("task", "init", "mode", "label_fraction", "seed", "out", "tar
 
 def _finetune_parser(sub) -> None:
     p = sub.add_parser(
-        "finetune", help="train and evaluate on a labeled task (kNN, linear probe, fine-tuning or hybrid) from a run, a weights file or scratch",
+        "finetune",
+        help="train and evaluate on a labeled task (kNN, linear probe, fine-tuning or hybrid) from a run, a weights "
+             "file or scratch",
         description="Train a classifier on a task CSV (path,label[,split][,group]) from a pretrained run folder or "
                     "from scratch, pick the epoch with the best validation AUC, and report the test AUC with a "
                     "bootstrap 95% interval. Writes metrics.json, best.pt and test_predictions.csv to --out.",
@@ -119,7 +128,8 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--out", type=Path, help="output folder")
     p.add_argument("--target-auc", type=float, help="report the steps needed to reach this validation AUC")
     p.add_argument("--target-from", type=Path, help="target = another finetune output folder's best validation AUC")
-    p.add_argument("--skip-bad", action="store_true", default=None, help="leave out missing/unreadable images (listed in metrics.json)")
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="leave out missing/unreadable images (listed in metrics.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_args(p)
 
@@ -161,7 +171,8 @@ def _run_finetune(args) -> int:
         print(f"skipped {len(m['task']['skipped'])} unusable images (listed in metrics.json under task.skipped)")
     if m["target_auc"] is not None:
         reached = m["steps_to_target"]
-        print(f"validation AUC {m['target_auc']:.4f} " + (f"reached at step {reached}" if reached is not None else "never reached"))
+        print(f"validation AUC {m['target_auc']:.4f} "
+              + (f"reached at step {reached}" if reached is not None else "never reached"))
     print(f"metrics: {Path(cfg.out) / METRICS}")
     return 0
 
@@ -230,8 +241,8 @@ def _bench_parser(sub) -> None:
 
 def _run_bench(args) -> int:
     from medssl.bench import report_task, run_bench
-    from medssl.report import build_report
     from medssl.downstream import TaskError
+    from medssl.report import build_report
     from medssl.train.pretrain import TrainingDiverged
 
     cfg = load_config(BenchConfig, args.config, {"out": args.out, "workers": args.workers}, args.overrides)
@@ -347,7 +358,8 @@ def _report_parser(sub) -> None:
     )
     p.add_argument("dir", type=Path, help="an ingest output, a pretraining run, a downstream run, or a folder of them")
     p.add_argument("--out", type=Path, help="HTML file to write (default DIR/report.html)")
-    p.add_argument("--task", type=Path, help="task CSV whose labels colour the embedding map (images matched by content)")
+    p.add_argument("--task", type=Path,
+                   help="task CSV whose labels colour the embedding map (images matched by content)")
     p.add_argument("--embed-samples", type=int, help="shard images in the embedding map (default 300)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
 
@@ -380,10 +392,12 @@ def _export_parser(sub) -> None:
     )
     p.add_argument("run", type=storage.location, help="a `medssl pretrain` run folder (local or s3://bucket/prefix)")
     p.add_argument("--format", required=True, choices=["timm", "onnx"], help="timm folder or ONNX file")
-    p.add_argument("--out", required=True, type=Path, help="folder to write: absent, empty, or an earlier export of the same format")
+    p.add_argument("--out", required=True, type=Path,
+                   help="folder to write: absent, empty, or an earlier export of the same format")
     p.add_argument("--license", help="licence of the weights, e.g. cc-by-nc-4.0 (default: unspecified)")
     p.add_argument("--shards", nargs="+", type=storage.location, metavar="DIR",
-                   help="the pretraining's ingest outputs, if they moved since the run (default: as its card names them)")
+                   help="the pretraining's ingest outputs, if they moved since the run (default: as its card names "
+                        "them)")
     p.add_argument("--check-images", type=int, default=8, help="shard images the export is checked on (default 8)")
 
 
@@ -401,7 +415,8 @@ def _run_export(args) -> int:
     print(f"{args.format} export of {card['architecture']} ({card['feature_dim']} features): {args.out}")
     print(f"lineage: {data['source_files']} source files, {data['images']} images (sources.sha256); "
           f"licence: {card['license']}")
-    print("check: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in card["checks"].items()))
+    print("check: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in card["checks"].items()))
     return 0
 
 
@@ -418,8 +433,8 @@ def _embed_parser(sub) -> None:
         description="Run a pretrained encoder over every sample of a `medssl ingest` output (or over image files and "
                     "folders, read by medssl's readers: the middle frame of a volume) in batches, and write the "
                     "features to Parquet parts under --out (parts/*.parquet: key, source_sha256, modality, frame, a "
-                    "thumbnail reference, embedding). Inputs are prepared as for fine-tuning. Rerun the same command to "
-                    "resume: finished parts are kept. Then: medssl search --index OUT, medssl serve --index OUT.",
+                    "thumbnail reference, embedding). Inputs are prepared as for fine-tuning. Rerun the same command "
+                    "to resume: finished parts are kept. Then: medssl search --index OUT, medssl serve --index OUT.",
     )
     p.add_argument("inputs", nargs="+", type=storage.location, metavar="DATASET_OR_FILES",
                    help="one ingest output folder (local or s3://), or image files and folders")
@@ -435,8 +450,8 @@ def _run_embed(args) -> int:
     from medssl.retrieval.embed import embed
 
     try:
-        summary = embed(args.inputs, args.run, args.out, batch_size=args.batch_size, ct_window=_ct_window(args.ct_window),
-                        device=args.device, show_progress=not args.quiet)
+        summary = embed(args.inputs, args.run, args.out, batch_size=args.batch_size,
+                        ct_window=_ct_window(args.ct_window), device=args.device, show_progress=not args.quiet)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -521,8 +536,8 @@ def _run_serve(args) -> int:
         return 1
     server = make_server(index, args.host, args.port, args.max_upload_mb, quiet=args.quiet)
     host, port = server.server_address[:2]
-    print(f"serving {index.count} images of {args.index} on http://{'localhost' if host == '127.0.0.1' else host}:{port}/ "
-          "(Ctrl-C stops)", flush=True)
+    print(f"serving {index.count} images of {args.index} on "
+          f"http://{'localhost' if host == '127.0.0.1' else host}:{port}/ (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
