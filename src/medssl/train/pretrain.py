@@ -2,8 +2,8 @@
 
 Three parts, as in DINO's ``train_one_epoch``: ``build`` makes everything a run needs (stream, model, loss,
 optimiser; state from the checkpoint when resuming) into one ``Pretraining``; ``train_step`` is one
-optimisation step on one batch (``forward_loss``, ``backward``, ``optimizer_step``); ``pretrain`` is the loop around them:
-logging, snapshots, checkpoints. Works the same in one process and under ``torchrun`` (DDP; nccl on GPUs,
+optimisation step on one batch (``forward_loss``, ``backward``, ``optimizer_step``); ``pretrain`` is the loop around
+them: logging, snapshots, checkpoints. Works the same in one process and under ``torchrun`` (DDP; nccl on GPUs,
 gloo on CPU).
 
 Resume: rerunning the same command continues from ``checkpoint.pt`` in the run folder. The checkpoint
