@@ -257,3 +257,16 @@ def test_flip_masks_cover_the_radius():
     assert len(masks) == len(set(masks)) == 1 + 16 + 120
     assert {bin(m).count("1") for m in masks} == {0, 1, 2}
     assert all(m < 2**16 for m in masks)
+
+
+def test_a_damaged_input_is_named(archive, tmp_path):
+    import shutil
+
+    _, shards = archive
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    index = json.loads((copy / "index.json").read_text())
+    index["shards"][0]["samples"] += 1
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"{index['shards'][0]['name']} holds .* samples, its index.json lists"):
+        curate(CurateConfig(shards=[copy], out=tmp_path / "out"), show_progress=False)

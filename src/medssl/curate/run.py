@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import zstandard
 from tqdm import tqdm
 
 from medssl import storage
@@ -135,7 +136,11 @@ def _hash_pass(shards: list[InputShard], cfg: CurateConfig, work: Path, show_pro
                                      "the dataset is damaged")
                 i = shard.first + n
                 meta = sample.meta
-                hashes[i] = sample_hash(sample, cfg.ct_window)
+                try:
+                    hashes[i] = sample_hash(sample, cfg.ct_window)
+                except (ValueError, KeyError, zstandard.ZstdError, OSError) as e:
+                    raise ValueError(f"{shard.path}: sample {sample.key} cannot be decoded ({type(e).__name__}: {e}); "
+                                     "the dataset is damaged") from None
                 sid = meta.get("linkage", {}).get("series") or meta["source"]["sha256"]
                 series[i] = series_ids.setdefault(sid, len(series_ids))
                 p = meta["source"].get("plane")
@@ -198,8 +203,8 @@ def _write_shards(shards: list[InputShard], kept: np.ndarray, out: Path, show_pr
             continue
         path = out / "shards" / shard.out_name
         if not path.is_file():
-            samples = [s for s, keep in zip(read_shard(shard.path), mask) if keep]
-            write_shard(path, samples)
+            # A generator: one sample in memory at a time (a shard of 512-px CT slices holds ~0.5 GB).
+            write_shard(path, (s for s, keep in zip(read_shard(shard.path), mask) if keep))
         rows.append({"name": shard.out_name, "samples": n_kept, "bytes": path.stat().st_size})
     return rows
 
