@@ -279,3 +279,26 @@ def test_a_finetune_diverged_before_any_evaluation_is_a_failed_run(tmp_path, mon
     outcome = runs._run_one(runs.Job(spec, runs.finetune_settings(cfg, spec, tmp_path / "t.csv", tmp_path), True, {}))
     assert not outcome["ok"] and outcome["error"].startswith("TrainingDiverged: the training loss was non-finite")
     assert "lower lr" in outcome["error"] and "Traceback" in outcome["traceback"]
+
+
+def test_a_finetune_arm_whose_only_scratch_baseline_is_knn_gets_no_steps_saved(tmp_path):
+    """A kNN baseline trains nothing (best step 0): steps saved against it are undefined, not a division by 0."""
+    from medssl.bench.results import load_results, summarise
+    from medssl.bench.runs import run_matrix
+
+    cfg = BenchConfig.model_validate({"out": tmp_path, "tasks": [{"name": "t", "csv": "t.csv"}],
+                                      "label_fractions": [1.0], "seeds": [0],
+                                      "arms": [{"name": "scratch-knn", "init": "scratch", "mode": "knn"},
+                                               {"name": "ssl-finetune", "init": "ssl", "mode": "finetune"}]})
+    for spec in run_matrix(cfg):
+        knn = spec.arm == "scratch-knn"
+        metrics = {"test_auc": 0.6 if knn else 0.8, "test_auc_ci": None, "best_val_auc": 0.6 if knn else 0.7,
+                   "best_step": 0 if knn else 6, "steps": 0 if knn else 6, "train_seconds": 1.0,
+                   "history": [] if knn else [{"epoch": 1, "step": 6, "val_auc": 0.7}],
+                   "task": {"labeled_train": 10, "images": {"test": 8}}, "status": "completed", "diverged": None}
+        (tmp_path / spec.folder).mkdir(parents=True)
+        (tmp_path / spec.folder / "metrics.json").write_text(json.dumps(metrics))
+    rows = {r["arm"]: r for r in summarise(cfg, load_results(cfg, run_matrix(cfg)))["rows"]}
+    ssl = rows["ssl-finetune"]
+    assert ssl["baseline"] == "scratch-knn" and ssl["auc_diff"] == [pytest.approx(0.2)]
+    assert ssl["steps_saved"] == [] and ssl["steps_saved_mean"] is None

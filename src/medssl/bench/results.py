@@ -98,8 +98,9 @@ def summarise(cfg: BenchConfig, results: list[RunResult]) -> dict:
 
 def _against_baseline(runs: list[RunResult], by_key: dict, task: str, base: str, fraction: float,
                       frozen: bool) -> dict:
-    """Δ AUC paired by seed; steps to the baseline's best, except for frozen-encoder arms (kNN trains nothing,
-    a linear probe's steps train a head alone: neither compares with fine-tuning steps)."""
+    """Δ AUC paired by seed; steps to the baseline's best, except for frozen-encoder arms and against a kNN
+    baseline (kNN trains nothing, a linear probe's steps train a head alone: neither compares with fine-tuning
+    steps)."""
     diffs, saved, reached_at, base_steps = [], [], [], []
     for r in runs:
         b = by_key.get((task, base, fraction, r.spec.seed))
@@ -107,7 +108,7 @@ def _against_baseline(runs: list[RunResult], by_key: dict, task: str, base: str,
             continue
         if r.metrics["test_auc"] is not None and b.metrics["test_auc"] is not None:  # paired only where both scored
             diffs.append(r.metrics["test_auc"] - b.metrics["test_auc"])
-        if frozen:
+        if frozen or not b.metrics["best_step"]:  # a kNN baseline trains nothing: no steps to compare with
             continue
         target = b.metrics["best_val_auc"]
         reached = steps_to_target(r.metrics["history"], target)
