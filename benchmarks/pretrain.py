@@ -229,31 +229,19 @@ class PeerRun:
 
     def steps(self, n: int, profile_step: int | None = None):
         n_global = self.cfg.multicrop().n_global
-        it = forever(self.loader())
-        last = time.perf_counter()
-        for step in range(n):
-            prof = _profiler() if step == profile_step else None
-            if prof:
-                prof.__enter__()
-            batch = next(it)
-            t_data = time.perf_counter()
+
+        def forward(batch):
             self.model.prototypes.normalize()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 outputs = [self.model(x) for x in batch]
-            loss = self.criterion([o.float() for o in outputs[:n_global]], [o.float() for o in outputs[n_global:]])
-            t_fwd = time.perf_counter()
-            loss.backward()
-            t_bwd = time.perf_counter()
+            return self.criterion([o.float() for o in outputs[:n_global]], [o.float() for o in outputs[n_global:]])
+
+        def update():
             self.optimizer.step()
             self.optimizer.zero_grad()
-            loss.item()
-            now = time.perf_counter()
-            if prof:
-                prof.__exit__(None, None, None)
-            yield {"data": t_data - last, "forward": t_fwd - t_data, "backward": t_bwd - t_fwd,
-                   "optimizer": now - t_bwd, "total": now - last, "profile": prof,
-                   "main_cpu": time.process_time(), "worker_cpu": children_cpu()}
-            last = now
+
+        it = forever(self.loader())
+        yield from phase_steps(it, n, profile_step, forward, lambda loss: loss.backward(), update)
         del it  # joins the workers
 
 
@@ -262,33 +250,45 @@ def ours_steps(shards: Path, cfg: PretrainConfig, n: int, profile_step: int | No
     ``forward_loss``, ``backward`` and ``optimizer_step``, timed one by one; for the profile."""
     with tempfile.TemporaryDirectory(prefix="medssl-bench-steps-") as out:
         run = build(cfg.model_copy(update={"shards": [shards], "out": Path(out)}), init_distributed("cpu"))
-        it = forever(run.loader)
-        last = time.perf_counter()
-        for step in range(n):
-            prof = _profiler() if step == profile_step else None
-            if prof:
-                prof.__enter__()
-            batch = next(it)
-            t_data = time.perf_counter()
+
+        def forward(batch):
             for group in run.optimizer.param_groups:
                 group["lr"] = run.lr()
             loss, _, embeddings = forward_loss(run, batch)
             torch.isfinite(loss).item()
             run.optimizer.zero_grad(set_to_none=True)
             run.loss_fn.enqueue(embeddings)
-            t_fwd = time.perf_counter()
-            backward(run, loss)
-            t_bwd = time.perf_counter()
-            optimizer_step(run)
-            loss.item()
-            now = time.perf_counter()
-            if prof:
-                prof.__exit__(None, None, None)
-            yield {"data": t_data - last, "forward": t_fwd - t_data, "backward": t_bwd - t_fwd,
-                   "optimizer": now - t_bwd, "total": now - last, "profile": prof,
-                   "main_cpu": time.process_time(), "worker_cpu": children_cpu()}
-            last = now
+            return loss
+
+        it = forever(run.loader)
+        yield from phase_steps(it, n, profile_step, forward, lambda loss: backward(run, loss),
+                               lambda: optimizer_step(run))
         del it
+
+
+def phase_steps(batches, n: int, profile_step: int | None, forward, backward, update):
+    """``n`` steps timed phase by phase: waiting for ``next(batches)``, ``forward(batch) -> loss`` (loss
+    included), ``backward(loss)``, ``update()`` (optimiser); step ``profile_step`` runs under torch.profiler."""
+    last = time.perf_counter()
+    for step in range(n):
+        prof = _profiler() if step == profile_step else None
+        if prof:
+            prof.__enter__()
+        batch = next(batches)
+        t_data = time.perf_counter()
+        loss = forward(batch)
+        t_fwd = time.perf_counter()
+        backward(loss)
+        t_bwd = time.perf_counter()
+        update()
+        loss.item()
+        now = time.perf_counter()
+        if prof:
+            prof.__exit__(None, None, None)
+        yield {"data": t_data - last, "forward": t_fwd - t_data, "backward": t_bwd - t_fwd,
+               "optimizer": now - t_bwd, "total": now - last, "profile": prof,
+               "main_cpu": time.process_time(), "worker_cpu": children_cpu()}
+        last = now
 
 
 class OutsideLoad:

@@ -284,6 +284,16 @@ def settings_of(model: type[BaseModel]) -> Any:
     return Annotated[dict[str, Any], AfterValidator(check)]
 
 
+def _positive_width(v: tuple[float, float]) -> tuple[float, float]:
+    if v[1] <= 0:
+        raise ValueError(f"need [level, width] with width > 0, got {list(v)}")
+    return v
+
+
+# A CT display window: (level, width) in HU.
+CtWindow = Annotated[tuple[float, float], AfterValidator(_positive_width)]
+
+
 # Hybrid fine-tuning's default weight of the self-supervised term (relative, ssl_scale "start"); chosen on
 # validation AUC, see BENCHMARKS.md "The hybrid regime".
 HYBRID_SSL_WEIGHT = 0.1
@@ -313,7 +323,7 @@ class FinetuneConfig(StrictModel):
         default=None, description="binary tasks: the positive class (default: the second in sorted order)")
     input_size: int = Field(
         default=224, ge=8, description="images are resized (aspect kept, padded) to input_size x input_size")
-    ct_window: tuple[float, float] = Field(
+    ct_window: CtWindow = Field(
         default=(40.0, 400.0),
         description="(level, width) in HU through which CT images reach the encoder; default soft tissue, e.g. [40, "
                     "80] for brain")
@@ -420,13 +430,6 @@ class FinetuneConfig(StrictModel):
         # Recorded in metrics.json and best.pt: `medssl evaluate` must find the task from any working folder.
         return v.absolute() if v is not None else None
 
-    @field_validator("ct_window")
-    @classmethod
-    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[1] <= 0:
-            raise ValueError(f"need [level, width] with width > 0, got {list(v)}")
-        return v
-
     @field_validator("augment", "ssl_augment")
     @classmethod
     def _crop_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
@@ -524,15 +527,8 @@ class CurateConfig(StrictModel):
         default=4, ge=0, le=11,
         description="two images whose 64-bit perceptual hashes differ in at most this many bits are near-identical: "
                     "the later one is dropped (0: identical hashes only)")
-    ct_window: tuple[float, float] = Field(
+    ct_window: CtWindow = Field(
         default=(40.0, 400.0), description="(level, width) in HU through which CT is hashed (as displayed)")
-
-    @field_validator("ct_window")
-    @classmethod
-    def _window(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if v[1] <= 0:
-            raise ValueError(f"ct_window width must be positive, got {v[1]}")
-        return v
 
 
 class BenchTask(StrictModel):

@@ -99,3 +99,12 @@ def map_frame(source: SourceImage, frame: Frame,
     else:
         out = _display_scale(source, frame, values, percentiles, steps)
     return out.astype(np.float32), Intensity("normalized", "1", steps)
+
+
+def to_display(values: np.ndarray, hounsfield: bool, ct_window: tuple[float, float]) -> np.ndarray:
+    """A sample's values in its convention -> [0, 1] as a viewer shows them: ``hounsfield`` values through
+    ``ct_window`` (level, width in HU); ``normalized`` values are already display values."""
+    if hounsfield:
+        level, width = ct_window
+        values = (values - (level - width / 2)) / width
+    return np.clip(values, 0.0, 1.0)

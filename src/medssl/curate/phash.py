@@ -17,6 +17,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from medssl.intensity import to_display
 from medssl.shard_format import Sample, decode_pixels
 
 HASH_SIDE = 8  # 8 x 8 coefficients -> 64 bits
@@ -25,11 +26,8 @@ _BIT_WEIGHTS = (np.uint64(1) << np.arange(HASH_SIDE * HASH_SIDE, dtype=np.uint64
 
 def display_values(sample: Sample, ct_window: tuple[float, float]) -> np.ndarray:
     """The sample's pixels in [0, 1] as displayed: CT through ``ct_window`` (level, width in HU)."""
-    values = decode_pixels(sample.pixels, sample.meta)
-    if sample.meta["intensity"]["semantics"] == "hounsfield":
-        level, width = ct_window
-        values = (values - (level - width / 2)) / width
-    return np.clip(values, 0.0, 1.0)
+    hounsfield = sample.meta["intensity"]["semantics"] == "hounsfield"
+    return to_display(decode_pixels(sample.pixels, sample.meta), hounsfield, ct_window)
 
 
 def phash(image: np.ndarray) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medssl import intensity
 from medssl.shard_format import decode_pixels, read_shard
 
 # CT is stored in Hounsfield units; the encoder takes [0, 1]. A soft-tissue window (level 40, width 400)
@@ -62,7 +63,5 @@ def _spread_shards(folders: list[Path], max_shards: int) -> list[Path]:
 
 def to_display(values: np.ndarray, meta: dict) -> np.ndarray:
     """Stored values -> [0, 1]: CT through CT_WINDOW, the rest is already in [0, 1]."""
-    if meta.get("intensity", {}).get("semantics") == "hounsfield":
-        level, width = CT_WINDOW
-        values = (values - (level - width / 2)) / width
-    return np.clip(values, 0.0, 1.0).astype(np.float32)
+    hounsfield = meta.get("intensity", {}).get("semantics") == "hounsfield"
+    return intensity.to_display(values, hounsfield, CT_WINDOW).astype(np.float32)

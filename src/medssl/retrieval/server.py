@@ -31,12 +31,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from medssl.intensity import to_display
 from medssl.io import Rejected
 from medssl.io.isolation import Budget
 from medssl.retrieval.embed import Encoder
 from medssl.retrieval.files import decode_file
 from medssl.retrieval.index import SearchIndex
-from medssl.retrieval.thumbnails import display, png, shard_sample_pixels
+from medssl.retrieval.thumbnails import png, shard_sample_pixels
 
 MAX_K = 100
 MAX_PAGE = 200
@@ -100,7 +101,7 @@ class SearchApp:
             except Rejected as r:
                 raise RequestError(HTTPStatus.UNPROCESSABLE_ENTITY,
                                    f"the uploaded file could not be read as an image ({r.code}): {r.detail}") from None
-        thumbnail = png(display(decoded.values, decoded.is_ct, self.ct_window))
+        thumbnail = png(to_display(decoded.values, decoded.is_ct, self.ct_window))
         query = {"row": None, "key": decoded.key, "modality": decoded.modality, "frame": decoded.frame,
                  "thumbnail": "data:image/png;base64," + base64.b64encode(thumbnail).decode()}
         return {"query": query, "neighbours": self._neighbours(vector, k)}
@@ -116,7 +117,7 @@ class SearchApp:
             with self._lock:
                 decoded = decode_file(Path(r["path"]), self._get_encoder().decode_settings(), UPLOAD_BUDGET)
             values, is_ct = decoded.values, decoded.is_ct
-        return png(display(values, is_ct, self.ct_window))
+        return png(to_display(values, is_ct, self.ct_window))
 
     def _get_encoder(self) -> Encoder:
         """Loaded at the first upload (callers hold the lock): browsing the archive needs no encoder."""

@@ -20,14 +20,6 @@ from medssl.shard_format import decode_pixels, read_shard
 THUMBNAIL_SIZE = 128
 
 
-def display(values: np.ndarray, is_ct: bool, ct_window: tuple[float, float]) -> np.ndarray:
-    """Stored values -> [0, 1] as the encoder saw them: CT through ``ct_window`` (level, width)."""
-    if is_ct:
-        level, width = ct_window
-        values = (values - (level - width / 2)) / width
-    return np.clip(values, 0.0, 1.0)
-
-
 def png(image: np.ndarray, size: int = THUMBNAIL_SIZE) -> bytes:
     """A [0, 1] image -> 8-bit grey PNG whose longer side is ``size`` (aspect kept)."""
     grey = Image.fromarray(np.rint(image * 255).astype(np.uint8))

@@ -239,7 +239,6 @@ def _loop(run: Pretraining, show_progress: bool) -> str | Path:
     seen, t_log = 0, time.perf_counter()
     while run.step < run.total_steps:
         for batch in run.loader:  # goes on from the stream's position, into the next epoch when one is used up
-            lr = run.lr()
             result = train_step(run, batch)
             if result is None:
                 run.bad_steps += 1
@@ -256,7 +255,7 @@ def _loop(run: Pretraining, show_progress: bool) -> str | Path:
 
             if run.step % cfg.log_every == 0 or run.step == run.total_steps:
                 elapsed = time.perf_counter() - t_log
-                record = {"step": run.step, "epoch": run.stream.epoch, "lr": lr,
+                record = {"step": run.step, "epoch": run.stream.epoch, "lr": run.optimizer.param_groups[0]["lr"],
                           "loss": all_reduce_mean(loss.detach()).item(),
                           **{k: all_reduce_mean(v).item() for k, v in parts.items()},
                           "images_per_s": seen / elapsed if elapsed > 0 else 0.0}
