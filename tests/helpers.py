@@ -77,3 +77,76 @@ def write_blob_task(root: Path, with_ct: bool = True) -> Path:
     with open(root / "task.csv", "w", newline="") as f:
         csv.writer(f).writerows([("path", "label", "group"), *rows])
     return root / "task.csv"
+
+
+class FaultProxy:
+    """A TCP proxy in front of a real server (moto's S3) that goes down the moment a request matches
+    ``trigger`` (a regex on the request's first line), as a store does in an outage: that connection and
+    every open one are cut and new ones refused until ``up()``. A fault injector, not a fake: every request
+    that gets through is answered by the real server."""
+
+    def __init__(self, target_port: int, trigger: str | None = None):
+        import re
+        import socket
+        import threading
+
+        self._socket, self._threading = socket, threading
+        self.target = target_port
+        self.trigger = re.compile(trigger.encode()) if trigger else None
+        self.tripped = threading.Event()
+        self._conns: list = []
+        self._lock = threading.Lock()
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.up()
+
+    def up(self) -> None:
+        s = self._socket.socket()
+        s.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(128)
+        self._listener = s
+        self.tripped.clear()
+        self._threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def down(self) -> None:
+        self.tripped.set()
+        self.trigger = None
+        with self._lock:
+            for c in [self._listener, *self._conns]:
+                try:
+                    c.shutdown(self._socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self._conns.clear()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = self._socket.create_connection(("127.0.0.1", self.target))
+            with self._lock:
+                self._conns += [client, server]
+            self._threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            self._threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src, dst, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if from_client and self.trigger is not None and self.trigger.match(data):
+                    self.down()
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for c in (src, dst):
+                try:
+                    c.shutdown(self._socket.SHUT_RDWR)
+                except OSError:
+                    pass

@@ -305,3 +305,33 @@ def test_codestream_declaring_more_than_the_dicom_header_is_refused_before_decod
     monkeypatch.setattr(dicom, "pixel_array", lambda *a, **k: pytest.fail("decoded before the codestream check"))
     code, detail = _reason(tmp_path / name)
     assert code == "decode_failed" and "the codestream of frame 0 declares" in detail
+
+
+@pytest.mark.parametrize("box", [b"\x00\x00\x00\x00ftyp", b"\x00\x00\x00\x03ftyp", b"\x00\x00\x00\x01ftyp"])
+def test_jp2_box_chain_that_would_loop_pydicom_is_rejected_at_once(tmp_path, box):
+    """A JP2 box of length 0 made pydicom's get_j2k_parameters loop forever: ingest lost a worker's whole
+    file_timeout_s per file, and medssl serve held its upload lock for 60 s."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(TEST_FILES / "JPEG2000.dcm")
+    codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    jp2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + box + b"\0" * 8 + struct.pack(">I", 8 + len(codestream)) + b"jp2c"
+    ds.PixelData = encapsulate([jp2 + codestream])
+    ds.save_as(tmp_path / "jp2.dcm")
+    assert _reason(tmp_path / "jp2.dcm")[0] == "decode_failed"
+    assert "JP2 box 'ftyp'" in _reason(tmp_path / "jp2.dcm")[1]
+    outcome = process_file(FileTask(0, str(tmp_path / "jp2.dcm"), "ab" * 32), IngestConfig(file_timeout_s=20), SALT)
+    assert outcome.reason.startswith("decode_failed")
+
+
+def test_a_valid_jp2_box_chain_passes_the_check():
+    from medssl.io.codestream import jp2_box_error
+
+    ftyp = b"jp2 " + b"\0\0\0\0" + b"jp2 "
+    head = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + struct.pack(">I", 8 + len(ftyp)) + b"ftyp" + ftyp
+    assert jp2_box_error(head + b"\x00\x00\x00\x00jp2c" + b"\xff\x4f\xff\x51") is None  # last box: to the end
+    assert jp2_box_error(head + b"\x00\x00\x00\x01jp2c" + struct.pack(">Q", 20) + b"\xff\x4f") is None
+    xl = b"\x00\x00\x00\x01free" + struct.pack(">Q", 24) + b"\0" * 8
+    assert jp2_box_error(head + xl + b"\x00\x00\x00\x00jp2c") is None
+    assert jp2_box_error(b"\xff\x4f\xff\x51") is None  # a bare codestream: no boxes
+    assert "no codestream box" in jp2_box_error(head)

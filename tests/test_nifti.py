@@ -160,3 +160,19 @@ def test_pair_whose_voxel_file_is_a_fifo_is_rejected_without_opening_it(tmp_path
     with pytest.raises(Rejected) as err:
         read_image(tmp_path / "p.hdr")
     assert err.value.code == "unreadable_nifti" and "not a regular file" in err.value.detail
+
+
+@pytest.mark.parametrize("name", ["vol.nii", "vol.nii.gz"])
+def test_nifti_without_its_extension_is_read_by_content(tmp_path, name):
+    """Detected as NIfTI by content, then rejected (unreadable_nifti ... ImageFileError): nibabel chose its
+    reader by the file name."""
+    _write(tmp_path / name, "RAS")
+    bare = tmp_path / "in" / "1.2.840.99.7"  # as PACS exports and uploads name files
+    bare.parent.mkdir()
+    (tmp_path / name).rename(bare)
+    src = read_image(bare, nifti_modality="MR")
+    assert src.format == "nifti" and len(list(src.frames)) == NZ
+    ingest(IngestConfig(inputs=[bare.parent], out=tmp_path / "out", workers=1), show_progress=False)
+    rows = manifest(tmp_path / "out")
+    assert [r["status"] for r in rows] == ["ingested"], rows
+    assert len(shard_samples(tmp_path / "out")) == NZ

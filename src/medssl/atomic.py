@@ -1,7 +1,8 @@
 """Atomic file output: write to a temporary name in the same folder, fsync, then rename.
 
 A crash (even SIGKILL) leaves either the old file or the complete new one, never a partial file.
-Temporary files end in ``.tmp``; ``remove_stale_tmp`` clears those a crashed run left behind.
+Temporary files are named ``NAME.PID.tmp``; ``remove_stale_tmp`` clears those a crashed run left behind,
+and nothing else: a ``.tmp`` file of the user's is not ours to delete.
 An object-storage URL (see ``medssl.storage``) is written whole in one upload, which is atomic there.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -41,10 +43,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         f.write(text)
 
 
-def remove_stale_tmp(folder: Path) -> int:
-    """Delete ``*.tmp`` files under ``folder`` (left by a killed run); returns how many."""
+_STALE = re.compile(r".+\.\d+\.tmp")  # the names atomic_open writes to
+
+
+def remove_stale_tmp(folder: Path, subfolders: tuple[str, ...] = ("",)) -> int:
+    """Delete the temporary files of ``atomic_open`` (left by a killed run) directly in ``folder`` / each of
+    ``subfolders`` ("" is ``folder`` itself), not below them: only where the caller writes. Returns how many."""
     count = 0
-    for tmp in Path(folder).rglob("*.tmp"):
-        tmp.unlink(missing_ok=True)
-        count += 1
+    for name in subfolders:
+        here = Path(folder, name)
+        if not here.is_dir():
+            continue
+        for entry in os.scandir(here):
+            if _STALE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                count += 1
     return count

@@ -55,11 +55,16 @@ def _ingest_parser(sub) -> None:
 
 def _run_ingest(args) -> int:
     from medssl.ingest import ingest
+    from medssl.ingest.run import IngestUnfinished
 
     flags = {"inputs": args.inputs or None, "out": args.out, "workers": args.workers, "engine": args.engine,
              "ray_address": args.ray_address, "strict": args.strict}
     cfg = load_config(IngestConfig, args.config, flags, args.overrides)
-    summary = ingest(cfg, show_progress=not args.quiet)
+    try:
+        summary = ingest(cfg, show_progress=not args.quiet)
+    except IngestUnfinished as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     r = summary.report
     print(f"{r['files']} files: " + ", ".join(f"{n} {s}" for s, n in sorted(r["status"].items()))
           + f"; {r['samples']} images in {r['shards']} shards"
@@ -213,7 +218,9 @@ def _run_probe(args) -> int:
     seeds = _numbers(args.seeds, int, "--seeds")
     settings = load_config(FinetuneConfig, args.config, {"task": args.task}, args.overrides).model_dump()
     check_out(args.out, "folder", "--out")
-    task = prepare_task(args.task, show_progress=not args.quiet, **{k: settings[k] for k in TASK_SETTINGS})
+    # The CSV is prepare_task's first argument; the other task settings go by name.
+    task = prepare_task(args.task, show_progress=not args.quiet,
+                        **{k: settings[k] for k in TASK_SETTINGS if k != "task"})
     probe_settings = {k: v for k, v in settings.items() if k not in ("init", "mode", "label_fraction", "seed", "out")}
     curve = probe_curve(storage.location(args.run), task, args.out, fractions, seeds, probe_settings,
                         show_progress=not args.quiet)
@@ -619,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except storage.StorageError as e:  # one line naming the operation and the object, not a chained traceback
+        print(f"error: {e}; rerun the same command to resume once the store is reachable", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -88,6 +88,10 @@ class IngestConfig(StrictModel):
     salt_file: Path | None = Field(
         default=None, description="secret salt for identifier hashes (default ~/.medssl/salt)")
     strict: bool = Field(default=False, description="exit non-zero if any file is rejected")
+    lease_ttl_s: float = Field(
+        default=120.0, gt=0,
+        description="object-storage datasets: a writer's lease not renewed for this long is taken to belong to a "
+                    "run that died and is taken over (local folders use a lock the system frees itself)")
 
     @field_validator("percentiles")
     @classmethod

@@ -10,6 +10,12 @@ credentials come from the standard environment variables (``AWS_ENDPOINT_URL``, 
 store works without flags.
 
 Writing an object atomically is ``medssl.atomic.atomic_open``, which hands URLs to ``upload_atomically``.
+
+Transient faults of a store (no connection, timeouts, throttling, 5xx) are retried with exponential
+backoff for ``MEDSSL_STORAGE_RETRY_S`` seconds (default 60) on top of the client's own few retries; one
+that outlasts them, or any other failure, is a ``StorageError`` of one line naming the operation and the
+object. A store that is down for a minute must not turn good files into rejections or a run into a
+traceback.
 """
 
 from __future__ import annotations
@@ -17,15 +23,89 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
+
+T = TypeVar("T")
 
 # Bytes fetched per request when streaming an object, and held per open object. A GET costs some tens
 # of milliseconds before its first byte, so 4 MiB requests still move ~50 MB/s per stream, more than a
 # DataLoader worker decodes; and a worker reading its shards side by side (ShardStream's interleave,
 # 32 by default) holds 32 x 4 MiB, not 32 shards.
 READ_BLOCK = 4 * 2**20
+
+
+class StorageError(OSError):
+    """An object-storage operation that failed: one line naming the operation, the object and the cause."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient  # the store was unreachable or overloaded: the same call may work later
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __reduce__(self):  # across process pools
+        return StorageError, (self.args[0], self.transient)
+
+
+# Error types and codes of a store or network that is briefly unavailable (botocore, aiohttp, S3 codes).
+_TRANSIENT_TYPES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                    "ServerDisconnectedError", "ClientConnectorError", "ClientConnectionError", "ClientOSError",
+                    "ClientPayloadError", "ResponseStreamingError", "IncompleteReadError", "ProxyConnectionError"}
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeoutException",
+                    "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests",
+                    "500", "502", "503", "504"}
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) says the store was unreachable or overloaded, not that the
+    request was wrong: retrying later may succeed."""
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, StorageError):
+            return e.transient
+        if isinstance(e, ConnectionError | TimeoutError) or type(e).__name__ in _TRANSIENT_TYPES:
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if response.get("Error", {}).get("Code") in _TRANSIENT_CODES or status >= 500 or status == 429:
+                return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def retry_seconds() -> float:
+    return float(os.environ.get("MEDSSL_STORAGE_RETRY_S", "60"))
+
+
+def retrying(operation: str, url: str, call: Callable[[], T], budget_s: float | None = None) -> T:
+    """``call()``, retried with exponential backoff (0.5 s doubling to 8 s) while it fails transiently, for
+    at most ``budget_s`` (default ``MEDSSL_STORAGE_RETRY_S``). Raises a ``StorageError`` naming
+    ``operation`` and ``url`` when it fails otherwise or for longer."""
+    deadline = time.monotonic() + (retry_seconds() if budget_s is None else budget_s)
+    delay = 0.5
+    while True:
+        try:
+            return call()
+        except (FileNotFoundError, StorageError):
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below; anything else is re-raised as it is
+            transient = is_transient(e)
+            if not transient and not isinstance(e, OSError):
+                raise
+            if not transient or time.monotonic() + delay > deadline:
+                cause = str(e).splitlines()[0][:200] if str(e) else ""
+                what = f"{type(e).__name__}: {cause}" if cause else type(e).__name__
+                retried = " after retrying" if transient else ""
+                raise StorageError(f"cannot {operation} {url}{retried}: {what}", transient) from None
+            time.sleep(delay)
+            delay = min(2 * delay, 8.0)
 
 
 def is_url(loc: str | os.PathLike) -> bool:
@@ -66,7 +146,7 @@ def read_bytes(loc: str | Path) -> bytes:
     if not is_url(loc):
         return Path(loc).read_bytes()
     fs, path = filesystem(loc)
-    return fs.cat_file(path)
+    return retrying("read", str(loc), lambda: fs.cat_file(path))
 
 
 def read_text(loc: str | Path) -> str:
@@ -77,7 +157,7 @@ def exists(loc: str | Path) -> bool:
     if not is_url(loc):
         return Path(loc).exists()
     fs, path = filesystem(loc)
-    return fs.exists(path)
+    return retrying("look up", str(loc), lambda: fs.exists(path))
 
 
 def listdir(loc: str | Path) -> list[str]:
@@ -85,16 +165,22 @@ def listdir(loc: str | Path) -> list[str]:
     if not is_url(loc):
         return sorted(p.name for p in Path(loc).iterdir()) if Path(loc).is_dir() else []
     fs, path = filesystem(loc)
-    if not fs.isdir(path):
-        return []
-    return sorted(p.rstrip("/").rpartition("/")[2] for p in fs.ls(path, detail=False))
+
+    def names() -> list[str]:
+        try:
+            return fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+    # A prefix that names one object lists as itself: that is a file, not a folder.
+    found = [p for p in retrying("list", str(loc), names) if p.rstrip("/") != path.rstrip("/")]
+    return sorted(p.rstrip("/").rpartition("/")[2] for p in found)
 
 
 def size(loc: str | Path) -> int:
     if not is_url(loc):
         return Path(loc).stat().st_size
     fs, path = filesystem(loc)
-    return fs.size(path)
+    return retrying("read the size of", str(loc), lambda: fs.size(path))
 
 
 def remove(loc: str | Path) -> None:
@@ -103,8 +189,11 @@ def remove(loc: str | Path) -> None:
         Path(loc).unlink(missing_ok=True)
         return
     fs, path = filesystem(loc)
-    if fs.exists(path):
-        fs.rm_file(path)
+
+    def rm() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
+    retrying("delete", str(loc), rm)
 
 
 def makedirs(loc: str | Path) -> None:
@@ -125,4 +214,4 @@ def upload_atomically(url: str, mode: str = "wb") -> Iterator[IO]:
     with tempfile.NamedTemporaryFile(mode, suffix=".upload", **({} if "b" in mode else {"encoding": "utf-8"})) as tmp:
         yield tmp
         tmp.flush()
-        fs.put_file(tmp.name, path)
+        retrying("write", url, lambda: fs.put_file(tmp.name, path))

@@ -261,7 +261,7 @@ def curate(cfg: CurateConfig, show_progress: bool = True) -> dict:
     if (out / "report.json").is_file():
         return json.loads((out / "report.json").read_text())   # finished earlier with the same inputs and settings
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out)
+    remove_stale_tmp(out, ("", "shards", "manifest", "work"))
     atomic_write_text(out / "curate.json", json.dumps(record, indent=1))
     work = out / "work"
     work.mkdir(exist_ok=True)

@@ -50,6 +50,7 @@ class ChunkSummary:
     worker_peak_rss_bytes: int = 0
     worker_cpu_seconds: float = 0.0  # the decode worker's CPU time for this unit (not in this process's)
     worker_storage_read_bytes: int = 0  # what the decode worker read from storage (not the page cache)
+    unfinished: str | None = None  # why the unit stopped early (the store failed transiently): redone next run
 
 
 _SHUFFLE = 2  # first word of the unit's shuffle seed (a purpose of its own; see data/stream.py)
@@ -176,6 +177,11 @@ def run_chunk(job: ChunkJob) -> ChunkSummary:
         # then names that file once the generation is finished, dedup.resolve_unit), else decodes it.
         outcome = process_file_isolated(worker, FileTask(index, path, None), job.cfg, job.salt,
                                         (job.seen_db, job.content_db))
+        if outcome.status == "unfinished":  # the store is failing: the unit stops and is redone by the next run
+            spool.close()
+            return ChunkSummary(job.chunk, 0, 0, time.perf_counter() - start, bytes_read,
+                                worker.faults - faults_before, worker.peak_rss_bytes, worker.cpu_seconds - cpu_before,
+                                worker.storage_read_bytes - read_before, unfinished=outcome.reason)
         bytes_read += outcome.size
         if outcome.sha256 is not None:  # None: not hashed (unreadable, empty): nothing to compare
             if outcome.sha256 in in_unit and outcome.status != "duplicate":  # the worker's cache could not tell

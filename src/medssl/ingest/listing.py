@@ -60,7 +60,8 @@ def scan(inputs: list[Path], exclude: Path, after: tuple[int, tuple[bytes, ...]]
     links and entries that cannot be inspected (``unreadable_file``). Symbolic links to files are
     followed. A link to a folder inside the inputs gets a ``duplicate_folder`` row (its files are listed
     under their own path); a link to a folder outside them is walked, once: a second link to it, or a
-    loop, gets a ``duplicate_folder`` row. The output folder is skipped.
+    loop, gets a ``duplicate_folder`` row. A link to the output folder is skipped (the output cannot be
+    inside an input: ``ingest.output.check_no_overlap``).
     """
     exclude = Path(exclude).resolve() if not is_url(exclude) else None
     roots = [r if is_url(r) else Path(r) for r in inputs]
@@ -107,15 +108,18 @@ def _walk_url(r: int, root: str, skip: tuple[bytes, ...] | None) -> Iterator[Ent
 def _list_url(url: str) -> list[tuple[str, bool]] | str | None:
     """(name, is a folder) under a prefix in reverse sorted (byte) order; None if nothing is there;
     an ``unreadable_folder`` error if the listing fails."""
-    from medssl.storage import filesystem
+    from medssl.storage import StorageError, filesystem, retrying
 
     fs, path = filesystem(url)
     try:
-        found = fs.ls(path, detail=True)
+        found = retrying("list", url, lambda: fs.ls(path, detail=True))
     except FileNotFoundError:
         return None
-    except OSError as e:
-        return f"unreadable_folder: cannot list the prefix ({type(e).__name__}); its objects are not ingested"
+    except StorageError as e:
+        if e.transient:  # the store is down: stop the run (resumable) rather than skip a prefix for good
+            raise
+        cause = type(e.__context__).__name__ if e.__context__ else "OSError"
+        return f"unreadable_folder: cannot list the prefix ({cause}); its objects are not ingested"
     if len(found) == 1 and found[0]["type"] == "file" and found[0]["name"].rstrip("/") == path.rstrip("/"):
         return [("", False)]  # the URL is one object
     names = [(item["name"].rstrip("/").rpartition("/")[2], item["type"] == "directory") for item in found]
@@ -143,16 +147,17 @@ def _walk(r: int, root: str, inputs: list[Path], exclude: Path, walked: set,
             return f"unreadable_file: {why}"
         if not stat.S_ISDIR(info.st_mode):
             return kind_error(info.st_mode)
+        if not os.path.islink(path):  # a plain folder below a root: nothing to resolve (resolving every folder
+            return _list(root, child)  # of a deep tree costs time cubic in its depth)
         target = Path(path).resolve()
         if target == exclude:
             return _NO_ROW
-        if os.path.islink(path):
-            if _inside(target, inputs):
-                return _INSIDE_INPUTS
-            identity = (info.st_dev, info.st_ino)
-            if identity in walked:
-                return _WALKED
-            walked.add(identity)
+        if _inside(target, inputs):
+            return _INSIDE_INPUTS
+        identity = (info.st_dev, info.st_ino)
+        if identity in walked:
+            return _WALKED
+        walked.add(identity)
         return _list(root, child)
 
     yield from _depth_first(r, listing, skip, visit)

@@ -27,7 +27,7 @@ from medssl.io import Limits, Rejected, SourceImage, read_image
 from medssl.io.isolation import IsolatedWorker
 from medssl.privacy import keyed_hash, scrub
 from medssl.shard_format import Sample, encode_pixels, storage_for
-from medssl.storage import is_url, open_read
+from medssl.storage import StorageError, is_url, open_read, retrying
 
 # Linkage hashes written into sample metadata: which images share a patient, a study, a series.
 _LINKAGE = {"patient": "PatientID", "study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
@@ -44,7 +44,7 @@ class FileTask:
 
 @dataclass
 class FileOutcome:
-    status: str                       # ingested | rejected | duplicate
+    status: str                       # ingested | rejected | duplicate | unfinished (the store failed: next run)
     reason: str | None = None         # "code: detail" for rejections
     format: str | None = None
     modality: str | None = None
@@ -91,24 +91,35 @@ _fetched: dict[str, str] = {}
 
 
 def _fetch(url: str) -> tuple[int, str | None, str | None]:
-    """Download an object to a local temporary file, hashing it on the way: the one read from storage."""
+    """Download an object to a local temporary file, hashing it on the way: the one read from storage.
+    Transient store faults are retried (``storage.retrying``); if they outlast the retries the error is
+    ``unfinished: ...``: the file is left for the next run, never rejected for a fault of the store."""
     _forget_fetched()
     fd, tmp = tempfile.mkstemp(prefix="medssl-object-")
-    h, size = hashlib.sha256(), 0
-    try:
-        with os.fdopen(fd, "wb") as local, open_read(url) as remote:
+    os.close(fd)
+
+    def download() -> tuple[int, str]:
+        h, size = hashlib.sha256(), 0
+        with open(tmp, "wb") as local, open_read(url) as remote:  # from the start on every attempt
             while block := remote.read(1 << 20):
                 h.update(block)
                 local.write(block)
                 size += len(block)
+        return size, h.hexdigest()
+
+    try:
+        size, digest = retrying("read", url, download)
     except Exception as e:  # noqa: BLE001 - any client error (network, permission, a vanished object) costs the file
         os.unlink(tmp)
-        return 0, None, f"unreadable_file: cannot read the object ({type(e).__name__})"
+        if isinstance(e, StorageError) and e.transient:
+            return 0, None, f"unfinished: {e}"
+        cause = type(e.__cause__ or e.__context__ or e).__name__ if isinstance(e, StorageError) else type(e).__name__
+        return 0, None, f"unreadable_file: cannot read the object ({cause})"
     if size == 0:
         os.unlink(tmp)
         return 0, None, "empty_file: zero-byte file"
     _fetched[url] = tmp
-    return size, h.hexdigest(), None
+    return size, digest, None
 
 
 def _forget_fetched() -> None:
@@ -239,7 +250,7 @@ def _hash_then_process(task: FileTask, cfg: IngestConfig, salt: bytes, seen: lis
         return process_file(task, cfg, salt)
     size, sha, error = hash_file(task.path)
     if error:
-        return FileOutcome("rejected", reason=error, size=size)
+        return FileOutcome("unfinished" if error.startswith("unfinished:") else "rejected", reason=error, size=size)
     if seen is not None and _seen_content(*seen).earlier(sha, task.index):
         return FileOutcome("duplicate", reason="duplicate: same content as an earlier file", sha256=sha, size=size)
     outcome = process_file(FileTask(task.index, task.path, sha), cfg, salt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,11 +25,17 @@ from medssl.ingest.chunk import (
 )
 from medssl.ingest.dedup import SeenContent
 from medssl.ingest.engine import make_engine
+from medssl.ingest.output import WRITTEN_FOLDERS, check_output, mark_dataset
 from medssl.ingest.plan import DatasetPlan, open_plan, planned_units, saved_chunks
 from medssl.ingest.report import RunStats, finalize
+from medssl.lease import Lease, lease
 from medssl.privacy import load_salt
 
 log = logging.getLogger("medssl.ingest")
+
+
+class IngestUnfinished(Exception):
+    """The store failed transiently for longer than the retries: units were left for the next run."""
 
 
 @dataclass
@@ -57,16 +64,22 @@ _LOCAL_FILES = ("ingest.log", "content.sqlite")
 
 def _local_folder(out: str | Path) -> Path:
     """Where ``_LOCAL_FILES`` live: the dataset folder itself, or for a URL a folder under the user's cache
-    (``MEDSSL_CACHE``, default ~/.cache/medssl) holding copies, fetched from the dataset if missing."""
+    (``MEDSSL_CACHE``, default ~/.cache/medssl) holding copies fetched from the dataset at the start of every
+    run. The dataset's copies are the truth: a local copy may be of a dataset deleted since and made again
+    at the same URL (whose content table would call its files duplicates of files it never held)."""
     if not storage.is_url(out):
         return Path(out)
     cache = Path(os.environ.get("MEDSSL_CACHE", Path.home() / ".cache" / "medssl"))
     folder = cache / "datasets" / hashlib.sha256(str(out).encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     for name in _LOCAL_FILES:
-        if not (folder / name).exists() and storage.exists(storage.join(out, name)):
+        for journal in ("-wal", "-shm"):  # SQLite would apply a stale journal to the fresh copy
+            (folder / f"{name}{journal}").unlink(missing_ok=True)
+        if storage.exists(storage.join(out, name)):
             with atomic_open(folder / name) as f:
                 f.write(storage.read_bytes(storage.join(out, name)))
+        else:
+            (folder / name).unlink(missing_ok=True)
     return folder
 
 
@@ -86,6 +99,11 @@ def _log_to_file(folder: Path) -> logging.Handler:
     return handler
 
 
+def _close_log(handler: logging.Handler) -> None:
+    log.removeHandler(handler)
+    handler.close()
+
+
 def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
     """Ingest ``cfg.inputs`` into the dataset ``cfg.out``: a new dataset, the rest of an interrupted run,
     or (on a finished dataset) the files the inputs gained since."""
@@ -94,31 +112,39 @@ def ingest(cfg: IngestConfig, show_progress: bool = True) -> IngestSummary:
     if cfg.out is None:
         raise ConfigError("no output folder: pass --out DIR")
     out = storage.location(cfg.out)
+    check_output(out, [storage.location(i) for i in cfg.inputs])
     storage.makedirs(out)
-    if not storage.is_url(out):
-        remove_stale_tmp(out)
-    local = _local_folder(out)
-    handler = _log_to_file(local)
-    salt = load_salt(cfg.salt_file)
-    unit_cfg = cfg.model_copy(update={"inputs": []})  # the plan holds the paths; don't pickle them per unit
-    try:
-        plan, mode = open_plan(cfg, out, salt)
-        log.info("%s: %s", out, {"new": "new dataset", "resume": "resuming an interrupted run",
-                                 "add": "adding the files not ingested yet"}[mode])
-        # Decode workers start importing now, while the inputs are listed.
-        engine = make_engine(cfg.engine, cfg.workers, cfg.ray_address, prestart_decode_worker, (unit_cfg,))
+    with lease(out, "ingest", cfg.lease_ttl_s) as held:
+        mark_dataset(out)
+        if not storage.is_url(out):  # after taking the lease: a live writer's temporary files are not stale
+            remove_stale_tmp(out, WRITTEN_FOLDERS)
+        local = _local_folder(out)
+        handler = _log_to_file(local)
+        salt = load_salt(cfg.salt_file)
+        unit_cfg = cfg.model_copy(update={"inputs": []})  # the plan holds the paths; don't pickle them per unit
         try:
-            return _run(cfg, unit_cfg, out, local, salt, plan, mode, engine, show_progress)
-        finally:
-            engine.close()
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+            plan, mode = open_plan(cfg, out, salt)
+            log.info("%s: %s", out, {"new": "new dataset", "resume": "resuming an interrupted run",
+                                     "add": "adding the files not ingested yet"}[mode])
+            # Decode workers start importing now, while the inputs are listed.
+            engine = make_engine(cfg.engine, cfg.workers, cfg.ray_address, prestart_decode_worker, (unit_cfg,))
+            try:
+                summary = _run(cfg, unit_cfg, out, local, salt, plan, mode, engine, held, show_progress)
+            finally:
+                engine.close()
+        except BaseException:
+            _close_log(handler)
+            # Best effort: the error that ended the run is the one to report, not a second one from here.
+            with contextlib.suppress(Exception):
+                _upload_local_files(out, local)
+            raise
+        _close_log(handler)
         _upload_local_files(out, local)
+        return summary
 
 
 def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path, salt: bytes, plan: DatasetPlan,
-         mode: str, engine, show_progress: bool) -> IngestSummary:
+         mode: str, engine, held: Lease, show_progress: bool) -> IngestSummary:
     resumed = listed = 0
     done = saved_chunks(storage.join(out, "manifest"), ".jsonl", plan.current.first_chunk)
     # A cache of the contents units have hashed (dedup.SeenContent), on each machine's local disk.
@@ -126,9 +152,13 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path
     content_db = str(local / "content.sqlite") if (local / "content.sqlite").exists() else None
     SeenContent.create(seen_db)
 
+    unfinished: list[tuple[int, str]] = []  # (unit, why) of units the store's faults left undone
+
     def jobs() -> Iterator[ChunkJob]:
         nonlocal resumed, listed
         for unit in planned_units(plan, out, cfg.workers):
+            if unfinished:  # the store is failing: hand out no more units (the next run takes them)
+                return
             listed += len(unit.entries)
             bar.set_postfix(listed=listed, images=n_samples)
             if unit.chunk in done:  # by an interrupted run
@@ -137,14 +167,18 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path
                 continue
             files = [(i, plan.path(e), manifest_path(plan.shown(e), cfg, salt), e.error)
                      for i, e in zip(unit.indexes, unit.entries)]
+            sizes[unit.chunk] = len(files)
             yield ChunkJob(unit.chunk, files, unit_cfg, str(out), salt, str(seen_db), content_db)
 
     start = time.perf_counter()
     n_files = n_samples = faults = peak_rss = bytes_read = 0
     worker_cpu = 0.0
     storage_read = 0
+    sizes: dict[int, int] = {}  # files per unit handed out
     with tqdm(desc="ingest", unit="file", disable=not show_progress) as bar:
         for summary in engine.run(run_chunk, jobs()):
+            if summary.unfinished:
+                unfinished.append((summary.chunk, summary.unfinished))
             n_files += summary.files
             n_samples += summary.samples
             bytes_read += summary.bytes_read
@@ -154,6 +188,14 @@ def _run(cfg: IngestConfig, unit_cfg: IngestConfig, out: str | Path, local: Path
             storage_read += summary.worker_storage_read_bytes
             bar.update(summary.files)
             bar.set_postfix(images=n_samples)
+            held.check()
+    if unfinished:
+        files = sum(sizes[chunk] for chunk, _ in unfinished)
+        why = unfinished[0][1].removeprefix("unfinished: ")
+        message = (f"{files} files left unfinished ({len(unfinished)} work units): {why}. None was rejected for it; "
+                   "rerun the same command to finish them")
+        log.error(message)
+        raise IngestUnfinished(message)
     stats = RunStats(time.perf_counter() - start, n_files, n_samples, cfg.workers, cfg.engine, resumed,
                      cfg.max_memory_mb, cfg.file_timeout_s, bytes_read, faults, peak_rss, worker_cpu, storage_read,
                      mode)

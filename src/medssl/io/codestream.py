@@ -16,6 +16,7 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 _NO_LENGTH = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI, EOI: markers without a length field
 _SOS = 0xDA
 _LOOK = 1 << 16  # the size sits in the first few hundred bytes; a JP2 header box may precede it
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "  # the first box of a JP2 file (ISO/IEC 15444-1 I.5.1)
 
 
 def declared_size(frame: bytes) -> tuple[int, int, int] | None:
@@ -51,3 +52,31 @@ def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
         (length,) = struct.unpack(">H", frame[pos + 2: pos + 4])
         pos += 2 + length
     return None
+
+
+def jp2_box_error(frame: bytes) -> str | None:
+    """What is wrong with the box chain of a JP2-wrapped codestream, or None (also for a bare codestream).
+
+    pydicom walks the boxes to find the codestream and adds each box's length to its position: a box of
+    length 0 (legal only for the last box) keeps it in place forever. So the chain is checked first, with
+    the standard's rules: length 0 = to the end of the file, 1 = a 64-bit length follows, else at least 8."""
+    if not frame.startswith(_JP2_SIGNATURE):
+        return None
+    at = 12  # after the signature box (always 12 bytes)
+    while at + 8 <= len(frame):
+        (length,), kind = struct.unpack(">I", frame[at:at + 4]), frame[at + 4:at + 8]
+        if kind == b"jp2c":
+            return None
+        shown = kind.decode("latin-1").encode("unicode_escape").decode()
+        if length == 1:
+            if at + 16 > len(frame):
+                return f"the JP2 box '{shown}' is cut short"
+            (length,) = struct.unpack(">Q", frame[at + 8:at + 16])
+            if length < 16:
+                return f"the JP2 box '{shown}' declares a length of {length} bytes, less than its own header"
+        elif length == 0:
+            return f"the JP2 box '{shown}' has length 0 (to the end of the file) but is not the codestream box"
+        elif length < 8:
+            return f"the JP2 box '{shown}' declares a length of {length} bytes, less than its own header"
+        at += length
+    return "the JP2 file holds no codestream box (jp2c)"

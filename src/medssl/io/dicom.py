@@ -28,7 +28,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from medssl.io.codestream import declared_size
+from medssl.io.codestream import declared_size, jp2_box_error
 from medssl.io.dicom_deflate import is_deflated, read_deflated
 from medssl.io.dicom_header import PixelHeader, uid_name
 from medssl.io.guard import check_memory, decoding, stage
@@ -197,6 +197,9 @@ def _check_codestream(frame: bytes | None, index: int, header: PixelHeader) -> N
     """A codestream may not declare more values than the DICOM header: the decoder would allocate them."""
     if frame is None:
         raise Rejected("truncated", f"frame {index} is missing from the encapsulated pixel data")
+    box_error = jp2_box_error(frame)
+    if box_error:
+        raise Rejected("decode_failed", f"frame {index}: {box_error}")
     size = declared_size(frame)
     if size is not None and size[0] * size[1] * size[2] > header.rows * header.cols * header.samples:
         raise Rejected("decode_failed", f"the codestream of frame {index} declares {size[0]}x{size[1]}x{size[2]} "

@@ -15,12 +15,15 @@ Stages and their codes: the header (``unreadable_nifti``, then ``bad_header``, `
 from __future__ import annotations
 
 import math
+import os
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.filebasedimages import ImageFileError
 
 from medssl.io.guard import check_deflate_ratio, check_memory, decoding, stage
 from medssl.io.source import FRAME_BYTES_PER_VALUE, Frame, Limits, Rejected, SourceImage
@@ -128,11 +131,42 @@ def _check_sizes(img, voxel_file: tuple[int, bool], full_shape: tuple[int, ...],
     check_memory(span * itemsize + slice_values * FRAME_BYTES_PER_VALUE, limits, "a slice of the NIfTI volume")
 
 
+_alias_folder: list[str] = []  # this process's folder of ``_named_link`` links (made on first use)
+
+
+def _named_link(path: Path) -> Path:
+    """A link to ``path`` named as nibabel expects (``.nii`` or ``.nii.gz``, by the gzip magic).
+
+    nibabel chooses its reader and decompression by the file name, while medssl detects NIfTI by content:
+    files of PACS exports, hashed names and uploads often have no extension. A link keeps the file lazily
+    read, as under its own name. One link per process, replaced for each file: a process reads one file at
+    a time (the decode worker)."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    if not _alias_folder:
+        _alias_folder.append(tempfile.mkdtemp(prefix="medssl-nifti-"))
+    link = Path(_alias_folder[0], "image.nii.gz" if gzipped else "image.nii")
+    tmp = link.with_name("link.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.abspath(path), tmp)
+    os.replace(tmp, link)
+    return link
+
+
+def _load(path: Path):
+    # keep_file_open: a .nii.gz stays open between slices, so slices read in storage order continue the
+    # stream instead of decompressing it again from the start for each slice (quadratic in the slices).
+    try:
+        return nib.load(path, keep_file_open=True)
+    except ImageFileError as e:
+        if "Cannot work out file type" not in str(e):
+            raise
+        return nib.load(_named_link(path), keep_file_open=True)
+
+
 def read_nifti(path: Path, limits: Limits, planes: list[str], stride: int, modality: str) -> SourceImage:
     with stage("unreadable_nifti", "reading the NIfTI header"):
-        # keep_file_open: a .nii.gz stays open between slices, so slices read in storage order continue the
-        # stream instead of decompressing it again from the start for each slice (quadratic in the slices).
-        img = nib.load(path, keep_file_open=True)
+        img = _load(path)
         full_shape = tuple(int(s) for s in img.shape)
         zooms = tuple(img.header.get_zooms())
         affine = np.asarray(img.affine, dtype=np.float64)
