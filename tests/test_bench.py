@@ -60,7 +60,7 @@ def test_bench_end_to_end_and_resume(tmp_path, phantoms):
     assert json.loads((out / "ct/scratch-finetune-f1-s1/metrics.json").read_text())["init"]["init"] == "scratch"
 
     # No validation or test image (nor a copy of one) reached pretraining.
-    task = prepare_task(out / "tasks" / "ct.csv", input_size=32, ct_window=[40, 80])
+    task = prepare_task(out / "tasks" / "ct.csv", input_size=32, ct_window=[40, 80], paths_outside_csv=True)
     held_out = {hash_file(task.table.paths[i])[1] for s in ("val", "test") for i in task.rows(s)}
     ingested = {row.get("sha256") for row in manifest(out / "shards")}
     assert held_out and not held_out & ingested
@@ -98,7 +98,7 @@ def test_pool_leaves_out_copies_of_held_out_images(tmp_path, phantoms):
             writer.writeheader()
             writer.writerows(rows)
         written = write_task_csv(BenchTask(name="ct", csv=task_csv), tmp_path / "tasks")
-        task = prepare_task(written, input_size=32)
+        task = prepare_task(written, input_size=32, paths_outside_csv=True)  # the copy holds absolute paths
         pool = pretraining_pool({"ct": task}, [])
         assert copy.resolve() not in pool.files
         assert pool.summary["task ct: train split"]["held_out_copies"] == 1

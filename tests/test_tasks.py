@@ -226,3 +226,44 @@ def test_bench_and_report_read_task_csvs_the_same_way(tmp_path):
         write_task_csv(BenchTask(name="t", csv=path), tmp_path / "bench")
     with pytest.raises(ReportError, match=r"^--task .*t\.csv is not UTF-8 text \(line 2\)"):
         TaskLabels(path)
+
+
+def test_rows_naming_a_fifo_or_a_folder_say_so(tmp_path):
+    """Both were reported as "missing"; the FIFO must also never be opened (it would block)."""
+    import os
+
+    rows = []
+    for i in range(12):
+        _png(tmp_path / f"ok{i}.png", 60 if i % 2 else 160)
+        rows.append((f"ok{i}.png", "pos" if i % 2 else "neg"))
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "folder.png").mkdir()
+    csv = _csv(tmp_path / "task.csv", "path,label", [*rows, ("pipe.png", "pos"), ("folder.png", "neg")])
+    with pytest.raises(TaskError) as e:
+        load_task(FinetuneConfig(task=csv, input_size=16))
+    assert "pipe.png: not_a_regular_file: a FIFO (named pipe); not opened" in str(e.value)
+    assert "folder.png: not_a_file: a folder, not an image file" in str(e.value)
+
+
+def test_task_given_a_folder_says_it_is_a_folder(tmp_path, capsys):
+    code = main(["finetune", "--task", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "is a folder" in err and "does not exist" not in err
+
+
+def test_a_binary_csvs_error_does_not_quote_kilobytes(tmp_path):
+    (tmp_path / "t.csv").write_text("\x7f" * 2500 + "," + "\x01" * 2500 + "\npath,label\n")
+    with pytest.raises(TaskError) as e:
+        read_task_csv(tmp_path / "t.csv")
+    assert "no column path or label" in str(e.value) and len(str(e.value)) - len(str(tmp_path)) < 300
+
+
+@pytest.mark.parametrize("raw", ["../../etc/passwd", "/etc/passwd", "sub/../../outside.png"])
+def test_csv_paths_stay_in_the_csvs_folder_unless_allowed(tmp_path, raw):
+    """`../../etc/passwd` was opened, then rejected as not_an_image."""
+    rows = [(f"ok{i}.png", "pos" if i % 2 else "neg") for i in range(4)]
+    csv = _csv(tmp_path / "task.csv", "path,label", [*rows, (raw, "pos")])
+    with pytest.raises(TaskError, match="leads outside the CSV's folder"):
+        read_task_csv(csv)
+    assert read_task_csv(csv, paths_outside_csv=True).paths[-1] == raw
+    assert read_task_csv(_csv(tmp_path / "ok.csv", "path,label", [*rows, ("sub/../ok1.png", "pos")])).paths

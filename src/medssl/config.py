@@ -347,6 +347,10 @@ class FinetuneConfig(StrictModel):
         description="seed of the carve-out; separate from seed so that every run of a comparison shares one test set")
     skip_bad: bool = Field(
         default=False, description="drop missing or unreadable images (listed in metrics.json) instead of stopping")
+    paths_outside_csv: bool = Field(
+        default=False,
+        description="allow task CSV paths that lead outside the CSV's folder (absolute, or climbing out with ..); "
+                    "off so that a CSV from elsewhere cannot make medssl open any file of the machine")
     max_memory_mb: int = Field(
         default=4096, ge=64,
         description="memory budget of the image decode worker (as in ingest): larger images are rejected (too_large)")

@@ -18,12 +18,14 @@ from pathlib import Path
 from medssl.atomic import atomic_write_text
 from medssl.config import BenchTask
 from medssl.downstream.decode import resolve_path
-from medssl.downstream.tasks import Task, TaskError, read_csv_rows
+from medssl.downstream.tasks import Task, TaskError, leaves_folder, read_csv_rows
 from medssl.ingest.pipeline import hash_file
 
 
-def write_task_csv(task: BenchTask, folder: Path) -> Path:
-    """``folder/<name>.csv``: the task CSV with absolute paths (it moves folders) and ``relabel`` applied."""
+def write_task_csv(task: BenchTask, folder: Path, paths_outside_csv: bool = False) -> Path:
+    """``folder/<name>.csv``: the task CSV with absolute paths (it moves folders) and ``relabel`` applied.
+    Its paths are checked against the user's CSV folder here (``paths_outside_csv``, as in a finetune); the
+    runs read the copy with ``bench.runs.task_settings``, which allows its absolute paths."""
     src = Path(task.csv)
     if not src.is_file():
         raise TaskError(f"task {task.name}: task CSV {src} does not exist")
@@ -33,6 +35,10 @@ def write_task_csv(task: BenchTask, folder: Path) -> Path:
         raise TaskError(f"task {task.name}: {e}") from None
     if "path" not in columns or "label" not in columns:
         raise TaskError(f"task {task.name}: {src} needs the columns path,label (has {columns})")
+    outside = [r["path"] for r in rows if not paths_outside_csv and leaves_folder(r["path"] or "")]
+    if outside:
+        raise TaskError(f"task {task.name}: {len(outside)} path(s) of {src} lead outside its folder, e.g. "
+                        f"{outside[0][:200]!r} (set paths_outside_csv: true in the task's settings to allow them)")
     unknown = set(task.relabel) - {part.strip() for r in rows for part in (r["label"] or "").split("|")}
     if unknown:
         raise TaskError(f"task {task.name}: relabel names classes that {src} does not have: {sorted(unknown)}")

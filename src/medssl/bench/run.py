@@ -29,7 +29,7 @@ from medssl.atomic import atomic_write_text
 from medssl.bench import plots
 from medssl.bench.pool import pretraining_pool, write_task_csv
 from medssl.bench.results import load_results, markdown, summarise
-from medssl.bench.runs import execute, finetune_settings, pending_job, run_matrix
+from medssl.bench.runs import execute, finetune_settings, pending_job, run_matrix, task_settings
 from medssl.config import BenchConfig, ConfigError, CurateConfig, IngestConfig, PretrainConfig, dump_config
 from medssl.downstream.api import prepare_task
 from medssl.downstream.curve import PLOT, probe_curve
@@ -90,7 +90,7 @@ def _curve_stage(cfg: BenchConfig, tasks: dict[str, Task], out: Path, show_progr
     curves = {}
     for t in cfg.tasks:
         curve = probe_curve(out / "pretrain", tasks[t.name], out / "probe" / t.name, cfg.label_fractions, cfg.seeds,
-                            {**cfg.finetune, **t.settings}, name=t.name, show_progress=show_progress)
+                            task_settings(cfg, t), name=t.name, show_progress=show_progress)
         curves[t.name] = curve["points"]
     return curves
 
@@ -107,8 +107,9 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
 
     tasks: dict[str, Task] = {}
     for t in cfg.tasks:
-        csv = write_task_csv(t, out / "tasks")
-        tasks[t.name] = prepare_task(csv, show_progress=show_progress, **{**cfg.finetune, **t.settings})
+        allow = {**cfg.finetune, **t.settings}.get("paths_outside_csv", False)
+        csv = write_task_csv(t, out / "tasks", allow)
+        tasks[t.name] = prepare_task(csv, show_progress=show_progress, **task_settings(cfg, t))
 
     needs_encoder = any(a.init == "ssl" for a in cfg.arms)
     pool, pre = None, None

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from medssl.config import BenchConfig, FinetuneConfig, dump_config
+from medssl.config import BenchConfig, BenchTask, FinetuneConfig, dump_config
 from medssl.downstream.tasks import Task
 
 
@@ -50,10 +50,16 @@ def run_matrix(cfg: BenchConfig) -> list[RunSpec]:
     return specs
 
 
+def task_settings(cfg: BenchConfig, task: BenchTask) -> dict[str, Any]:
+    """The finetune settings of a task's runs. The bench's copy of the task CSV holds absolute paths, checked
+    against the user's CSV folder when it was written (``pool.write_task_csv``), so the runs allow them."""
+    return {**cfg.finetune, **task.settings, "paths_outside_csv": True}
+
+
 def finetune_settings(cfg: BenchConfig, spec: RunSpec, task_csv: Path, pretrain_dir: Path) -> dict[str, Any]:
     task = next(t for t in cfg.tasks if t.name == spec.task)
     arm = next(a for a in cfg.arms if a.name == spec.arm)
-    return {**cfg.finetune, **task.settings, **arm.settings, "task": task_csv, "mode": spec.mode, "seed": spec.seed,
+    return {**task_settings(cfg, task), **arm.settings, "task": task_csv, "mode": spec.mode, "seed": spec.seed,
             "label_fraction": spec.label_fraction, "init": str(pretrain_dir) if spec.init == "ssl" else spec.init,
             "out": Path(cfg.out) / spec.folder}
 

@@ -13,7 +13,9 @@ e.g. ``ct/vol.nii.gz#40``.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from PIL import Image
 from medssl.config import FinetuneConfig
 from medssl.intensity import map_frame
 from medssl.io import Limits, Rejected, read_image
+from medssl.io.detect import kind_error
 from medssl.io.isolation import Budget, shared_worker
 
 
@@ -71,10 +74,25 @@ def fit_square(values: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def _check_regular_file(path: Path) -> None:
+    """What a CSV row names must be a regular file: a folder is not "missing", and a FIFO is never opened
+    (it would block the reader)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise Rejected("missing", "no such file") from None
+    except OSError as e:
+        raise Rejected("unreadable_file", f"cannot inspect the file ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise Rejected("not_a_file", "a folder, not an image file")
+    kind = kind_error(mode)
+    if kind:
+        raise Rejected(*kind.split(": ", 1))
+
+
 def decode_image(path: Path, frame: int | None, cfg: DecodeSettings | FinetuneConfig) -> tuple[np.ndarray, bool]:
     """One task image -> ((input_size, input_size) float32, is CT in HU). Raises ``Rejected``."""
-    if not path.is_file():
-        raise Rejected("missing", "no such file")
+    _check_regular_file(path)
     opts = dict(limits=Limits(max_memory_bytes=cfg.max_memory_mb << 20),
                 nifti_modality=cfg.nifti_modality, raster_modality=cfg.raster_modality)
     # Readers' warnings can quote header values (identifiers): keep them off the console.

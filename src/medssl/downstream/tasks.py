@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -110,15 +111,36 @@ def read_csv_rows(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     return columns, rows
 
 
-def read_task_csv(csv_path: Path, task_type: str = "auto", positive_class: str | None = None) -> TaskTable:
+def leaves_folder(raw: str) -> bool:
+    """Whether a CSV path leads outside the CSV's folder: absolute, or climbing out with ``..`` (judged on
+    the name, not on where links lead: a link the user placed in the folder is theirs to follow)."""
+    path = raw.strip()
+    if os.path.isabs(path):
+        return True
+    norm = os.path.normpath(path)
+    return norm == ".." or norm.startswith(".." + os.sep)
+
+
+def _shown_header(columns: list[str]) -> str:
+    """The header as an error quotes it: a binary file's "header" can be kilobytes long."""
+    text = ", ".join(shown if len(shown := repr(c)) <= 40 else shown[:37] + "..." for c in columns[:8])
+    return f"[{text}{', ...' if len(columns) > 8 else ''}]"
+
+
+def read_task_csv(csv_path: Path, task_type: str = "auto", positive_class: str | None = None,
+                  paths_outside_csv: bool = False) -> TaskTable:
     """Parse and check a task CSV; every problem of the file is reported in one ``TaskError``."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
+    if csv_path.is_dir():
+        raise TaskError(f"task CSV {csv_path} is a folder: give the CSV file (path,label[,split][,group])")
+    if not csv_path.exists():
         raise TaskError(f"task CSV {csv_path} does not exist")
+    if not csv_path.is_file():
+        raise TaskError(f"task CSV {csv_path} is not a regular file (a FIFO or a device)")
     columns, rows = read_csv_rows(csv_path)
     missing = [c for c in ("path", "label") if c not in columns]
     if missing:
-        raise TaskError(f"{csv_path}: no column {' or '.join(missing)} in the header {columns}; "
+        raise TaskError(f"{csv_path}: no column {' or '.join(missing)} in the header {_shown_header(columns)}; "
                         "a task CSV has the columns path,label[,split][,group]")
     if not rows:
         raise TaskError(f"{csv_path} has a header but no rows")
@@ -128,6 +150,9 @@ def read_task_csv(csv_path: Path, task_type: str = "auto", positive_class: str |
     for line, r in enumerate(rows, start=2):  # line 1 is the header
         if not (r["path"] or "").strip():
             problems.append(f"line {line}: empty path")
+        elif not paths_outside_csv and leaves_folder(r["path"]):
+            problems.append(f"line {line}: {r['path'][:200]!r} leads outside the CSV's folder (set "
+                            "paths_outside_csv=true to allow it)")
         if not multilabel and not (r["label"] or "").strip():
             problems.append(f"line {line}: empty label")
         if "split" in columns and (r["split"] or "").strip().lower() not in SPLITS:
@@ -244,7 +269,7 @@ def label_subset(table: TaskTable, rows: np.ndarray, fraction: float, seed: int)
 
 # The settings that shape a prepared Task: a Task made with other values cannot serve a run.
 TASK_SETTINGS = ("task", "task_type", "positive_class", "input_size", "percentiles", "nifti_modality",
-                 "raster_modality", "val_fraction", "test_fraction", "split_seed", "skip_bad")
+                 "raster_modality", "val_fraction", "test_fraction", "split_seed", "skip_bad", "paths_outside_csv")
 
 
 @dataclass
@@ -296,7 +321,7 @@ def load_task(cfg: FinetuneConfig, show_progress: bool = False) -> Task:
     """Read the CSV, decode every image, drop (``skip_bad``) or report unusable ones, assign splits."""
     if cfg.task is None:
         raise TaskError("no task CSV given (--task TASK.csv)")
-    table = read_task_csv(cfg.task, cfg.task_type, cfg.positive_class)
+    table = read_task_csv(cfg.task, cfg.task_type, cfg.positive_class, cfg.paths_outside_csv)
     images, is_ct, failures = load_images(table.csv.parent, table.paths, cfg, show_progress)
     skipped = [{"path": table.paths[i], "reason": reason} for i, reason in failures]
     if failures and not cfg.skip_bad:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from medssl.config import ConfigError
+from medssl.io.detect import kind_error
 from medssl.storage import is_url
 
 
@@ -31,19 +32,6 @@ class Entry(NamedTuple):
 def entry_key(root: int, rel: str) -> tuple[int, tuple[bytes, ...]]:
     """The listing's sort key: the root, then the path's components as bytes."""
     return root, tuple(os.fsencode(part) for part in rel.split("/")) if rel else ()
-
-
-# What a scan says about an entry that is not a regular file (never opened: a FIFO would block forever).
-_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def kind_error(mode: int) -> str | None:
-    """The scan error for an entry of this ``st_mode`` that is not a regular file, else None."""
-    for test, what in _SPECIAL:
-        if test(mode):
-            return f"not_a_regular_file: {what}; not opened"
-    return None if stat.S_ISREG(mode) else "not_a_regular_file: neither a file nor a folder; not opened"
 
 
 _INSIDE_INPUTS = ("duplicate_folder: a link to a folder inside the inputs; "

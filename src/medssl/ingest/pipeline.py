@@ -21,9 +21,9 @@ from PIL import Image
 
 from medssl.config import IngestConfig
 from medssl.ingest.dedup import SeenContent
-from medssl.ingest.listing import kind_error
 from medssl.intensity import map_frame
 from medssl.io import Limits, Rejected, SourceImage, read_image
+from medssl.io.detect import kind_error
 from medssl.io.isolation import IsolatedWorker
 from medssl.privacy import keyed_hash, scrub
 from medssl.shard_format import Sample, encode_pixels, storage_for

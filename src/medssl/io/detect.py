@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -40,6 +41,19 @@ def _is_nifti_header(head: bytes) -> bool:
             if size == 540 and head[4:8] in (b"n+2\x00", b"ni2\x00"):
                 return True
     return False
+
+
+# What a scan says about an entry that is not a regular file (never opened: a FIFO would block forever).
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def kind_error(mode: int) -> str | None:
+    """The scan error for an entry of this ``st_mode`` that is not a regular file, else None."""
+    for test, what in _SPECIAL:
+        if test(mode):
+            return f"not_a_regular_file: {what}; not opened"
+    return None if stat.S_ISREG(mode) else "not_a_regular_file: neither a file nor a folder; not opened"
 
 
 def detect_format(path: Path) -> str | None:

@@ -2,19 +2,19 @@
 
 Shards carry no paths, but every sample records the SHA-256 of its source file, so a task image that
 was also ingested is found by hashing the file the CSV names. A path ending in ``#N`` labels frame N
-only; otherwise every image of the file carries the row's label.
+only; otherwise every image of the file carries the row's label. Paths may lead outside the CSV's folder
+(unlike a task's, ``tasks.leaves_folder``): a file here is only hashed, to be matched with shard samples,
+never decoded or shown.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
+from medssl.downstream.decode import resolve_path
 from medssl.downstream.tasks import TaskError, read_csv_rows
 from medssl.report.collect import ReportError
-
-_FRAME_SPEC = re.compile(r"^(.*)#(\d+)$")
 
 
 class TaskLabels:
@@ -30,19 +30,12 @@ class TaskLabels:
         if not rows or not {"path", "label"} <= set(columns):
             raise ReportError(f"--task {self.csv}: needs a header with columns path,label and at least one row")
         for row in rows:
-            path, frame = self._resolve(row["path"].strip())
+            path, frame = resolve_path(self.csv.parent, row["path"].strip())
             self.rows += 1
             if not path.is_file():
                 self.missing.append(row["path"])
                 continue
             self.by_source[(_sha256(path), frame)] = (row["label"] or "").strip() or "(none)"
-
-    def _resolve(self, raw: str) -> tuple[Path, int | None]:
-        path = self.csv.parent / raw
-        match = _FRAME_SPEC.match(raw)
-        if match and not path.exists():
-            return self.csv.parent / match.group(1), int(match.group(2))
-        return path, None
 
     def label_of(self, meta: dict) -> str | None:
         source = meta.get("source", {})
