@@ -36,7 +36,7 @@ from medssl.downstream.decode import DecodeSettings, fit_square
 from medssl.downstream.images import to_input
 from medssl.downstream.model import resolve_device
 from medssl.io import Rejected
-from medssl.io.isolation import Budget
+from medssl.io.isolation import Budget, IsolatedWorker
 from medssl.retrieval.files import DecodedFile, decode_file, list_image_files
 from medssl.shard_format import decode_pixels, read_shard
 
@@ -74,9 +74,10 @@ class Encoder:
             out.append(self.model(x.to(self.device)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.card["feature_dim"]), np.float32)
 
-    def encode_file(self, path: Path, budget: Budget | None = None) -> tuple[DecodedFile, np.ndarray]:
+    def encode_file(self, path: Path, budget: Budget | None = None,
+                    worker: IsolatedWorker | None = None) -> tuple[DecodedFile, np.ndarray]:
         """One image file -> (what was decoded, its (D,) features). Raises ``Rejected``."""
-        decoded = decode_file(path, self.decode_settings(), budget or self.decode_budget())
+        decoded = decode_file(path, self.decode_settings(), budget or self.decode_budget(), worker)
         return decoded, self.features(decoded.values[None], np.array([decoded.is_ct]))[0]
 
     def decode_settings(self) -> DecodeSettings:

@@ -19,7 +19,7 @@ import numpy as np
 
 from medssl.downstream.decode import DecodeSettings, decode_image
 from medssl.io import Limits, Rejected, read_image
-from medssl.io.isolation import Budget, shared_worker
+from medssl.io.isolation import Budget, IsolatedWorker, shared_worker
 
 _HASH_BLOCK = 1 << 20
 
@@ -57,9 +57,12 @@ def list_image_files(inputs: list[Path]) -> list[Path]:
     return sorted(set(found))
 
 
-def decode_file(path: Path, settings: DecodeSettings, budget: Budget) -> DecodedFile:
-    """One image file -> encoder-ready values and what the index records of it. Raises ``Rejected``."""
-    worker = shared_worker(budget, __name__)
+def decode_file(path: Path, settings: DecodeSettings, budget: Budget,
+                worker: IsolatedWorker | None = None) -> DecodedFile:
+    """One image file -> encoder-ready values and what the index records of it. Raises ``Rejected``.
+    ``worker``: a decode worker of the caller's (of module ``medssl.retrieval.files``), else this
+    process's shared one for ``budget``."""
+    worker = worker or shared_worker(budget, __name__)
     result, blobs = worker.call("serve_decode_file", {"path": str(path), "settings": asdict(settings)})
     if "rejected" in result:
         raise Rejected(*result["rejected"])

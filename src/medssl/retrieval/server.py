@@ -1,6 +1,6 @@
 """``medssl serve``: a local web page to find the cases nearest to an archive image or an uploaded one.
 
-Standard library only (``http.server``): one page (``page.html`` + ``page.js``) and a small JSON API.
+One page (``page.html`` + ``page.js``) and a small JSON API, as a WSGI app served by waitress:
 
     GET  /                          the page
     GET  /api/info                  what is indexed: rows, modalities, encoder
@@ -8,6 +8,13 @@ Standard library only (``http.server``): one page (``page.html`` + ``page.js``) 
     GET  /api/search?row=N|key=K&k=10           the nearest cases of an indexed sample
     POST /api/search?k=10           body: an image file (PNG, JPEG, TIFF, DICOM, NIfTI), at most max_upload_mb
     GET  /thumb/N.png               a thumbnail of indexed row N, rendered from its shard's pixels
+
+Why waitress and not ``http.server``: a server must hold against what browsers and attackers send. It
+checks a body's declared length (digits only: ``Content-Length: -1`` is a 400) and refuses one over its
+limit before reading it, bounds chunked bodies while reading, buffers large ones on disk, listens with a
+deep backlog (a burst of connections waits instead of being reset) and closes a connection whose client
+went away without a traceback. Uploads are decoded in decode workers (``medssl.io.isolation``) taken from
+a small pool, with a short time budget, so a file that hangs its decoder costs its own request only.
 
 Bound to 127.0.0.1 by default: the page shows archive images, so it is for the user's own machine; on a
 loopback address requests must also name a loopback host (a web page elsewhere cannot reach it through
@@ -18,22 +25,26 @@ read. Answers hold keys (content hashes), modality codes, frame numbers and dist
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import ipaddress
 import json
+import logging
+import queue
+import sys
 import tempfile
 import threading
+import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import numpy as np
 
 from medssl.intensity import to_display
 from medssl.io import Rejected
-from medssl.io.isolation import Budget
+from medssl.io.isolation import Budget, IsolatedWorker
 from medssl.retrieval.embed import Encoder
 from medssl.retrieval.files import decode_file
 from medssl.retrieval.index import SearchIndex
@@ -42,9 +53,14 @@ from medssl.retrieval.thumbnails import png, shard_sample_pixels
 MAX_K = 100
 MAX_PAGE = 200
 # An interactive request should fail in seconds, not in ingest's five minutes.
-UPLOAD_BUDGET = Budget(timeout_s=60.0, memory_bytes=2 << 30)
+UPLOAD_BUDGET = Budget(timeout_s=15.0, memory_bytes=2 << 30)
+THREADS = 4          # requests answered at once
+DECODE_WORKERS = 2   # uploads decoded at once (each a process of ~200 MB)
 _STATIC = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript; charset=utf-8")}
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
+_HEADERS = [("X-Content-Type-Options", "nosniff"),
+            ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'"),
+            ("Cache-Control", "no-store")]
 
 
 class RequestError(Exception):
@@ -64,8 +80,10 @@ class SearchApp:
         self.max_upload_bytes = int(max_upload_mb * (1 << 20))
         self.ct_window = tuple(index.manifest["ct_window"])
         self._encoder: Encoder | None = None
-        # The decode worker (one per process) and the encoder serve one request at a time.
-        self._lock = threading.Lock()
+        self._encoder_lock = threading.Lock()  # held only while the encoder loads (once)
+        self._workers: queue.Queue[IsolatedWorker] = queue.Queue()
+        for _ in range(DECODE_WORKERS):
+            self._workers.put(IsolatedWorker(UPLOAD_BUDGET, "medssl.retrieval.files"))  # started on first use
         self._modalities = np.asarray(index.rows.column("modality").to_pylist(), dtype=object)
 
     def info(self) -> dict:
@@ -96,8 +114,8 @@ class SearchApp:
             path = Path(tmp) / "upload"
             path.write_bytes(data)
             try:
-                with self._lock:
-                    decoded, vector = self._get_encoder().encode_file(path, UPLOAD_BUDGET)
+                with self._decode_worker() as worker:
+                    decoded, vector = self._get_encoder().encode_file(path, UPLOAD_BUDGET, worker)
             except Rejected as r:
                 raise RequestError(HTTPStatus.UNPROCESSABLE_ENTITY,
                                    f"the uploaded file could not be read as an image ({r.code}): {r.detail}") from None
@@ -114,16 +132,30 @@ class SearchApp:
         if r["shard"] is not None:
             values, is_ct = shard_sample_pixels(self.index.manifest["source"]["dataset"], r["shard"], r["offset"])
         else:  # an embedded image file: decoded again, pixels only
-            with self._lock:
-                decoded = decode_file(Path(r["path"]), self._get_encoder().decode_settings(), UPLOAD_BUDGET)
+            with self._decode_worker() as worker:
+                decoded = decode_file(Path(r["path"]), self._get_encoder().decode_settings(), UPLOAD_BUDGET, worker)
             values, is_ct = decoded.values, decoded.is_ct
         return png(to_display(values, is_ct, self.ct_window))
 
+    @contextlib.contextmanager
+    def _decode_worker(self):
+        """A decode worker of the pool for one request (waiting if all are busy, as long as one decode may
+        take): a slow or hanging file holds its own worker, never the server."""
+        try:
+            worker = self._workers.get(timeout=UPLOAD_BUDGET.timeout_s * 2)
+        except queue.Empty:
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "every decoder is busy: try again shortly") from None
+        try:
+            yield worker
+        finally:
+            self._workers.put(worker)
+
     def _get_encoder(self) -> Encoder:
-        """Loaded at the first upload (callers hold the lock): browsing the archive needs no encoder."""
-        if self._encoder is None:
-            m = self.index.manifest
-            self._encoder = Encoder(m["run"], tuple(m["ct_window"]))
+        """Loaded at the first upload: browsing the archive needs no encoder. Inference needs no lock."""
+        with self._encoder_lock:
+            if self._encoder is None:
+                m = self.index.manifest
+                self._encoder = Encoder(m["run"], tuple(m["ct_window"]))
         return self._encoder
 
     def _card(self, row: int) -> dict:
@@ -135,86 +167,81 @@ class SearchApp:
         return [{**self._card(row), "distance": round(distance, 6)} for row, distance in self.index.search(vector, k)]
 
 
-class Handler(BaseHTTPRequestHandler):
-    app: SearchApp          # set on the subclass that make_server builds
-    loopback_only: bool
-    server_version = "medssl-serve"
-    quiet = False
+class WebApp:
+    """The WSGI application: routes, the host check, errors as JSON ``{"error": ...}``, a request log."""
 
-    def do_GET(self) -> None:
-        self._answer(self._get)
+    def __init__(self, app: SearchApp, loopback_only: bool, quiet: bool = False):
+        self.app, self.loopback_only, self.quiet = app, loopback_only, quiet
 
-    def do_POST(self) -> None:
-        self._answer(self._post)
-
-    def _answer(self, route) -> None:
+    def __call__(self, environ: dict, start_response):
+        started = time.perf_counter()
         try:
-            self._check_host()
-            status, body, content_type = route(urlsplit(self.path))
+            self._check_host(environ)
+            route = {"GET": self._get, "POST": self._post}.get(environ["REQUEST_METHOD"])
+            if route is None:
+                raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, f"no {environ['REQUEST_METHOD']} here")
+            status, body, content_type = route(environ)
         except RequestError as e:
             status, body, content_type = e.status, _json({"error": str(e)}), "application/json"
         except Exception as e:  # a bug or a broken shard: say what failed, keep serving the other requests
             status, body, content_type = (HTTPStatus.INTERNAL_SERVER_ERROR,
                                           _json({"error": f"internal error ({type(e).__name__}): {e}"}),
                                           "application/json")
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
-                                                    "style-src 'self' 'unsafe-inline'")
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
+        start_response(f"{status.value} {status.phrase}",
+                       [("Content-Type", content_type), ("Content-Length", str(len(body))), *_HEADERS])
+        if not self.quiet:  # one write per line: answers run in several threads
+            sys.stderr.write(f"{environ.get('REMOTE_ADDR', '-')} {environ['REQUEST_METHOD']} "
+                             f"{environ.get('PATH_INFO', '')} {status.value} "
+                             f"{1000 * (time.perf_counter() - started):.0f} ms\n")
+            sys.stderr.flush()
+        return [body]
 
-    def _check_host(self) -> None:
-        host = (self.headers.get("Host") or "").lower()
+    def _check_host(self, environ: dict) -> None:
+        host = (environ.get("HTTP_HOST") or "").lower()
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         if self.loopback_only and name not in _LOOPBACK_NAMES:
             raise RequestError(HTTPStatus.FORBIDDEN, "this server answers requests for localhost only")
 
-    def _get(self, url) -> tuple[HTTPStatus, bytes, str]:
-        query = parse_qs(url.query)
-        if url.path in _STATIC:
-            name, content_type = _STATIC[url.path]
+    def _get(self, environ: dict) -> tuple[HTTPStatus, bytes, str]:
+        path, query = environ.get("PATH_INFO", ""), parse_qs(environ.get("QUERY_STRING", ""))
+        if path in _STATIC:
+            name, content_type = _STATIC[path]
             return HTTPStatus.OK, resources.files("medssl.retrieval").joinpath(name).read_bytes(), content_type
-        if url.path == "/api/info":
+        if path == "/api/info":
             return HTTPStatus.OK, _json(self.app.info()), "application/json"
-        if url.path == "/api/samples":
+        if path == "/api/samples":
             start, count = _int(query, "start", 0), _int(query, "count", 24)
             modality = query.get("modality", [""])[0] or None
             return HTTPStatus.OK, _json(self.app.samples(max(0, start), max(1, count), modality)), "application/json"
-        if url.path == "/api/search":
+        if path == "/api/search":
             k = min(max(1, _int(query, "k", 10)), MAX_K)
             if "key" in query:
                 return HTTPStatus.OK, _json(self.app.search_key(query["key"][0], k)), "application/json"
             return HTTPStatus.OK, _json(self.app.search_row(_int(query, "row", None), k)), "application/json"
-        if url.path.startswith("/thumb/") and url.path.endswith(".png"):
+        if path.startswith("/thumb/") and path.endswith(".png"):
             try:
-                row = int(url.path[len("/thumb/"):-len(".png")])
+                row = int(path[len("/thumb/"):-len(".png")])
             except ValueError:
                 raise RequestError(HTTPStatus.NOT_FOUND, "thumbnails are /thumb/ROW.png") from None
             return HTTPStatus.OK, self.app.thumbnail(row), "image/png"
-        raise RequestError(HTTPStatus.NOT_FOUND, f"no page {url.path}")
+        raise RequestError(HTTPStatus.NOT_FOUND, f"no page {path}")
 
-    def _post(self, url) -> tuple[HTTPStatus, bytes, str]:
-        if url.path != "/api/search":
-            raise RequestError(HTTPStatus.NOT_FOUND, f"no page {url.path} to post to")
-        length = int(self.headers.get("Content-Length") or 0)
+    def _post(self, environ: dict) -> tuple[HTTPStatus, bytes, str]:
+        path = environ.get("PATH_INFO", "")
+        if path != "/api/search":
+            raise RequestError(HTTPStatus.NOT_FOUND, f"no page {path} to post to")
+        # waitress has checked that the length is digits and refused bodies far over the limit unread; the
+        # rest of the limit is ours, with a message the page shows.
+        length = int(environ.get("CONTENT_LENGTH") or 0)
         if length > self.app.max_upload_bytes:
-            self.close_connection = True  # the body is not read: the connection cannot carry another request
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                f"the file is {length / (1 << 20):.2f} MB; the limit is {self.app.max_upload_mb:g} MB "
                                "(medssl serve --max-upload-mb)")
         if length == 0:
             raise RequestError(HTTPStatus.BAD_REQUEST, "the upload is empty: choose an image file")
-        data = self.rfile.read(length)
-        k = min(max(1, _int(parse_qs(url.query), "k", 10)), MAX_K)
+        data = environ["wsgi.input"].read(length)
+        k = min(max(1, _int(parse_qs(environ.get("QUERY_STRING", "")), "k", 10)), MAX_K)
         return HTTPStatus.OK, _json(self.app.search_upload(data, k)), "application/json"
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
-        if not self.quiet:
-            super().log_message(format, *args)
 
 
 def _int(query: dict, name: str, default: int | None) -> int:
@@ -233,15 +260,59 @@ def _json(value) -> bytes:
     return json.dumps(value).encode()
 
 
+class _OneLine(logging.Formatter):
+    """A record as one line: the message and the exception's type, never a traceback (a client that went
+    away mid-answer is an event to note, not an error of ours)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        error = record.exc_info[1] if record.exc_info else None
+        return f"medssl serve: {record.getMessage()}" + (f" ({type(error).__name__}: {error})" if error else "")
+
+
+def _log_in_one_line(logger: logging.Logger, level: int) -> None:
+    """Send ``logger``'s records of ``level`` and above to stderr through ``_OneLine`` (once per process)."""
+    if not any(isinstance(h.formatter, _OneLine) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine())
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+
+
+class Server:
+    """waitress serving the app, with the calls of ``http.server``'s servers (``server_address``,
+    ``serve_forever``, ``shutdown``, ``server_close``), so a caller can run it in a thread and stop it."""
+
+    def __init__(self, app: WebApp, host: str, port: int, max_body_bytes: int):
+        import waitress.server
+
+        self._server = waitress.server.create_server(
+            app, host=host, port=port, threads=THREADS, backlog=1024, connection_limit=1000,
+            max_request_body_size=max_body_bytes, channel_timeout=60, ident="medssl-serve",
+            expose_tracebacks=False, clear_untrusted_proxy_headers=True)
+        self.server_address = (host, self._server.effective_port)
+
+    def serve_forever(self) -> None:
+        self._server.run()
+
+    def shutdown(self) -> None:
+        self._server.close()
+        self._server.task_dispatcher.shutdown()
+
+    def server_close(self) -> None:
+        self._server.close()
+
+
 def make_server(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 32.0,
-                quiet: bool = False) -> ThreadingHTTPServer:
+                quiet: bool = False) -> Server:
     """A server ready to ``serve_forever()`` (port 0: any free port, see ``server.server_address``)."""
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
-    handler = type("BoundHandler", (Handler,), {"app": SearchApp(index, max_upload_mb), "loopback_only": loopback,
-                                                "quiet": quiet})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    app = SearchApp(index, max_upload_mb)
+    # waitress's errors (a client gone mid-answer among them) as one line each; not its queue-depth notes.
+    _log_in_one_line(logging.getLogger("waitress"), logging.ERROR)
+    # Bodies up to the limit are read (ours says why a larger one is refused); beyond it plus 1 MiB, waitress
+    # refuses them without reading.
+    return Server(WebApp(app, loopback, quiet), host, port, app.max_upload_bytes + (1 << 20))
