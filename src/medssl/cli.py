@@ -343,13 +343,16 @@ def _demo_parser(sub) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default demo-out)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
+    p.add_argument("--quick", action="store_true",
+                   help="a one-minute run of the same pipeline on a tiny archive with tiny budgets, to check an "
+                        "installation (its numbers mean nothing); use another --out than the full demo's")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _run_demo(args) -> int:
     from medssl.demo.run import run_demo
 
-    summary = run_demo(args.out, args.workers, show_progress=not args.quiet)
+    summary = run_demo(args.out, args.workers, show_progress=not args.quiet, quick=args.quick)
     print((Path(args.out) / "results.md").read_text())
     print(f"report: {Path(summary['report']).resolve()} (open it in a browser; it needs no network)")
     return 1 if summary["failures"] else 0

@@ -209,12 +209,19 @@ def _write_shards(shards: list[InputShard], kept: np.ndarray, out: Path, show_pr
     return rows
 
 
-def _write_manifest(folders: list[str | Path], shards: list[InputShard], dropped_keys: np.ndarray, out: Path) -> int:
-    """Each input manifest part with the dropped samples taken out; returns the kept samples it lists."""
-    dropped_keys = np.sort(dropped_keys)
+def _write_manifest(folders: list[str | Path], shards: list[InputShard], keys: np.ndarray, kept: np.ndarray,
+                    out: Path) -> int:
+    """Each input manifest part with the dropped samples taken out; returns the kept samples it lists.
+
+    Dropped keys are taken per input: two ingests of the same files (say at two sizes) hold the same keys,
+    and a sample dropped from one must not be taken out of the other's manifest."""
+    folder_of = np.zeros(len(kept), dtype=np.int64)
+    for s in shards:
+        folder_of[s.first:s.first + s.samples] = s.folder
     out_names = {(s.folder, s.name): s.out_name for s in shards}
     listed = 0
     for k, folder in enumerate(folders):
+        dropped_keys = np.sort(np.asarray(keys[(~kept) & (folder_of == k)]))
         manifest = storage.join(folder, "manifest")
         for part in sorted(n for n in storage.listdir(manifest) if n.startswith("chunk-") and n.endswith(".jsonl")):
             rows = [json.loads(line) for line in storage.read_text(storage.join(manifest, part)).splitlines() if line]
@@ -280,7 +287,7 @@ def curate(cfg: CurateConfig, show_progress: bool = True) -> dict:
 
     keys = _keys(work, len(h.hash))
     index_rows = _write_shards(shards, kept, out, show_progress)
-    listed = _write_manifest(folders, shards, np.asarray(keys[~kept]), out)
+    listed = _write_manifest(folders, shards, keys, kept, out)
     if listed != int(kept.sum()):
         raise ValueError(f"the input manifests list {listed} of the {int(kept.sum())} kept samples: the inputs' "
                          "manifests and shards disagree (rerun `medssl ingest` on them to repair)")

@@ -24,15 +24,23 @@ TASK = "ct-hemorrhage"
 # small haematoma spanning 1-2 slices: ~100 positive slices and as many normal ones, so that the test
 # split holds ~35 slices and a 25% label subset ~25.
 PATIENTS = 128
+# ``medssl demo --quick``: the same pipeline on a tiny archive with tiny budgets, to check an installation in
+# about a minute; its numbers mean nothing.
+QUICK_PATIENTS, QUICK_SIZE = 6, 32
+QUICK = {"pretrain": {"max_steps": 4, "batch_size": 8, "n_prototypes": 8, "proj_hidden": 32, "proj_dim": 16,
+                      "warmup_steps": 1, "freeze_prototypes_steps": 1, "checkpoint_every": 2, "log_every": 1,
+                      "augment": {"global_size": 32, "local_size": 16, "n_local": 2}},
+         "finetune": {"input_size": 32, "epochs": 2, "batch_size": 8, "ssl_batch_size": 4, "bootstrap": 50},
+         "label_fractions": [1.0], "seeds": [0], "robustness_levels": {"rotation": [15], "gamma": [1.5]}}
 
 
-def demo_config(out: Path, task_csv: Path, archive: Path, workers: int = 2) -> BenchConfig:
-    """The demo's bench: sized for ~5 minutes on 2 CPU cores.
+def demo_config(out: Path, task_csv: Path, archive: Path, workers: int = 2, quick: bool = False) -> BenchConfig:
+    """The demo's bench: sized for ~5 minutes on 2 CPU cores (``quick``: a minute, numbers meaningless).
 
     30 fine-tuning epochs: with 25% of the labels an epoch is 2 steps, and training from scratch was
     still improving on validation after 15 epochs (with all labels it peaked near epoch 10).
     """
-    return BenchConfig.model_validate({
+    settings = {
         "out": out,
         "tasks": [{"name": TASK, "csv": task_csv, "settings": {"ct_window": [40, 80]}}],  # brain window
         "unlabeled": [archive],  # every modality goes into pretraining (held-out test slices are left out)
@@ -49,18 +57,24 @@ def demo_config(out: Path, task_csv: Path, archive: Path, workers: int = 2) -> B
         "seeds": [0, 1],
         "robustness_fractions": [1.0],
         "workers": workers,
-    })
+    }
+    if quick:
+        for key, value in QUICK.items():
+            settings[key] = {**settings[key], **value} if isinstance(value, dict) and key in settings else value
+    return BenchConfig.model_validate(settings)
 
 
-def run_demo(out: Path | str = "demo-out", workers: int = 2, show_progress: bool = True) -> dict:
-    """Run (or resume) the demo in ``out``; returns the bench summary (``summary["report"]``: the HTML)."""
+def run_demo(out: Path | str = "demo-out", workers: int = 2, show_progress: bool = True, quick: bool = False) -> dict:
+    """Run (or resume) the demo in ``out``; returns the bench summary (``summary["report"]``: the HTML).
+    ``quick``: a tiny archive and budgets (``QUICK``), to check an installation."""
     out = Path(out)
     data = out / "data"
     task_csv = data / f"task-{TASK}.csv"
     if not task_csv.is_file():
         # The task CSVs are written last: without them an earlier generation was cut short; start it afresh.
         shutil.rmtree(data / "archive", ignore_errors=True)
-        generate_demo_archive(data, n_patients=PATIENTS)
-    cfg = demo_config(out, task_csv, data / "archive", workers)
-    summary = run_bench(cfg, show_progress, command=f"medssl demo --out {out}")
+        generate_demo_archive(data, **({"n_patients": QUICK_PATIENTS, "size": QUICK_SIZE} if quick else
+                                       {"n_patients": PATIENTS}))
+    cfg = demo_config(out, task_csv, data / "archive", workers, quick)
+    summary = run_bench(cfg, show_progress, command=f"medssl demo --out {out}" + (" --quick" if quick else ""))
     return {**summary, "report": str(build_report(out, task=report_task(cfg), log=lambda message: None))}
