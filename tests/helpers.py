@@ -85,7 +85,7 @@ class FaultProxy:
     every open one are cut and new ones refused until ``up()``. A fault injector, not a fake: every request
     that gets through is answered by the real server."""
 
-    def __init__(self, target_port: int, trigger: str | None = None):
+    def __init__(self, target_port: int, trigger: str | None = None, outage_s: float | None = None):
         import re
         import socket
         import threading
@@ -93,7 +93,9 @@ class FaultProxy:
         self._socket, self._threading = socket, threading
         self.target = target_port
         self.trigger = re.compile(trigger.encode()) if trigger else None
+        self.outage_s = outage_s  # None: down until up() is called
         self.tripped = threading.Event()
+        self.outages = 0
         self._conns: list = []
         self._lock = threading.Lock()
         probe = socket.socket()
@@ -113,7 +115,10 @@ class FaultProxy:
 
     def down(self) -> None:
         self.tripped.set()
+        self.outages += 1
         self.trigger = None
+        if self.outage_s is not None:
+            self._threading.Timer(self.outage_s, self.up).start()
         with self._lock:
             for c in [self._listener, *self._conns]:
                 try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -50,3 +51,29 @@ def test_resume_with_changed_settings_is_refused(tmp_path, pydicom_test_files):
     assert subprocess.run(args, capture_output=True).returncode == 0
     again = subprocess.run(args + ["--set", "max_side=64"], capture_output=True, text=True)
     assert again.returncode == 2 and "max_side: 512 -> 64" in again.stderr
+
+
+def test_a_short_run_on_the_default_schedule_is_refused():
+    """--set max_steps=30 left the default warm-up (50) and frozen prototypes (100) covering the whole run."""
+    from medssl.config import PretrainConfig
+
+    with pytest.raises(ConfigError, match="max_steps=30 ends before the default warmup_steps=50 .* and the "
+                                          "default freeze_prototypes_steps=100"):
+        load_config(PretrainConfig, None, {}, ["max_steps=30"])
+    cfg = load_config(PretrainConfig, None, {}, ["max_steps=30", "warmup_steps=3", "freeze_prototypes_steps=6"])
+    assert cfg.warmup_steps == 3
+    assert load_config(PretrainConfig, None, {}, ["max_steps=500"]).warmup_steps == 50
+
+
+def test_pretrain_help_says_what_every_setting_means():
+    from medssl.cli import build_parser
+    from medssl.config import PretrainConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["pretrain"]
+    text = sub.format_help()
+    settings = text.split("settings (--set KEY=VALUE", 1)[1]
+    names = [n for n in PretrainConfig.model_fields if n not in ("shards", "out")]
+    starts = {line.split()[0] for line in settings.splitlines()[1:] if line.startswith("  ") and line[2] != " "}
+    assert starts == set(names)
+    assert len(re.findall(r";\s+default\s", settings)) == len(names)  # each has a description and its default
+    assert "linear learning-rate warm-up" in settings and "SwAV prototypes" in settings

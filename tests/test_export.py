@@ -154,3 +154,57 @@ def test_a_failed_onnx_check_is_loud_and_leaves_no_card(exports, run, tmp_path, 
     with pytest.raises(ExportError, match=r"differ from torch's by up to 0\.01 \(> 0\.0001\)"):
         export_run(run, "onnx", folder)
     assert not (folder / "model_card.json").exists() and not (folder / "README.md").exists()
+
+
+def _relative_run(root, tiny_shards):
+    """A run made as a user makes one: `medssl pretrain work/shards --out work/run` inside ``root``."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(tiny_shards, root / "work" / "shards")
+    sets = [f"{k}={json.dumps(v)}" for k, v in TINY.items()] + ["max_steps=1"]
+    proc = subprocess.run([sys.executable, "-m", "medssl.cli", "pretrain", "work/shards", "--out", "work/run",
+                           "--quiet", *[a for s in sets for a in ("--set", s)]], cwd=root, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    return root / "work"
+
+
+def _export(run_dir, out, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "medssl.cli", "export", str(run_dir), "--format", "timm", "--out",
+                           str(out), "--check-images", "1"], cwd=cwd, capture_output=True, text=True)
+
+
+def test_export_works_from_another_folder_and_after_a_move(tmp_path, tiny_shards):
+    """The card recorded "work/shards" relative to where pretrain ran: export from elsewhere failed, saying
+    the shards had moved when they had not."""
+    work = _relative_run(tmp_path / "a", tiny_shards)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = _export(work / "run", tmp_path / "x1", elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    moved = tmp_path / "b" / "moved"
+    moved.parent.mkdir()
+    work.rename(moved)  # run and dataset moved together
+    proc = _export(moved / "run", tmp_path / "x2", elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    (moved / "shards").rename(tmp_path / "b" / "gone")
+    proc = _export(moved / "run", tmp_path / "x3", elsewhere)
+    assert proc.returncode == 1
+    assert "is not where its card says: looked at" in proc.stderr and "--shards" in proc.stderr
+    assert str(moved / "shards") in proc.stderr
+
+
+def test_a_card_from_before_locations_were_recorded_is_still_exported_from_elsewhere(tmp_path, tiny_shards):
+    work = _relative_run(tmp_path / "a", tiny_shards)
+    card_path = work / "run" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    del card["data"]["shard_locations"]
+    card_path.write_text(json.dumps(card))
+    proc = _export(work / "run", tmp_path / "x", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "x" / "model_card.json").read_text())["data"]["images"] == 40

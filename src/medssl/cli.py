@@ -6,6 +6,7 @@ import argparse
 import os
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 from medssl import __version__, storage
@@ -19,12 +20,27 @@ from medssl.config import (
     load_config,
 )
 
+_SETTINGS = "settings (--set KEY=VALUE, or KEY: VALUE in a --config YAML file):"
+
 
 def _settings_epilog(model, flags) -> str:
-    """The --help list of a config's settings that have no flag of their own, with their defaults."""
-    return "settings (--set KEY=VALUE or YAML): " + ", ".join(
-        f"{k} (default {v.get_default(call_default_factory=True)!r})"
-        for k, v in model.model_fields.items() if k not in flags)
+    """The --help list of a config's settings that have no flag of their own: what each means (the typed
+    config's description) and its default, one per line."""
+    lines = [_SETTINGS]
+    for name, field in model.model_fields.items():
+        if name in flags:
+            continue
+        text = f"{field.description}; " if field.description else ""
+        lines += textwrap.wrap(f"{text}default {field.get_default(call_default_factory=True)!r}", width=96,
+                               initial_indent=f"  {name:<24}", subsequent_indent=" " * 26)
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual; keeps the lines of the settings list."""
+
+    def _fill_text(self, text, width, indent):
+        return text if text.startswith(_SETTINGS) else super()._fill_text(text, width, indent)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -590,11 +606,16 @@ def _run_curate(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=_HelpFormatter, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medssl", description="Self-supervised learning from large medical image archives.")
     parser.add_argument("--version", action="version", version=f"medssl {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _ingest_parser(sub)
     _pretrain_parser(sub)
     _finetune_parser(sub)

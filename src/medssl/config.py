@@ -196,9 +196,9 @@ class PretrainConfig(StrictModel):
         description="continue from weights instead of random ones: a weights file of `backbone` (.safetensors, or a "
                     "PyTorch state dict .pt/.pth/.bin, read without unpickling; a 3-channel first layer is summed to 1 "
                     "channel) or a medssl run folder; used at the start of a run, not on resume")
-    proj_hidden: int = Field(default=2048, ge=1)
-    proj_dim: int = Field(default=128, ge=1)
-    n_prototypes: int = Field(default=3000, ge=2)
+    proj_hidden: int = Field(default=2048, ge=1, description="hidden width of the projection head (MLP)")
+    proj_dim: int = Field(default=128, ge=1, description="dimension of the projected, L2-normalised features")
+    n_prototypes: int = Field(default=3000, ge=2, description="SwAV prototypes (clusters) the codes are assigned to")
     # views
     crops: Literal["cpu", "swav"] = Field(
         default="cpu", description="multi-crop preset: cpu = 2x96 + 4x48, swav = 2x224 + 6x96")
@@ -210,43 +210,45 @@ class PretrainConfig(StrictModel):
                     "CPU); device = batched on the training device before the forward, the workers only read and "
                     "decode (pick it for GPU training)")
     # objective: w_cluster * L_swav + w_contrast * L_infonce
-    w_cluster: float = Field(default=1.0, ge=0)
-    w_contrast: float = Field(default=1.0, ge=0)
+    w_cluster: float = Field(default=1.0, ge=0, description="weight of the SwAV swapped-prediction term")
+    w_contrast: float = Field(default=1.0, ge=0, description="weight of the InfoNCE instance-contrastive term")
     temperature: float = Field(default=0.1, gt=0, description="SwAV softmax temperature")
-    nce_temperature: float = Field(default=0.1, gt=0)
-    sinkhorn_epsilon: float = Field(default=0.05, gt=0)
-    sinkhorn_iterations: int = Field(default=3, ge=1)
+    nce_temperature: float = Field(default=0.1, gt=0, description="InfoNCE softmax temperature")
+    sinkhorn_epsilon: float = Field(default=0.05, gt=0, description="Sinkhorn-Knopp entropy regularisation")
+    sinkhorn_iterations: int = Field(default=3, ge=1, description="Sinkhorn-Knopp iterations per batch")
     queue_length: int = Field(
         default=0, ge=0, description="feature queue length over all ranks, a multiple of their number (0: none)")
     freeze_prototypes_steps: int = Field(
-        default=100, ge=0, description="prototypes get no update for these first steps")
+        default=100, ge=0,
+        description="prototypes get no update for these first steps (SwAV: lets the codes settle; below max_steps)")
     # optimisation
     batch_size: int = Field(default=64, ge=1, description="per process")
-    epochs: int = Field(default=10, ge=1)
+    epochs: int = Field(default=10, ge=1, description="passes over the shards (when max_steps is not set)")
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many steps (default: epochs)")
-    optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    optimizer: Literal["lars", "sgd", "adamw"] = Field(default="lars", description="LARS (SwAV's) for large batches")
     lr: float = Field(default=0.6, gt=0, description="learning rate for a global batch of 256 (scaled linearly)")
     final_lr: float = Field(default=0.0006, ge=0, description="end of the cosine decay, for a global batch of 256")
-    warmup_steps: int = Field(default=50, ge=0)
-    weight_decay: float = Field(default=1e-6, ge=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
+    warmup_steps: int = Field(
+        default=50, ge=0, description="linear learning-rate warm-up, then cosine decay (below max_steps)")
+    weight_decay: float = Field(default=1e-6, ge=0, description="L2 weight decay")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD / LARS momentum")
     grad_clip: float | None = Field(default=3.0, gt=0, description="max gradient norm (None: no clipping)")
     max_bad_steps: int = Field(default=5, ge=1, description="stop after this many consecutive non-finite losses")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto",
         description="auto: bf16 autocast where the hardware has bf16 (GPUs that support it, CPUs with AVX512-BF16 or "
                     "AMX), fp32 elsewhere")
-    channels_last: bool = True
+    channels_last: bool = Field(default=True, description="NHWC memory layout (faster convolutions)")
     # data and bookkeeping
     workers: int = Field(default=2, ge=0, description="DataLoader worker processes per training process")
-    shuffle_buffer: int = Field(default=1000, ge=1)
+    shuffle_buffer: int = Field(default=1000, ge=1, description="samples each loader worker shuffles among")
     checkpoint_every: int = Field(default=500, ge=1, description="steps between checkpoints")
     snapshot_every: int | None = Field(
         default=None, ge=1,
         description="also keep the encoder every this many steps in snapshots/step-NNNNNN/ (each a run folder that "
                     "--init and `medssl probe` take), to see how pretraining length pays off")
-    log_every: int = Field(default=10, ge=1)
-    seed: int = Field(default=0, ge=0)
+    log_every: int = Field(default=10, ge=1, description="steps between lines of metrics.jsonl")
+    seed: int = Field(default=0, ge=0, description="seed of initialisation, shard order and augmentation")
     deterministic: bool = Field(default=False, description="deterministic kernels (exact resume, slower)")
     device: str = Field(default="auto", description="auto, cpu or cuda")
 
@@ -257,6 +259,17 @@ class PretrainConfig(StrictModel):
         if self.queue_length and self.w_cluster == 0:
             raise ValueError(f"queue_length {self.queue_length}: the feature queue only serves the SwAV term, but "
                              "w_cluster is 0; set queue_length to 0 or w_cluster above 0")
+        # A short run on the defaults would be all warm-up with frozen prototypes (max_steps=30: the learning
+        # rate peaked at 0.0218 of 0.0375). Values the user set are theirs; defaults that do not fit are refused.
+        short = [f"the default {name}={getattr(self, name)} ({why})" for name, why in (
+            ("warmup_steps", "the learning rate would never reach its peak"),
+            ("freeze_prototypes_steps", "the prototypes would never be trained"))
+            if self.max_steps is not None and name not in self.model_fields_set
+            and getattr(self, name) >= self.max_steps]
+        if short:
+            raise ValueError(f"max_steps={self.max_steps} ends before " + " and ".join(short) + ": set them below "
+                             f"it, e.g. --set warmup_steps={self.max_steps // 10} --set freeze_prototypes_steps="
+                             f"{self.max_steps // 5}")
         self.multicrop()  # validates the augment overrides now, not at the first batch
         return self
 

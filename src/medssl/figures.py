@@ -28,3 +28,13 @@ def panel_figure(panels: int, height: float = 3.6, width: float = 10.0,
     for ax in axes[:panels]:
         ax.grid(alpha=0.3)
     return fig, axes[:panels]
+
+
+def legend(ax, fontsize: int = 8, **options) -> None:
+    """The axes' legend, if anything in them has a label, placed beside the axes (never over the curves).
+    ``options`` go to ``Axes.legend``, e.g. ``loc`` to put it inside after all."""
+    handles, _ = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    options = options or {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0}
+    ax.legend(fontsize=fontsize, **options)

@@ -25,7 +25,7 @@ from medssl.downstream.images import to_input
 from medssl.models import hub_export, onnx_export
 from medssl.models.card import DEFAULT_LICENSE, SOURCES_FILE, public_card, readme
 from medssl.models.export import CARD_FILE, load_encoder
-from medssl.models.lineage import LineageError, run_lineage, sources_text
+from medssl.models.lineage import LineageError, locate_shards, run_lineage, sources_text
 from medssl.shard_format import Sample, decode_pixels, read_shard
 
 FORMATS = ("timm", "onnx")
@@ -52,11 +52,11 @@ def export_run(run_dir: str | Path, fmt: str, out: Path, license: str = DEFAULT_
     _check_out(out, fmt)
     encoder = load_encoder(run_dir)
     run_card = encoder.model_card
-    folders = [storage.location(s) for s in (shards or run_card.get("config", {}).get("shards") or [])]
-    if not folders:
-        raise ExportError(f"{run_dir}'s card names no shard folders: name the pretraining's ingest outputs "
-                          "with --shards")
     try:
+        folders = [storage.location(s) for s in shards] if shards else locate_shards(run_dir, run_card)
+        if not folders:
+            raise ExportError(f"{run_dir}'s card names no shard folders: name the pretraining's ingest outputs "
+                              "with --shards")
         lineage = run_lineage(folders, run_card["data"]["samples"])
     except LineageError as e:
         raise ExportError(str(e)) from e

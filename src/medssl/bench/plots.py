@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from medssl.atomic import atomic_open
 from medssl.bench.results import FROZEN_MODES, RunResult
 from medssl.config import BenchConfig
-from medssl.figures import colours_for, panel_figure
+from medssl.figures import colours_for, legend, panel_figure
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -50,10 +50,10 @@ def convergence(cfg: BenchConfig, task: str, results: list[RunResult], path: Pat
                 steps = np.mean([[p[0] for p in c[:length]] for c in curves], axis=0)
                 aucs = np.mean([[p[1] for p in c[:length]] for c in curves], axis=0)
                 ax.plot(steps, aucs, linewidth=2, label=f"{arm.name} ({len(curves)} seeds)", **_style(cfg, arm.name))
-        ax.set_title(f"{task}: {fraction:g} of the labels")
+        ax.set_title(f"{task}: {'all' if fraction == 1 else f'{fraction:g}'} of the labels")
         ax.set_xlabel("training step")
         ax.set_ylabel("validation AUC")
-        ax.legend(fontsize=8)
+        legend(ax)
     return _save(fig, path)
 
 
@@ -78,7 +78,7 @@ def label_efficiency(cfg: BenchConfig, task: str, results: list[RunResult], path
     ax.set_xlabel("fraction of training labels used")
     ax.set_ylabel("test AUC")
     ax.set_title(f"{task}: label efficiency (line: mean over seeds)")
-    ax.legend(fontsize=8)
+    legend(ax)
     return _save(fig, path)
 
 
@@ -103,9 +103,11 @@ def robustness(cfg: BenchConfig, task: str, results: list[RunResult], path: Path
         ax.set_title(sweep)
         ax.set_xlabel("level")
         ax.set_ylabel("test AUC")
-        ax.legend(fontsize=7)
+        legend(ax, fontsize=7)
     fractions = sorted({r.spec.label_fraction for r in with_sweeps})
-    fig.suptitle(f"{task}: robustness (label fraction {', '.join(f'{f:g}' for f in fractions)}; mean over seeds)")
+    sizes = sorted({r.robustness.get("test_images") for r in with_sweeps} - {None})
+    fig.suptitle(f"{task}: robustness (label fraction {', '.join(f'{f:g}' for f in fractions)}; mean over seeds; "
+                 f"{', '.join(map(str, sizes))} test images; each run's paired intervals are in its report)")
     return _save(fig, path)
 
 

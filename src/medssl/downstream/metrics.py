@@ -80,6 +80,25 @@ def auc_report(targets: np.ndarray, scores: np.ndarray, names: list[str], n_boot
     }
 
 
+def auc_difference_ci(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, n_bootstrap: int = 1000,
+                      seed: int = 0) -> list[float] | None:
+    """Bootstrap 95% interval of macro AUC(a) - AUC(b), paired: both scored on the same resamples of the
+    same images (a perturbation's effect on one classifier, told apart from the noise of a small test set).
+    None with non-finite scores or no label defined."""
+    targets = np.asarray(targets).astype(bool)
+    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return None
+    n = len(targets)
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_bootstrap).astype(np.float64)
+    defined = [k for k in range(targets.shape[1]) if 0 < targets[:, k].sum() < n]
+    if not defined:
+        return None
+    diff = np.mean([weighted_auc(targets[:, k], a[:, k], counts) - weighted_auc(targets[:, k], b[:, k], counts)
+                    for k in defined], axis=0)
+    return _interval(diff)
+
+
 def accuracy(kind: str, targets: np.ndarray, probs: np.ndarray) -> float | None:
     """Binary: threshold 0.5; multi-class: arg-max. None for multi-label (no single meaningful number) and
     for non-finite probabilities."""

@@ -18,8 +18,10 @@ from typing import Any
 
 import timm
 import timm.models
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
+
+from medssl.atomic import atomic_open
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -59,7 +61,10 @@ def write_timm_folder(encoder: nn.Module, input_size: int, license: str, out: Pa
     """Write the weights and config.json into ``out`` (created if needed)."""
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    # Bytes through atomic_open, not safetensors' save_file: that writes its file 0600, unlike the folder's
+    # other files, so a shared export was unreadable to the user's colleagues.
+    with atomic_open(out / WEIGHTS_FILE) as f:
+        f.write(save(state, metadata={"format": "pt"}))
     config = timm_config(encoder, input_size, license)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 

@@ -62,7 +62,9 @@ def _task_section(task: str, runs: list[DownstreamRun], anchor: str) -> html.Sec
         section.blocks.append(html.figure(
             plots.robustness(with_robustness, colours),
             "Test AUC as the test images are perturbed further (one panel per perturbation); dotted line: the "
-            "run's AUC on clean images.", "robustness curves"))
+            "run's AUC on clean images; band: the paired bootstrap 95% interval of each level's change (the same "
+            "test images resampled for clean and perturbed scores). Where the band holds the dotted line, the "
+            "change is within the noise of a test set of that size.", "robustness curves"))
     else:
         section.blocks.append(html.missing("No robustness.json in any run: robustness curves omitted."))
     return section

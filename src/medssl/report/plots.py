@@ -13,7 +13,7 @@ from collections import defaultdict
 import numpy as np
 from matplotlib.figure import Figure
 
-from medssl.figures import DPI, PALETTE, colours_for, panel_figure
+from medssl.figures import DPI, PALETTE, colours_for, legend, panel_figure
 from medssl.report.collect import DownstreamRun, PretrainRun
 from medssl.report.samples import ShardImage
 
@@ -113,7 +113,7 @@ def embedding_map(coords: np.ndarray, colourings: list[tuple[str, list[str]]], m
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"{method}, coloured by {title}")
-        ax.legend(fontsize=8, markerscale=1.5)
+        legend(ax, markerscale=1.5)
     return data_uri(fig)
 
 
@@ -159,7 +159,7 @@ def convergence(runs: list[DownstreamRun], colours: dict[str, str]) -> str:
     ax.set_xlabel("training step")
     ax.set_ylabel("validation AUC")
     ax.set_title("convergence")
-    ax.legend(fontsize=8)
+    legend(ax)
     return data_uri(fig)
 
 
@@ -186,7 +186,7 @@ def label_efficiency(runs: list[DownstreamRun]) -> str:
     ax.set_xlabel("fraction of training labels used")
     ax.set_ylabel("test AUC (95% bootstrap interval)")
     ax.set_title("label efficiency (line: mean over seeds)")
-    ax.legend(fontsize=8)
+    legend(ax)
     return data_uri(fig)
 
 
@@ -200,10 +200,19 @@ def robustness(runs: list[DownstreamRun], colours: dict[str, str]) -> str:
                 continue
             ax.plot([p["level"] for p in points], [p["auc"] for p in points], marker="o", markersize=3,
                     color=colours[run.name], linestyle="--" if run.init_kind == "scratch" else "-", label=run.name)
-            if isinstance(run.robustness.get("clean_auc"), (int, float)):
-                ax.axhline(run.robustness["clean_auc"], color=colours[run.name], linestyle=":", linewidth=1)
+            clean = run.robustness.get("clean_auc")
+            if isinstance(clean, (int, float)):
+                ax.axhline(clean, color=colours[run.name], linestyle=":", linewidth=1)
+                # The paired 95% interval of each level's change, drawn around the clean AUC: where the band
+                # holds the clean line, the change is within the test set's noise.
+                banded = [p for p in points if p.get("drop_ci")]
+                if banded:
+                    ax.fill_between([p["level"] for p in banded], [clean - p["drop_ci"][1] for p in banded],
+                                    [clean - p["drop_ci"][0] for p in banded], color=colours[run.name], alpha=0.15,
+                                    linewidth=0)
+        sizes = sorted({r.robustness.get("test_images") for r in runs if r.robustness.get("test_images")})
         ax.set_xlabel(sweep)
         ax.set_ylabel("test AUC")
-        ax.set_title(f"robustness: {sweep}")
-        ax.legend(fontsize=8)
+        ax.set_title(f"robustness: {sweep}" + (f" ({', '.join(map(str, sizes))} test images)" if sizes else ""))
+        legend(ax)
     return data_uri(fig)

@@ -49,6 +49,7 @@ from medssl.data.device_crops import DeviceMultiCrop
 from medssl.data.stream import ShardStream, collate_stored
 from medssl.distributed import DistInfo, all_gather_objects, all_reduce_mean, init_distributed, shutdown_distributed
 from medssl.models.export import save_encoder
+from medssl.models.lineage import shard_location
 from medssl.models.ssl_model import SSLModel
 from medssl.models.weights import init_backbone
 from medssl.ssl import FeatureQueue, HybridLoss
@@ -205,12 +206,14 @@ def save_run_encoder(run: Pretraining, folder: str | Path) -> None:
     save_encoder(folder, run.model.backbone, {
         "architecture": cfg.backbone, "in_chans": 1, "feature_dim": run.model.feature_dim,
         "input_size": run.crops.global_size, "steps": run.step, "medssl_version": __version__,
-        "config": dump_config(cfg), "data": _data_summary(cfg.shards),
+        "config": dump_config(cfg), "data": _data_summary(cfg.shards, folder),
     })
 
 
-def _data_summary(shards: list[str | Path]) -> dict:
-    summary: dict[str, Any] = {"shard_folders": [str(s) for s in shards], "samples": 0, "by_modality": {}}
+def _data_summary(shards: list[str | Path], run_folder: str | Path) -> dict:
+    """What the run read: counts, and where its shard folders are (``models.lineage.locate_shards``)."""
+    summary: dict[str, Any] = {"shard_folders": [str(s) for s in shards], "samples": 0, "by_modality": {},
+                               "shard_locations": [shard_location(s, run_folder) for s in shards]}
     for folder in shards:
         summary["samples"] += json.loads(storage.read_text(storage.join(folder, "index.json")))["samples"]
         report = storage.join(folder, "report.json")
