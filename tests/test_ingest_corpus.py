@@ -96,3 +96,30 @@ def test_exact_duplicates_are_detected(corpus_run):
     dups = [r for r in manifest(out) if r["status"] == "duplicate"]
     assert {r["path"] for r in dups} >= {"test_files/examples_jpeg2k.dcm"}
     assert all("same content as" in r["reason"] for r in dups)
+
+
+def test_non_image_objects_get_their_own_reason_unless_asked_for(tmp_path, pydicom_test_files, pydicom_data_dir):
+    """RTDOSE grids and SEG masks were ingested as pretraining images."""
+    import shutil
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for path in (pydicom_test_files / "rtdose.dcm", pydicom_data_dir / "liver.dcm", pydicom_test_files / "CT_small.dcm",
+                 pydicom_test_files / "MR_small.dcm"):
+        shutil.copy(path, src / path.name)
+    summary = ingest(IngestConfig(inputs=[src], out=tmp_path / "default", workers=1, strict=True), show_progress=False)
+    reasons = {r["path"]: r["reason"] for r in summary.report["rejected"]}
+    assert reasons["rtdose.dcm"].startswith("non_image_object: a radiotherapy dose grid (RTDOSE)")
+    assert reasons["liver.dcm"].startswith("non_image_object: a segmentation (SEG)")
+    assert summary.exit_code(strict=True) == 0  # left out by choice, not for a fault
+    assert [r["path"] for r in summary.report["rejected"]] == sorted(reasons)  # the report's list by path
+    both = ingest(IngestConfig(inputs=[src], out=tmp_path / "all", workers=1, non_image_objects=True),
+                      show_progress=False)
+    assert both.report["status"] == {"ingested": 4}
+    only_ct = ingest(IngestConfig(inputs=[src], out=tmp_path / "ct", workers=1, modalities=["ct"]),
+                     show_progress=False)
+    assert only_ct.report["by_modality"].keys() == {"CT"}
+    assert only_ct.report["rejections_by_code"] == {"excluded_modality": 3}
+    no_mr = ingest(IngestConfig(inputs=[src], out=tmp_path / "no-mr", workers=1, exclude_modalities=["MR"],
+                              non_image_objects=True), show_progress=False)
+    assert no_mr.report["by_modality"].keys() == {"CT", "RTDOSE", "SEG"}

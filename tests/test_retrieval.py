@@ -206,13 +206,15 @@ def test_search_command_by_key_and_by_image_file(demo, capsys):
     key = table.column("key")[row].as_py()
     assert main(["search", "--index", str(demo["embeddings"]), "--key", key, "-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["1", "0.0000", table.column("modality")[row].as_py(), key] and len(lines) == 4
+    assert lines[0].startswith("query: ") and key in lines[0] and len(lines) == 5  # query, header, 3 neighbours
+    assert not any(key in line for line in lines[2:])  # the query is not its own neighbour
+    assert [line.split()[0] for line in lines[2:]] == ["1", "2", "3"]
 
     # An archive file finds its own ingested slice: the same pixels through the readers, not the shard.
     dicom = isolated_file(demo)
     assert main(["search", "--index", str(demo["embeddings"]), "--image", str(dicom), "-k", "2"]) == 0
-    _, distance, _, found = capsys.readouterr().out.splitlines()[1].split()
-    assert found.startswith(hashlib.sha256(dicom.read_bytes()).hexdigest()[:20]) and float(distance) < 1e-3
+    first = capsys.readouterr().out.splitlines()[2]
+    assert hashlib.sha256(dicom.read_bytes()).hexdigest()[:20] in first and float(first.split()[1]) < 1e-3
     assert main(["search", "--index", str(demo["embeddings"]), "--key", "nope"]) == 1
     assert "no sample with key 'nope'" in capsys.readouterr().err
 
@@ -275,3 +277,41 @@ def test_server_refuses_other_hosts_and_unknown_rows(server):
     assert _call(f"{server}/api/search?row=999999")[0] == 404
     assert _call(f"{server}/thumb/../../etc/passwd.png")[0] == 404
     assert _call(f"{server}/api/search?row=x")[0] == 400
+
+
+def test_search_names_source_files_leaves_out_the_query_and_folds_copies(tmp_path, pydicom_test_files, capsys):
+    """Results named only content hashes; the query itself took rank 1 or 2 (ties at distance 0); copies of
+    one image in several encodings took a rank each."""
+    import shutil
+
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("MR_small.dcm", "CT_small.dcm", "JPEG2000.dcm", "SC_rgb_jpeg.dcm", "liver_1frame.dcm"):
+        shutil.copy(pydicom_test_files / name, src / name)
+    for name, syntax in (("ct_rle.dcm", RLELossless), ("ct_copy2.dcm", RLELossless)):
+        ds = pydicom.dcmread(pydicom_test_files / "CT_small.dcm")
+        ds.compress(syntax)
+        if name == "ct_copy2.dcm":
+            ds.SeriesDescription = "another export"  # another file, the same pixels
+        ds.save_as(src / name)
+    ingest(IngestConfig(inputs=[src], out=tmp_path / "shards", workers=1), show_progress=False)
+    pretrain(PretrainConfig(shards=[tmp_path / "shards"], out=tmp_path / "run", **{**TINY_PRETRAIN, "batch_size": 4}),
+             show_progress=False)
+    embed([tmp_path / "shards"], tmp_path / "run", tmp_path / "emb", batch_size=8, show_progress=False)
+    rows = read_embeddings(tmp_path / "emb").to_pylist()
+    key = next(r["key"] for r in rows if r["path"].endswith("CT_small.dcm"))
+    assert main(["search", "--index", str(tmp_path / "emb"), "--key", key, "-k", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("query: ") and "CT_small.dcm" in out[0]
+    ranked = [line for line in out[2:] if line.split()[0].isdigit()]
+    assert not any("CT_small.dcm" in line for line in ranked)       # the query itself is left out
+    # The two re-encoded copies hold the query's pixels: one neighbour at distance 0, the other folded into it
+    # (a 2-step encoder puts other images near 0 too, so their order among ties is not asserted).
+    copies = [line for line in ranked if "ct_rle.dcm" in line or "ct_copy2.dcm" in line]
+    folded = [line for line in out if "same image:" in line]
+    assert len(copies) == 1 and "0.0000" in copies[0] and len(folded) == 1
+    assert ("ct_rle.dcm" in folded[0]) != ("ct_rle.dcm" in copies[0])
+    assert len(ranked) == 3

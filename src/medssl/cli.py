@@ -90,7 +90,7 @@ def _run_ingest(args) -> int:
     code = summary.exit_code(cfg.strict)
     if code:
         print("error: " + ("nothing could be ingested" if summary.ingested == 0 else
-                           f"{summary.rejected} files rejected (--strict)"), file=sys.stderr)
+                           f"{summary.rejected_for_faults} files rejected (--strict)"), file=sys.stderr)
     return code
 
 
@@ -515,26 +515,36 @@ def _run_search(args) -> int:
             print(f"index: {build_index(args.index)}")
             return 0
         index = open_index(args.index, log=lambda m: print(m, file=sys.stderr))
+        row = None
         if args.key is not None:
             row = index.find_key(args.key)
             if row is None:
                 print(f"error: no sample with key {args.key!r} in {args.index}", file=sys.stderr)
                 return 1
             vector = index.vector(row)
+            print(f"query: {_shown_source(index.row(row))}")
         else:
             m = index.manifest
             _, vector = Encoder(m["run"], tuple(m["ct_window"])).encode_file(args.image)
+            print(f"query: {args.image}")
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Rejected as r:
         print(f"error: {args.image}: not readable as an image ({r.code}): {r.detail}", file=sys.stderr)
         return 1
-    print(f"{'rank':>4}  {'distance':>8}  {'modality':<8}  key")
-    for rank, (row, distance) in enumerate(index.search(vector, args.k), 1):
-        r = index.row(row)
-        print(f"{rank:>4}  {distance:>8.4f}  {r['modality']:<8}  {r['key']}")
+    print(f"{'rank':>4}  {'distance':>8}  {'modality':<8}  source (frame; key)")
+    for rank, n in enumerate(index.neighbours(vector, args.k, query_row=row), 1):
+        r = index.row(n.row)
+        print(f"{rank:>4}  {n.distance:>8.4f}  {r['modality']:<8}  {_shown_source(r)}")
+        for copy in n.copies:  # the same image in another file (another encoding, a second export)
+            print(f"{'':>4}  {'':>8}  {'':<8}  same image: {_shown_source(index.row(copy))}")
     return 0
+
+
+def _shown_source(r: dict) -> str:
+    """A row's source file as its dataset names it (embeddings made before paths were kept: the key only)."""
+    return f"{r['path']} (frame {r['frame']}; {r['key']})" if r.get("path") else f"frame {r['frame']}; {r['key']}"
 
 
 def _serve_parser(sub) -> None:

@@ -87,7 +87,20 @@ class IngestConfig(StrictModel):
         default=False, description="write salted path hashes instead of paths into manifest, report and logs")
     salt_file: Path | None = Field(
         default=None, description="secret salt for identifier hashes (default ~/.medssl/salt)")
-    strict: bool = Field(default=False, description="exit non-zero if any file is rejected")
+    strict: bool = Field(
+        default=False,
+        description="exit non-zero if any file is rejected (files left out by modalities, exclude_modalities or "
+                    "non_image_objects do not count)")
+    modalities: list[str] | None = Field(
+        default=None, description="ingest only these modality codes, e.g. [CT, MR] (None: all); others get the "
+                                  "reason excluded_modality")
+    exclude_modalities: list[str] = Field(
+        default_factory=list, description="leave out these modality codes, e.g. [US] (reason excluded_modality)")
+    non_image_objects: bool = Field(
+        default=False,
+        description="also ingest DICOM objects that hold pixel data but no picture of the patient: segmentations "
+                    "(SEG), dose grids (RTDOSE), structure sets, plans, presentation states, key objects, reports "
+                    "(off: reason non_image_object)")
     lease_ttl_s: float = Field(
         default=120.0, gt=0,
         description="object-storage datasets: a writer's lease not renewed for this long is taken to belong to a "
@@ -105,6 +118,11 @@ class IngestConfig(StrictModel):
     @classmethod
     def _upper(cls, v: str) -> str:
         return v if v == "auto" else v.upper()
+
+    @field_validator("modalities", "exclude_modalities")
+    @classmethod
+    def _codes(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [code.strip().upper() for code in v]
 
 
 # (level, width) in HU of common display windows.

@@ -29,6 +29,15 @@ from medssl.privacy import keyed_hash, scrub
 from medssl.shard_format import Sample, encode_pixels, storage_for
 from medssl.storage import StorageError, is_url, open_read, retrying
 
+# DICOM objects with pixel data that are not pictures of the patient (labels, dose grids, overlays, ...),
+# by modality code and by words of their SOP class's name: pretraining on them teaches nothing about images.
+NON_IMAGE_MODALITIES = {"SEG": "a segmentation", "RTDOSE": "a radiotherapy dose grid", "RTSTRUCT": "a structure set",
+                        "RTPLAN": "a radiotherapy plan", "RTRECORD": "a treatment record", "PR": "a presentation state",
+                        "KO": "a key object selection", "SR": "a structured report", "REG": "a registration",
+                        "DOC": "an encapsulated document", "PLAN": "a plan"}
+_NON_IMAGE_SOP_WORDS = ("Segmentation", "RT Dose", "RT Structure", "RT Plan", "Presentation State", "Key Object",
+                        " SR ", "Registration", "Encapsulated PDF")
+
 # Linkage hashes written into sample metadata: which images share a patient, a study, a series.
 _LINKAGE = {"patient": "PatientID", "study": "StudyInstanceUID", "series": "SeriesInstanceUID"}
 
@@ -177,6 +186,26 @@ def _samples(task: FileTask, src: SourceImage, cfg: IngestConfig, salt: bytes) -
     return samples, empty
 
 
+def _check_wanted(src: SourceImage, cfg: IngestConfig) -> None:
+    """The settings' choice of what to ingest: modalities, and whether non-image DICOM objects count."""
+    if cfg.modalities is not None and src.modality not in cfg.modalities:
+        raise Rejected("excluded_modality", f"modality {src.modality} is not in modalities {cfg.modalities}")
+    if src.modality in cfg.exclude_modalities:
+        raise Rejected("excluded_modality", f"modality {src.modality} is in exclude_modalities")
+    if src.format != "dicom" or cfg.non_image_objects:
+        return
+    sop = f" {src.info.get('sop_class') or ''} "
+    what = NON_IMAGE_MODALITIES.get(src.modality) or next(
+        (f"a {word.strip()} object" for word in _NON_IMAGE_SOP_WORDS if word in sop), None)
+    if what:
+        raise Rejected("non_image_object", f"{what} ({src.modality}), not an image of the patient; "
+                                           "non_image_objects=true ingests such objects")
+
+
+# Codes of files left out by the settings' choice, not for a fault: --strict does not count them.
+CHOSEN_OUT = ("excluded_modality", "non_image_object")
+
+
 def process_file(task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome:
     # Library warnings (pydicom's in particular) quote header values: never let them reach a console or log.
     with warnings.catch_warnings():
@@ -191,6 +220,7 @@ def _process_file(task: FileTask, cfg: IngestConfig, salt: bytes) -> FileOutcome
     try:
         src = read_image(_fetched.get(task.path, task.path), limits, cfg.planes, cfg.slice_stride,
                          cfg.nifti_modality, cfg.raster_modality)
+        _check_wanted(src, cfg)  # before any frame is decoded
         samples, empty = _samples(task, src, cfg, salt)
         return FileOutcome("ingested", format=src.format, modality=src.modality, samples=samples, empty_frames=empty)
     except Rejected as r:

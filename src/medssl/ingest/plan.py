@@ -43,7 +43,7 @@ PLAN_VERSION = 2
 # Settings that change what a work unit writes; every generation of a dataset uses the same ones.
 PROCESSING_KEYS = ("inputs", "files_per_chunk", "mix_units", "samples_per_shard", "max_side", "planes", "slice_stride",
                    "max_pixels", "max_frame_side", "max_memory_mb", "percentiles", "nifti_modality", "raster_modality",
-                   "redact_paths")
+                   "redact_paths", "modalities", "exclude_modalities", "non_image_objects")
 
 
 @dataclass
@@ -163,7 +163,9 @@ def open_plan(cfg: IngestConfig, out: Path, salt: bytes) -> tuple[DatasetPlan, s
                        body["paths_dropped"], body["dataset_id"])
     if plan.paths_dropped:
         wanted["inputs"] = redacted(wanted["inputs"], salt)
-    changed = [k for k in wanted if plan.settings.get(k) != wanted[k]]
+    # A setting newer than the dataset's plan is taken at its default (what that version did, or closest).
+    defaults = processing_settings(IngestConfig(inputs=cfg.inputs))
+    changed = [k for k in wanted if plan.settings.get(k, defaults[k]) != wanted[k]]
     if changed:
         diffs = ", ".join(f"{k}: {plan.settings.get(k)!r} -> {wanted[k]!r}" for k in changed)
         raise ConfigError(f"{out} holds an ingest made with other settings ({diffs}). Rerun with the same "

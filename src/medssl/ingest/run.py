@@ -26,6 +26,7 @@ from medssl.ingest.chunk import (
 from medssl.ingest.dedup import SeenContent
 from medssl.ingest.engine import make_engine
 from medssl.ingest.output import WRITTEN_FOLDERS, check_output, mark_dataset
+from medssl.ingest.pipeline import CHOSEN_OUT
 from medssl.ingest.plan import DatasetPlan, open_plan, planned_units, saved_chunks
 from medssl.ingest.report import RunStats, finalize
 from medssl.lease import Lease, lease
@@ -51,8 +52,14 @@ class IngestSummary:
     def rejected(self) -> int:
         return self.report["status"].get("rejected", 0)
 
+    @property
+    def rejected_for_faults(self) -> int:
+        """Rejections other than files the settings left out (``pipeline.CHOSEN_OUT``)."""
+        codes = self.report.get("rejections_by_code", {})
+        return self.rejected - sum(codes.get(code, 0) for code in CHOSEN_OUT)
+
     def exit_code(self, strict: bool) -> int:
-        if self.ingested == 0 or (strict and self.rejected):
+        if self.ingested == 0 or (strict and self.rejected_for_faults):
             return 1
         return 0
 

@@ -7,9 +7,11 @@ Output folder::
 
 A part's rows: ``key`` (the sample key of ingest), ``source_sha256`` (the source file's content hash),
 ``modality``, ``frame``, a thumbnail reference (``shard`` + ``offset``: the byte offset of the sample's
-first tar member, so one seek finds its pixels; for image files ``path``) and ``embedding`` (the raw
-features, float32). No identifiers: the shards hold none, and nothing is read from headers but the
-modality code. Resume = parts already written are skipped, so a rerun after a crash finishes the rest.
+first tar member, so one seek finds its pixels), ``path`` (the source file: for a dataset as its
+manifest names it, a path relative to its input or with ``redact_paths`` the dataset's salted reference;
+for image files the file) and ``embedding`` (the raw features, float32). No identifiers: the shards hold
+none, and nothing is read from headers but the modality code. Resume = parts already written are
+skipped, so a rerun after a crash finishes the rest.
 
 Inputs are prepared as for fine-tuning (``downstream.decode.fit_square``, ``downstream.images.to_input``):
 resized and padded to the encoder's input size, CT through ``ct_window``, one grey channel in [0, 1].
@@ -18,6 +20,7 @@ resized and padded to the encoder's input size, CT through ``ct_window``, one gr
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -183,15 +186,27 @@ def _member_offsets(shard: str | Path) -> dict[str, int]:
     return offsets
 
 
+def _source_paths(dataset: str, shard_name: str) -> dict[str, str]:
+    """Sample key -> its source file as the dataset's manifest names it (a path relative to its input, or
+    with ``redact_paths`` the dataset's salted reference), from the one manifest part of the shard's unit."""
+    match = re.match(r"shard-(\d{6})-", shard_name)
+    part = storage.join(dataset, "manifest", f"chunk-{match.group(1)}.jsonl") if match else None
+    if part is None or not storage.exists(part):
+        return {}
+    rows = [json.loads(line) for line in storage.read_text(part).splitlines() if line]
+    return {key: r["path"] for r in rows for key in r.get("samples", [])}
+
+
 def _shard_rows(dataset: str, part: Part, encoder: Encoder) -> Iterator[tuple[dict, np.ndarray, bool]]:
     shard = storage.join(dataset, *part.shard.split("/"))
     offsets = _member_offsets(shard)
+    sources = _source_paths(dataset, part.shard.rpartition("/")[2])
     for sample in read_shard(shard):
         meta = sample.meta
         values = fit_square(decode_pixels(sample.pixels, meta), encoder.input_size)
         row = {"key": sample.key, "source_sha256": meta["source"]["sha256"], "modality": meta.get("modality", ""),
                "frame": int(meta["source"].get("frame", 0)), "shard": part.shard, "offset": offsets[sample.key],
-               "path": None}
+               "path": sources.get(sample.key)}
         yield row, values, meta["intensity"]["semantics"] == "hounsfield"
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -31,6 +32,16 @@ import pyarrow.parquet as pq
 
 from medssl.atomic import atomic_open, atomic_write_text
 from medssl.retrieval.embed import MANIFEST, PARTS, embedding_matrix
+
+SAME = 1e-6  # features (and distances) that differ less than this are one image's
+
+
+@dataclass
+class Neighbour:
+    row: int
+    distance: float
+    copies: list[int] = field(default_factory=list)  # rows with the same features (other files of one image)
+
 
 INDEX_DIR = "index"
 EXACT_BELOW = 20_000
@@ -114,6 +125,28 @@ class SearchIndex:
         query = _normalised(np.asarray(vector, dtype=np.float32).reshape(1, -1))
         similarities, ids = self._graph.search(query, min(k, self.count))
         return [(int(i), float(max(0.0, 1.0 - s))) for i, s in zip(ids[0], similarities[0]) if i >= 0]
+
+    def neighbours(self, vector: np.ndarray, k: int = 10, query_row: int | None = None) -> list[Neighbour]:
+        """The ``k`` nearest *images* of ``vector``, for people to read: the query's own row is left out,
+        and rows with the same features (one image stored as several files, in several encodings) are one
+        neighbour with its ``copies``. Copies of the query itself come first, at distance 0."""
+        found: list[Neighbour] = []
+        wanted, ask = k, k + 1
+        while True:
+            hits = self.search(vector, ask)
+            found = []
+            for row, distance in hits:
+                if row == query_row:
+                    continue
+                same = next((n for n in found if abs(n.distance - distance) <= SAME
+                             and float(np.abs(self.vector(n.row) - self.vector(row)).max()) <= SAME), None)
+                if same is not None:
+                    same.copies.append(row)
+                else:
+                    found.append(Neighbour(row, distance))
+            if len(found) >= wanted or len(hits) < ask or ask >= self.count:
+                return found[:wanted]
+            ask = min(self.count, ask * 2)  # copies took places: look further
 
 
 def open_index(folder: Path, log=print) -> SearchIndex:

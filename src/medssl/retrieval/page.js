@@ -23,7 +23,14 @@ function card(item, extra) {
   img.src = item.thumbnail;
   img.alt = `${item.modality} image`;
   div.appendChild(img);
-  for (const [cls, text] of [["key", item.key], ["", `${item.modality} · frame ${item.frame}`], ...extra]) {
+  const lines = [["", `${item.modality} · frame ${item.frame}`], ...extra];
+  if (item.source) lines.unshift(["source", item.source]);  // the file, as the dataset names it
+  lines.push(["key", item.key]);
+  if (item.copies && item.copies.length) {
+    lines.push(["copies", `same image in ${item.copies.length} more file(s): ` +
+      item.copies.map((c) => c.source || c.key).join(", ")]);
+  }
+  for (const [cls, text] of lines) {
     const line = document.createElement("div");
     if (cls) line.className = cls;
     line.textContent = text;
@@ -63,7 +70,8 @@ function showResults(result) {
   const query = card(result.query, [["distance", "query"]]);
   query.classList.add("query");
   const cards = result.neighbours.map((n) => {
-    const div = card(n, [["distance", `distance ${n.distance.toFixed(4)}`]]);
+    const shown = `distance ${n.distance.toFixed(4)}` + (n.is_query ? " (this image)" : "");
+    const div = card(n, [["distance", shown]]);
     div.dataset.row = n.row;
     div.classList.add("neighbour");
     div.title = "search from this case";

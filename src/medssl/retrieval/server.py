@@ -47,7 +47,7 @@ from medssl.io import Rejected
 from medssl.io.isolation import Budget, IsolatedWorker
 from medssl.retrieval.embed import Encoder
 from medssl.retrieval.files import decode_file
-from medssl.retrieval.index import SearchIndex
+from medssl.retrieval.index import SAME, SearchIndex
 from medssl.retrieval.thumbnails import png, shard_sample_pixels
 
 MAX_K = 100
@@ -100,7 +100,7 @@ class SearchApp:
     def search_row(self, row: int, k: int) -> dict:
         if not 0 <= row < self.index.count:
             raise RequestError(HTTPStatus.NOT_FOUND, f"no row {row}: the index has rows 0 to {self.index.count - 1}")
-        return {"query": self._card(row), "neighbours": self._neighbours(self.index.vector(row), k)}
+        return {"query": self._card(row), "neighbours": self._neighbours(self.index.vector(row), k, query_row=row)}
 
     def search_key(self, key: str, k: int) -> dict:
         row = self.index.find_key(key)
@@ -161,10 +161,24 @@ class SearchApp:
     def _card(self, row: int) -> dict:
         r = self.index.row(row)
         return {"row": row, "key": r["key"], "modality": r["modality"], "frame": r["frame"],
-                "thumbnail": f"/thumb/{row}.png"}
+                "source": r.get("path"), "thumbnail": f"/thumb/{row}.png"}
 
-    def _neighbours(self, vector: np.ndarray, k: int) -> list[dict]:
-        return [{**self._card(row), "distance": round(distance, 6)} for row, distance in self.index.search(vector, k)]
+    def _neighbours(self, vector: np.ndarray, k: int, query_row: int | None = None) -> list[dict]:
+        """The nearest images (``SearchIndex.neighbours``: copies of one image folded into one card, with
+        the other files under ``copies``). A search from an indexed image shows that image first, marked
+        ``is_query``, whatever the order faiss gives rows tied at distance 0."""
+        found = self.index.neighbours(vector, k, query_row)
+        cards = []
+        if query_row is not None:
+            copies = []
+            if found and found[0].distance <= SAME and float(
+                    np.abs(self.index.vector(found[0].row) - self.index.vector(query_row)).max()) <= SAME:
+                copies, found = [found[0].row, *found[0].copies], found[1:]
+            cards.append({**self._card(query_row), "distance": 0.0, "is_query": True,
+                          "copies": [self._card(c) for c in copies]})
+        cards += [{**self._card(n.row), "distance": round(n.distance, 6), "copies": [self._card(c) for c in n.copies]}
+                  for n in found]
+        return cards[:k]
 
 
 class WebApp:
