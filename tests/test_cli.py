@@ -188,7 +188,7 @@ ELSEWHERE = [
       "--ray-address", "ADDRESS", "--set", "files_per_chunk=4"]),
     ("test_serve_limits", "test_the_server_printed_no_traceback",
      ["serve", "--index", "EMB", "--port", "0", "--max-upload-mb", "1"]),
-    ("test_cli", "test_the_readme_demo_script_runs", ["demo", "--quick", "--out", "OUT", "--workers", "1", "--quiet"]),
+    ("test_cli", "test_the_readme_demo_script_runs", ["demo", "--quick", "--out", "OUT", "--workers", "1"]),
 ]
 
 
@@ -272,7 +272,20 @@ def test_the_readme_bench_preset_loads():
 def test_the_readme_demo_script_runs(tmp_path):
     """The README's main command, `bash scripts/demo.sh`, with --quick (the full demo is the demo benchmark)."""
     proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--quick", "--out", str(tmp_path / "demo"),
-                           "--workers", "1", "--quiet"], capture_output=True, text=True, timeout=900)
+                           "--workers", "1"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "demo" / "report.html").is_file() and "report:" in proc.stdout
+    page = (tmp_path / "demo" / "report.html").read_text()
+    # The answer first: the verdict lines come before any other section (they sat ~6,900 px down).
+    assert page.index("In short") < page.index('id="bench"') and "ssl-finetune" in page.split("In short")[1][:2000]
+    assert "against scratch-finetune" in page and ("intervals overlap" in page or "intervals are apart" in page)
+    predictions = (tmp_path / "demo" / "ct-hemorrhage" / "ssl-finetune-f1-s0" / "test_predictions.csv").read_text()
+    assert predictions.splitlines()[0].endswith(",prob_hemorrhage")  # the finding is the positive class (ROC)
+    assert "4 steps" in page  # steps trained, not lines logged (log_every=2: 2 lines)
+    assert "all of the labels" in page or "all labels" in page
+    # Only what a user looks at or reuses is left (the full demo left 724 MB).
+    assert not list((tmp_path / "demo").rglob("best.pt"))
+    assert not (tmp_path / "demo" / "pretrain" / "checkpoint.pt").exists()
+    assert (tmp_path / "demo" / "pretrain" / "encoder.safetensors").is_file() and "removed " in proc.stdout
+    assert "demo: pretrain (" in proc.stderr and "min left" in proc.stderr
     shutil.rmtree(tmp_path / "demo")

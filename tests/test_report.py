@@ -134,6 +134,24 @@ def test_report_renders_offline_in_chromium(bench, tmp_path):
     assert _near(pixels[pixels.shape[0] // 2:], TAB_BLUE) > 500
 
 
+def test_the_embedding_map_shows_the_pools_modalities_also_with_task_labels(bench, tmp_path, monkeypatch):
+    """With --task only the task's images were embedded: the modality panel had one colour."""
+    from medssl.report import plots as report_plots
+
+    seen = []
+    real = report_plots.embedding_map
+    monkeypatch.setattr(report_plots, "embedding_map", lambda coords, colourings, method: seen.append(colourings)
+                        or real(coords, colourings, method))
+    task = tmp_path / "task.csv"  # labels for the CT files only: one modality
+    rows = [line for line in (bench / "task.csv").read_text().splitlines()[1:] if ".dcm" in line]
+    task.write_text("path,label\n" + "\n".join(f"{os.path.relpath(bench / r.split(',')[0], tmp_path)},"
+                                                 f"{r.split(',')[1]}" for r in rows) + "\n")
+    build_report(bench, out=tmp_path / "report.html", task=task, log=lambda m: None)
+    (modality, by_modality), (label, by_label) = seen[0]
+    assert modality == "modality" and set(by_modality) == {"CT", "OT"}
+    assert label == "task label" and "not in the task" in by_label and {"lesion", "normal"} <= set(by_label)
+
+
 def test_missing_artefacts_are_named_not_fatal(tmp_path):
     run = tmp_path / "only-run"
     _finetune_run(run, "scratch", 1.0, 0.8)

@@ -362,14 +362,22 @@ def _demo_parser(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a one-minute run of the same pipeline on a tiny archive with tiny budgets, to check an "
                         "installation (its numbers mean nothing); use another --out than the full demo's")
+    p.add_argument("--keep-weights", action="store_true",
+                   help="keep every run's classifier (best.pt) and the pretraining checkpoint (about 0.6 GB); by "
+                        "default only what the report and a user need are kept: metrics, predictions and the encoder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _run_demo(args) -> int:
     from medssl.demo.run import run_demo
 
-    summary = run_demo(args.out, args.workers, show_progress=not args.quiet, quick=args.quick)
+    summary = run_demo(args.out, args.workers, show_progress=not args.quiet, quick=args.quick,
+                       keep_weights=args.keep_weights)
     print((Path(args.out) / "results.md").read_text())
+    files, size = summary["tidied"]
+    if files:
+        print(f"removed {files} files ({size / 2**20:.0f} MB): each run's classifier (best.pt) and the pretraining "
+              "checkpoint; the encoder, metrics and predictions are kept (--keep-weights keeps everything)")
     print(f"report: {Path(summary['report']).resolve()} (open it in a browser; it needs no network)")
     return 1 if summary["failures"] else 0
 

@@ -260,11 +260,55 @@ def _md_table(headers: list[str], rows: list[list[str]], left: int) -> list[str]
     return ["| " + " | ".join(line) + " |" for line in (headers, align, *rows)]
 
 
+def _fraction_text(fraction: float) -> str:
+    return "all labels" if fraction == 1 else f"{fraction:g} of the labels"
+
+
+def _with_interval(row: dict) -> str:
+    lo, hi = row.get("test_auc_ci_mean") or (None, None)
+    interval = f" [{lo:.3f}-{hi:.3f}]" if lo is not None and hi is not None else ""
+    return f"{row['test_auc_mean']:.3f}{interval}"
+
+
+def verdict_lines(summary: dict) -> list[str]:
+    """The answer first: per task and label fraction, each arm against its scratch baseline, with the mean
+    bootstrap 95% intervals and what they mean (a difference is claimed only when they are apart)."""
+    rows = {(r["task"], r["arm"], r["label_fraction"]): r for r in summary["rows"] if r["test_auc_mean"] is not None}
+    lines = []
+    for (task, arm, fraction), row in sorted(rows.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][1])):
+        base = rows.get((task, row.get("baseline"), fraction))
+        if base is None or base is row:
+            continue
+        (lo, hi), (base_lo, base_hi) = row.get("test_auc_ci_mean") or (None, None), \
+            base.get("test_auc_ci_mean") or (None, None)
+        diff = row["test_auc_mean"] - base["test_auc_mean"]
+        if None in (lo, hi, base_lo, base_hi):
+            reading = "no interval to judge it by"
+        elif lo > base_hi:
+            reading = f"{arm} better: the intervals are apart"
+        elif base_lo > hi:
+            reading = f"{base['arm']} better: the intervals are apart"
+        else:
+            reading = "no clear difference: the intervals overlap"
+        seeds = len(row["test_auc"])
+        lines.append(f"{task}, {_fraction_text(fraction)}: {arm} {_with_interval(row)} against {base['arm']} "
+                     f"{_with_interval(base)}, {diff:+.3f} AUC (mean of {seeds} seed{'s' * (seeds != 1)}, "
+                     f"{row['test_images']} test images): {reading}.")
+    return lines
+
+
+VERDICT_LEGEND = ("Test AUC, mean over seeds [mean bootstrap 95% interval]. A difference is claimed only when "
+                  "the intervals are apart; overlapping intervals mean the test set cannot tell the two apart.")
+
+
 def markdown(summary: dict) -> str:
     """results.md, from results.json's content."""
     setup = setup_lines(summary)
     lines = [f"# Bench results: {summary['name']}", "", f"Command: `{summary['command']}`  ",
              *[f"{line}  " for line in setup[1:]], ""]
+    verdicts = verdict_lines(summary)
+    if verdicts:
+        lines += ["## In short", "", VERDICT_LEGEND, "", *[f"- {v}" for v in verdicts], ""]
     lines += ["## Accuracy and convergence", "", ACCURACY_LEGEND, "", *_md_table(*accuracy_table(summary), left=2)]
     headers, rows = robustness_table(summary)
     if rows:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -35,7 +36,7 @@ from medssl.downstream.api import prepare_task
 from medssl.downstream.curve import PLOT, probe_curve
 from medssl.downstream.tasks import Task
 from medssl.machine import machine_facts
-from medssl.train.pretrain import SNAPSHOTS
+from medssl.train.pretrain import CHECKPOINT, SNAPSHOTS
 
 RESULTS = "results.json"
 
@@ -73,7 +74,9 @@ def _pretrain_stage(cfg: BenchConfig, out: Path, show_progress: bool) -> dict:
 
     shards = out / ("curated" if cfg.curate is not None else "shards")
     pcfg = PretrainConfig.model_validate({**cfg.pretrain, "shards": [shards], "out": out / "pretrain"})
-    run = pretrain(pcfg, show_progress)
+    run = out / "pretrain"
+    if not ((run / "model_card.json").is_file() and not (run / CHECKPOINT).exists()):
+        run = pretrain(pcfg, show_progress)  # (else: finished, and its checkpoint removed to save space)
     card = json.loads((run / "model_card.json").read_text())
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     return {"run": str(run), "architecture": card["architecture"], "steps": card["steps"],
@@ -95,8 +98,12 @@ def _curve_stage(cfg: BenchConfig, tasks: dict[str, Task], out: Path, show_progr
     return curves
 
 
-def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None = None) -> dict:
-    """Run (or resume) a bench; returns the summary also written to ``<out>/results.json``."""
+def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None = None,
+              phase: Callable[[str], None] | None = None) -> dict:
+    """Run (or resume) a bench; returns the summary also written to ``<out>/results.json``.
+    ``phase(name)`` is called as each stage starts (tasks, ingest, curate, pretrain, probe, runs, figures: those
+    the bench has); the demo prints them with an estimate of what is left."""
+    phase = phase or (lambda name: None)
     if cfg.out is None:
         raise ConfigError("bench needs an output folder (--out DIR or out: in the config)")
     out = Path(cfg.out)
@@ -106,6 +113,7 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
     seconds = {}
 
     tasks: dict[str, Task] = {}
+    phase("tasks")
     for t in cfg.tasks:
         allow = {**cfg.finetune, **t.settings}.get("paths_outside_csv", False)
         csv = write_task_csv(t, out / "tasks", allow)
@@ -115,19 +123,23 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
     pool, pre = None, None
     if needs_encoder:
         t = time.perf_counter()
+        phase("ingest")
         pool = _pool_stage(cfg, tasks, out, show_progress)
         seconds["ingest"] = time.perf_counter() - t
         if cfg.curate is not None:
             t = time.perf_counter()
+            phase("curate")
             pool["curated"] = _curate_stage(cfg, out, show_progress)
             seconds["curate"] = time.perf_counter() - t
         t = time.perf_counter()
+        phase("pretrain")
         pre = _pretrain_stage(cfg, out, show_progress)
         seconds["pretrain"] = time.perf_counter() - t
 
     curves = {}
     if pre is not None and _has_snapshots(out / "pretrain"):
         t = time.perf_counter()
+        phase("probe")
         curves = _curve_stage(cfg, tasks, out, show_progress)
         seconds["probe"] = time.perf_counter() - t
 
@@ -137,6 +149,7 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
                                    finetune_settings(cfg, spec, out / "tasks" / f"{spec.task}.csv", out / "pretrain"),
                                    cfg.robustness_levels))]
     t = time.perf_counter()
+    phase("runs")
     outcomes = execute(jobs, tasks, cfg, show_progress)
     seconds["runs"] = time.perf_counter() - t
     failures = [o for o in outcomes if not o["ok"]]
@@ -147,6 +160,7 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
                                                         "finished": len(results), "failed": len(failures)},
                "failures": [{"run": f["run"], "error": f["error"]} for f in failures],
                "notes": _notes(pool), **summarise(cfg, results), "curves": curves, "config": dump_config(cfg)}
+    phase("figures")
     seconds["total"] = time.perf_counter() - t0
     summary["seconds"] = {k: round(seconds.get(k, 0.0), 1) for k in ("ingest", "curate", "pretrain", "probe", "runs",
                                                                      "total")}

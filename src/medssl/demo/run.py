@@ -12,6 +12,8 @@ Rerunning the command resumes: an existing phantom archive is reused, finished s
 from __future__ import annotations
 
 import shutil
+import sys
+import time
 from pathlib import Path
 
 from medssl.bench import report_task, run_bench
@@ -28,7 +30,7 @@ PATIENTS = 128
 # about a minute; its numbers mean nothing.
 QUICK_PATIENTS, QUICK_SIZE = 6, 32
 QUICK = {"pretrain": {"max_steps": 4, "batch_size": 8, "n_prototypes": 8, "proj_hidden": 32, "proj_dim": 16,
-                      "warmup_steps": 1, "freeze_prototypes_steps": 1, "checkpoint_every": 2, "log_every": 1,
+                      "warmup_steps": 1, "freeze_prototypes_steps": 1, "checkpoint_every": 2, "log_every": 2,
                       "augment": {"global_size": 32, "local_size": 16, "n_local": 2}},
          "finetune": {"input_size": 32, "epochs": 2, "batch_size": 8, "ssl_batch_size": 4, "bootstrap": 50},
          "label_fractions": [1.0], "seeds": [0], "robustness_levels": {"rotation": [15], "gamma": [1.5]}}
@@ -42,7 +44,8 @@ def demo_config(out: Path, task_csv: Path, archive: Path, workers: int = 2, quic
     """
     settings = {
         "out": out,
-        "tasks": [{"name": TASK, "csv": task_csv, "settings": {"ct_window": [40, 80]}}],  # brain window
+        # Brain window; the positive class is the finding (sorted order would score "normal").
+        "tasks": [{"name": TASK, "csv": task_csv, "settings": {"ct_window": [40, 80], "positive_class": "hemorrhage"}}],
         "unlabeled": [archive],  # every modality goes into pretraining (held-out test slices are left out)
         "ingest": {"workers": workers},
         "pretrain": {"max_steps": 150, "epochs": 1000, "batch_size": 32, "n_prototypes": 30, "queue_length": 0,
@@ -64,17 +67,56 @@ def demo_config(out: Path, task_csv: Path, archive: Path, workers: int = 2, quic
     return BenchConfig.model_validate(settings)
 
 
-def run_demo(out: Path | str = "demo-out", workers: int = 2, show_progress: bool = True, quick: bool = False) -> dict:
-    """Run (or resume) the demo in ``out``; returns the bench summary (``summary["report"]``: the HTML).
+# Seconds each phase took in the full demo on 2 idle cores (BENCHMARKS.md, "The demo"): the estimate of
+# what is left that the demo prints. A busy machine takes longer (two heavy jobs at once: 4-5x).
+PHASE_SECONDS = {"archive": 25, "tasks": 5, "ingest": 20, "pretrain": 60, "runs": 195, "figures": 25}
+
+
+class _Phases:
+    """Prints each phase as it starts, with a rough estimate of the time left (stderr; not with --quiet)."""
+
+    def __init__(self, quick: bool, show: bool):
+        self.scale, self.show, self.started = (0.15 if quick else 1.0), show, time.monotonic()
+
+    def __call__(self, name: str) -> None:
+        if not self.show or name not in PHASE_SECONDS:
+            return
+        names = list(PHASE_SECONDS)
+        left = self.scale * sum(PHASE_SECONDS[n] for n in names[names.index(name):])
+        elapsed = time.monotonic() - self.started
+        print(f"demo: {name} ({names.index(name) + 1}/{len(names)}; {elapsed / 60:.1f} min so far, about "
+              f"{max(1, round(left / 60))} min left on 2 idle cores)", file=sys.stderr, flush=True)
+
+
+def tidy(out: Path) -> tuple[int, int]:
+    """Delete what a finished demo no longer needs: each run's classifier (best.pt, 43 MB each at the demo's
+    size) and the pretraining checkpoint (only a resume reads it). Kept: metrics, predictions, robustness,
+    the report and the pretrained encoder. Returns (files, bytes) removed."""
+    files = [*out.glob("*/*/best.pt"), *out.glob("*/*/sweep/*/best.pt"), out / "pretrain" / "checkpoint.pt"]
+    removed = [(p, p.stat().st_size) for p in files if p.is_file()]
+    for path, _ in removed:
+        path.unlink()
+    return len(removed), sum(size for _, size in removed)
+
+
+def run_demo(out: Path | str = "demo-out", workers: int = 2, show_progress: bool = True, quick: bool = False,
+             keep_weights: bool = False) -> dict:
+    """Run (or resume) the demo in ``out``; returns the bench summary (``summary["report"]``: the HTML and
+    ``summary["tidied"]``: files and bytes removed by ``tidy`` unless ``keep_weights``).
     ``quick``: a tiny archive and budgets (``QUICK``), to check an installation."""
     out = Path(out)
     data = out / "data"
     task_csv = data / f"task-{TASK}.csv"
+    phases = _Phases(quick, show_progress)
     if not task_csv.is_file():
+        phases("archive")
         # The task CSVs are written last: without them an earlier generation was cut short; start it afresh.
         shutil.rmtree(data / "archive", ignore_errors=True)
         generate_demo_archive(data, **({"n_patients": QUICK_PATIENTS, "size": QUICK_SIZE} if quick else
                                        {"n_patients": PATIENTS}))
     cfg = demo_config(out, task_csv, data / "archive", workers, quick)
-    summary = run_bench(cfg, show_progress, command=f"medssl demo --out {out}" + (" --quick" if quick else ""))
-    return {**summary, "report": str(build_report(out, task=report_task(cfg), log=lambda message: None))}
+    summary = run_bench(cfg, show_progress, command=f"medssl demo --out {out}" + (" --quick" if quick else ""),
+                        phase=phases)
+    report = str(build_report(out, task=report_task(cfg), log=lambda message: None))
+    tidied = (0, 0) if keep_weights or summary["failures"] else tidy(out)
+    return {**summary, "report": report, "tidied": tidied}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from medssl import __version__
 from medssl.atomic import atomic_write_text
+from medssl.bench.results import VERDICT_LEGEND, verdict_lines
 from medssl.report import html
 from medssl.report.bench_section import bench_section
 from medssl.report.collect import Artefacts, find_artefacts
@@ -57,12 +58,24 @@ def build_report(folder: Path | str, out: Path | str | None = None, task: Path |
     return out
 
 
+def _steps(run) -> int | str:
+    """Steps a pretraining run trained: its card's count, else the last logged step (not the logged lines:
+    a 150-step run logging every 5 steps has 30)."""
+    if run.card and isinstance(run.card.get("steps"), int):
+        return run.card["steps"]
+    return max((m.get("step", 0) for m in run.metrics), default=0)
+
+
 def _overview(artefacts: Artefacts, labels: TaskLabels | None) -> html.Section:
     section = html.Section("overview", "Overview")
+    verdicts = verdict_lines(artefacts.bench) if artefacts.bench is not None else []
+    if verdicts:  # the answer first, before any table or figure
+        section.blocks += [html.heading("In short"), html.paragraph(VERDICT_LEGEND),
+                           html.bullets(verdicts)]
     rows = [["ingest output", i.name, f"{i.report.get('samples', '?')} images of "
              f"{', '.join(i.report.get('by_modality', {})) or 'no modality'}"] for i in artefacts.ingests]
     rows += [["pretraining run", r.name, f"{(r.card or {}).get('architecture', '?')}, "
-              f"{len(r.metrics)} logged steps" + ("" if r.card else ", unfinished")] for r in artefacts.pretrains]
+              f"{_steps(r)} steps" + ("" if r.card else ", unfinished")] for r in artefacts.pretrains]
     rows += [["downstream run", r.name, f"{r.init_kind}, {r.mode}, label fraction {r.label_fraction:g}, test AUC "
               + (f"{r.test_auc:.3f}" if r.test_auc is not None else "—")] for r in artefacts.downstreams]
     section.blocks.append(html.table(["artefact", "folder", "summary"], rows))

@@ -36,6 +36,8 @@ def encode(run_dir: Path, samples: list[ShardImage], batch_size: int = 64) -> np
 def project_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     """(N, 2) coordinates and the method's name."""
     x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    if float(x.var(axis=0).sum()) < 1e-12:  # a collapsed encoder: no spread to map (PCA would divide by 0)
+        return np.zeros((len(x), 2)), "nothing: the encoder gives every image the same features"
     if len(x) < MIN_TSNE_POINTS:
         from sklearn.decomposition import PCA
 

@@ -42,6 +42,10 @@ def paragraph(text: str) -> str:
     return f"<p>{escape(text)}</p>"
 
 
+def bullets(items: list[str]) -> str:
+    return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
+
+
 def heading(text: str) -> str:
     return f"<h3>{escape(text)}</h3>"
 

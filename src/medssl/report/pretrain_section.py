@@ -72,21 +72,32 @@ def _embedding(run: PretrainRun, ingests: list[IngestOutput], labels: TaskLabels
                              f"({run.card.get('data', {}).get('shard_folders')}) were not found, and the report "
                              "folder holds no ingest output.")]
     blocks = []
+    # The pool's modalities always (a map of the task's images alone had one colour), and with a task CSV
+    # also its labeled images, each half of the budget; the label panel marks the other images.
+    label_of_key: dict[str, str | None] = {}
+
+    def modality(meta: dict) -> str:
+        if labels is not None:
+            label_of_key[meta.get("key")] = labels.label_of(meta)
+        return meta.get("modality", "?")
+
     try:
-        samples = []
+        labeled = []
         if labels is not None and labels.by_source:
             log(f"report: picking labeled shard images for {run.name} ...")
-            samples = pick_samples(folders, labels.label_of, math.ceil(embed_samples / len(labels.classes)),
+            labeled = pick_samples(folders, labels.label_of, math.ceil(embed_samples / 2 / len(labels.classes)),
                                    groups=labels.classes)
-            if not samples:
+            if not labeled:
                 blocks.append(html.missing(f"None of the {len(labels.by_source)} images of {labels.csv} was found in "
                                            "the shards (matched by file content): map coloured by modality only."))
-        by_label = bool(samples)
-        if not by_label:
-            log(f"report: picking shard images for {run.name} ...")
-            modalities = list(run.card.get("data", {}).get("by_modality", {})) or None
-            per_modality = math.ceil(embed_samples / len(modalities)) if modalities else embed_samples
-            samples = pick_samples(folders, lambda meta: meta.get("modality", "?"), per_modality, groups=modalities)
+        by_label = bool(labeled)
+        log(f"report: picking shard images for {run.name} ...")
+        modalities = list(run.card.get("data", {}).get("by_modality", {})) or None
+        budget = embed_samples - min(len(labeled), embed_samples // 2)
+        per_modality = math.ceil(budget / len(modalities)) if modalities else budget
+        picked = pick_samples(folders, modality, per_modality, groups=modalities)
+        keys = {s.key for s in labeled}
+        samples = labeled + [s for s in picked if s.key not in keys]
     except (OSError, tarfile.TarError, KeyError, ValueError) as e:
         return [html.missing(f"Embedding map omitted: the shards could not be read ({type(e).__name__}: {e}).")]
     samples = samples[:embed_samples]
@@ -104,7 +115,9 @@ def _embedding(run: PretrainRun, ingests: list[IngestOutput], labels: TaskLabels
                f"{width:g} HU, resized to {run.card.get('input_size')} px), features L2-normalised, mapped to 2D "
                f"by {method}. Nearby points are images the encoder finds similar.")
     if by_label:
-        colourings.append(("task label", [s.group for s in samples]))
+        keys = {s.key for s in labeled}
+        colourings.append(("task label", [s.group if s.key in keys else (label_of_key.get(s.key) or "not in the task")
+                                          for s in samples]))
         caption += (f" Labels from {labels.csv}, matched by file content; every image of a labeled file carries its "
                     "label.")
     blocks.append(html.figure(plots.embedding_map(coords, colourings, method), caption, "embedding map"))
