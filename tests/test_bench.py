@@ -33,6 +33,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # ~45 s: a bench of 12 runs, twice
 def test_bench_end_to_end_and_resume(tmp_path, phantoms):
     config = {"out": str(tmp_path / "bench"),
               "tasks": [{"name": "ct", "csv": str(phantoms.tasks["ct-hemorrhage"]),

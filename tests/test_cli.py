@@ -192,6 +192,7 @@ ELSEWHERE = [
 ]
 
 
+@pytest.mark.slow  # ~3 min in all: a process per command
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_command(ws, case):
     _, argv, code, expect = case
@@ -202,6 +203,7 @@ def test_command(ws, case):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # builds the workspace (~30 s) when run alone
 def test_probe_through_the_cli_writes_its_curve(ws):
     """medssl probe failed on every call (prepare_task got the task twice)."""
     out = ws["root"] / "probe-check"
@@ -269,6 +271,7 @@ def test_the_readme_bench_preset_loads():
     assert cfg.tasks and all(t.csv.suffix == ".csv" for t in cfg.tasks)
 
 
+@pytest.mark.slow  # ~25 s: set-up check and the quick demo
 def test_the_readme_demo_script_runs(tmp_path):
     """The README's main command, `bash scripts/demo.sh`, with --quick (the full demo is the demo benchmark)."""
     proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--quick", "--out", str(tmp_path / "demo"),

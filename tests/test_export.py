@@ -179,6 +179,7 @@ def _export(run_dir, out, cwd):
                            str(out), "--check-images", "1"], cwd=cwd, capture_output=True, text=True)
 
 
+@pytest.mark.slow  # ~25 s: a pretraining and three exports, each a process
 def test_export_works_from_another_folder_and_after_a_move(tmp_path, tiny_shards):
     """The card recorded "work/shards" relative to where pretrain ran: export from elsewhere failed, saying
     the shards had moved when they had not."""

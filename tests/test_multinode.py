@@ -40,6 +40,7 @@ def _losses(run) -> list[tuple]:
     return [(r["step"], r["loss"], r["swav"], r["infonce"]) for r in rows]
 
 
+@pytest.mark.slow  # ~25 s: two torchrun launches of two nodes
 def test_two_nodes_train_like_one_node_with_the_same_processes(tmp_path, tiny_shards):
     steps = 3
     one = subprocess.run([*TORCHRUN, "--standalone", "--nnodes", "1", "--nproc-per-node", "2",

@@ -59,6 +59,7 @@ def _command(shards, out, steps, precision="auto"):
             *[a for s in sets for a in ("--set", s)]]
 
 
+@pytest.mark.slow  # ~20 s each: three pretraining processes
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_sigkill_resume_equals_uninterrupted(tmp_path, tiny_shards, precision):
     """Both precisions the default can resolve to (bf16 on CPUs with native bf16, see medssl.train.precision).
@@ -249,3 +250,26 @@ def test_a_queue_that_cannot_be_split_over_the_processes_is_a_config_error(tmp_p
 def test_a_queue_without_the_swav_term_is_a_config_error():
     with pytest.raises(ValueError, match="queue_length"):
         PretrainConfig(queue_length=8, w_cluster=0)
+
+
+def test_pretraining_lowers_the_loss_on_real_images(tmp_path, shared_data):
+    """30 steps on 64 real head-CT images (../shared/data) with a fixed seed: the SwAV + InfoNCE loss of the
+    last five steps is well below that of the first five (measured 9.05 -> 6.86)."""
+    import shutil
+
+    from medssl.config import IngestConfig
+    from medssl.ingest import ingest
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for path in sorted((shared_data / "head-ct-hemorrhage" / "images").iterdir())[:64]:
+        shutil.copy(path, src / path.name)
+    ingest(IngestConfig(inputs=[src], out=tmp_path / "shards", workers=1, max_side=64), show_progress=False)
+    settings = {**TINY, "batch_size": 16, "n_prototypes": 16, "shuffle_buffer": 64, "freeze_prototypes_steps": 2,
+                "lr": 4.8, "seed": 0}  # lr for a global batch of 256: 0.3 at 16
+    run = pretrain(PretrainConfig(shards=[tmp_path / "shards"], out=tmp_path / "run", max_steps=30, **settings),
+                   show_progress=False)
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 1.0, (first, last)

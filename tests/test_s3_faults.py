@@ -15,6 +15,8 @@ import pytest
 
 from helpers import FaultProxy, manifest, shard_samples
 
+pytestmark = pytest.mark.slow  # outages of a real S3 server: ~35 s
+
 FILES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg.dcm", "liver_1frame.dcm")
 
 

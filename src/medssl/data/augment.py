@@ -29,6 +29,7 @@ Randomness comes from one ``torch.Generator`` (given per call, or the transform'
 from __future__ import annotations
 
 import math
+from enum import IntEnum
 from typing import NamedTuple
 
 import numpy as np
@@ -59,8 +60,32 @@ class CropParams(NamedTuple):
     noise_std: np.ndarray   # (n,) 0: no noise
 
 
-N_UNIFORMS = 19  # random numbers per crop, see _ranges
-_LOG_UNIFORM = [1, 5, 10, 12]  # columns drawn log-uniformly (exp of a uniform draw of the logs)
+class U(IntEnum):
+    """The columns of a crop's drawn values (``_ranges`` gives each its range): named, not positional."""
+
+    AREA = 0         # box area, fraction of the image
+    ASPECT = 1       # box width / height (log-uniform)
+    CENTRE_X = 2     # box centre, as a fraction of the free room
+    CENTRE_Y = 3
+    ROTATION = 4     # radians
+    ZOOM = 5         # (log-uniform)
+    HFLIP = 6        # coin: flip if below its probability
+    VFLIP = 7
+    WINDOW = 8       # which CT window
+    LEVEL = 9        # level shift, times the width
+    WIDTH = 10       # width factor (log-uniform)
+    GAMMA_ON = 11    # coin
+    GAMMA = 12       # (log-uniform)
+    CONTRAST = 13
+    BRIGHTNESS = 14
+    BLUR_ON = 15     # coin
+    BLUR = 16        # sigma
+    NOISE_ON = 17    # coin
+    NOISE = 18       # std
+
+
+N_UNIFORMS = len(U)  # random numbers per crop
+_LOG_UNIFORM = [U.ASPECT, U.ZOOM, U.WIDTH, U.GAMMA]  # drawn log-uniformly (exp of a uniform draw of the logs)
 
 
 class MultiCrop:
@@ -142,21 +167,21 @@ def _ranges(c: MultiCropConfig, scale: tuple[float, float]) -> tuple[np.ndarray,
     span 1, low 0 keeps u itself, for the coin flips and the window choice."""
     log = math.log
     jitter = c.ct_window_jitter
-    ranges = [
-        scale,                                             # 0 box area, fraction of the image
-        (log(c.aspect_ratio[0]), log(c.aspect_ratio[1])),  # 1 box width / height
-        (-0.5, 0.5), (-0.5, 0.5),                          # 2, 3 box centre, as a fraction of the free room
-        tuple(math.radians(a) for a in c.rotation),        # 4 rotation
-        (log(c.scale_jitter[0]), log(c.scale_jitter[1])),  # 5 zoom
-        (0, 1), (0, 1), (0, 1),                            # 6, 7 flips, 8 CT window choice
-        (-jitter, jitter), (-jitter, jitter),              # 9 level shift (x width), 10 log width factor
-        (0, 1), (log(c.gamma[0]), log(c.gamma[1])),        # 11 gamma or not, 12 gamma
-        (1 - c.contrast, 1 + c.contrast),                  # 13 contrast
-        (-c.brightness, c.brightness),                     # 14 brightness
-        (0, 1), c.blur_sigma,                              # 15 blur or not, 16 sigma
-        (0, 1), c.noise_std,                               # 17 noise or not, 18 std
-    ]
-    table = np.asarray(ranges, dtype=np.float64)
+    ranges = {
+        U.AREA: scale,
+        U.ASPECT: (log(c.aspect_ratio[0]), log(c.aspect_ratio[1])),
+        U.CENTRE_X: (-0.5, 0.5), U.CENTRE_Y: (-0.5, 0.5),
+        U.ROTATION: tuple(math.radians(a) for a in c.rotation),
+        U.ZOOM: (log(c.scale_jitter[0]), log(c.scale_jitter[1])),
+        U.HFLIP: (0, 1), U.VFLIP: (0, 1), U.WINDOW: (0, 1),
+        U.LEVEL: (-jitter, jitter), U.WIDTH: (-jitter, jitter),
+        U.GAMMA_ON: (0, 1), U.GAMMA: (log(c.gamma[0]), log(c.gamma[1])),
+        U.CONTRAST: (1 - c.contrast, 1 + c.contrast),
+        U.BRIGHTNESS: (-c.brightness, c.brightness),
+        U.BLUR_ON: (0, 1), U.BLUR: c.blur_sigma,
+        U.NOISE_ON: (0, 1), U.NOISE: c.noise_std,
+    }
+    table = np.asarray([ranges[column] for column in U], dtype=np.float64)
     return table[:, 0], table[:, 1] - table[:, 0]
 
 
@@ -178,14 +203,14 @@ def _crop_params(v: np.ndarray, shapes: np.ndarray, size: np.ndarray, k: _Consta
     cost at a few crops per call, so width and height go through as pairs and nothing is stacked."""
     n = len(v)
     wh = shapes[:, ::-1]  # image (width, height)
-    area = v[:, 0] * wh[:, 0] * wh[:, 1]
+    area = v[:, U.AREA] * wh[:, 0] * wh[:, 1]
     # A box wider or taller than the image is clipped to it rather than redrawn (torchvision
     # retries up to 10 times): no loop, and only extreme aspect ratios are affected.
-    box = np.minimum(np.sqrt(area[:, None] * v[:, 1:2] ** _PLUS_MINUS), wh)  # (width, height); v1: aspect
-    centre = v[:, 2:4] * (wh - box)  # box centre in pixels from the image centre, anywhere the box fits
-    zoom = v[:, 5]
-    half = zoom[:, None] * box / 2 * np.where(v[:, 6:8] < k.flip_probs, -1.0, 1.0)
-    cos, sin = np.cos(v[:, 4]), np.sin(v[:, 4])
+    box = np.minimum(np.sqrt(area[:, None] * v[:, [U.ASPECT]] ** _PLUS_MINUS), wh)  # (width, height)
+    centre = v[:, [U.CENTRE_X, U.CENTRE_Y]] * (wh - box)  # box centre in pixels from the image centre
+    zoom = v[:, U.ZOOM]
+    half = zoom[:, None] * box / 2 * np.where(v[:, [U.HFLIP, U.VFLIP]] < k.flip_probs, -1.0, 1.0)
+    cos, sin = np.cos(v[:, U.ROTATION]), np.sin(v[:, U.ROTATION])
     # Scale the unit square to the box, rotate it, move it to its centre; pixels -> [-1, 1].
     theta = np.empty((n, 2, 3))
     theta[:, 0, 0], theta[:, 0, 1] = cos * half[:, 0], -sin * half[:, 1]
@@ -196,14 +221,15 @@ def _crop_params(v: np.ndarray, shapes: np.ndarray, size: np.ndarray, k: _Consta
     shrink = zoom * np.sqrt(box[:, 0] * box[:, 1]) / size
     level = np.minimum(np.maximum(np.floor(np.log2(shrink)), 0), _MAX_MIP_LEVEL).astype(np.int64)
 
-    # CT window: (level, width) -> (lowest HU, width), width scaled by v10, level moved by v9 x width.
-    window = k.windows[np.minimum((v[:, 8] * len(k.windows)).astype(np.int64), len(k.windows) - 1)]
-    window[:, 1] *= v[:, 10]
-    window[:, 0] += (v[:, 9] - 0.5) * window[:, 1]
+    # CT window: (level, width) -> (lowest HU, width), width scaled, level moved by a fraction of the width.
+    window = k.windows[np.minimum((v[:, U.WINDOW] * len(k.windows)).astype(np.int64), len(k.windows) - 1)]
+    window[:, 1] *= v[:, U.WIDTH]
+    window[:, 0] += (v[:, U.LEVEL] - 0.5) * window[:, 1]
     # Gamma, blur and noise, each applied with its probability (else neutral: 1, 0, 0).
-    gamma, blur, noise = np.where(v[:, [11, 15, 17]] < k.coin_probs, v[:, [12, 16, 18]], k.neutral).T
-    return CropParams(box=box, theta=theta, level=level, window=window, gamma=gamma, contrast=v[:, 13],
-                      brightness=v[:, 14], blur_sigma=blur, noise_std=noise)
+    coins, values = [U.GAMMA_ON, U.BLUR_ON, U.NOISE_ON], [U.GAMMA, U.BLUR, U.NOISE]
+    gamma, blur, noise = np.where(v[:, coins] < k.coin_probs, v[:, values], k.neutral).T
+    return CropParams(box=box, theta=theta, level=level, window=window, gamma=gamma, contrast=v[:, U.CONTRAST],
+                      brightness=v[:, U.BRIGHTNESS], blur_sigma=blur, noise_std=noise)
 
 
 def apply_intensity(x: Tensor, p: CropParams, hounsfield: np.ndarray, generator: torch.Generator | None,
