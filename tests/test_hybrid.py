@@ -6,9 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medssl.config import PretrainConfig
 from medssl.ssl import FeatureQueue, HybridLoss, InfoNCELoss, SwAVLoss
 
 N_GLOBAL, N_LOCAL, BATCH, DIM, K = 2, 2, 6, 8, 10
+
+
+def hybrid(n_global: int = N_GLOBAL, queue: FeatureQueue | None = None, **settings) -> HybridLoss:
+    """The objective as pretraining builds it: from a config's settings (``HybridLoss.from_config``)."""
+    return HybridLoss.from_config(PretrainConfig(**settings), n_global, queue)
 
 
 def crops(seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.nn.Module]:
@@ -21,7 +27,7 @@ def crops(seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.
 
 def test_total_is_weighted_sum_of_parts():
     embeddings, scores, _ = crops()
-    total, parts = HybridLoss(w_cluster=0.7, w_contrast=0.3)(embeddings, scores)
+    total, parts = hybrid(w_cluster=0.7, w_contrast=0.3)(embeddings, scores)
     swav = SwAVLoss(N_GLOBAL)(scores)
     nce = InfoNCELoss()(embeddings[0], embeddings[1])
     torch.testing.assert_close(parts["swav"], swav.detach())
@@ -32,14 +38,14 @@ def test_total_is_weighted_sum_of_parts():
 
 def test_swav_only_does_not_need_embeddings():
     _, scores, _ = crops()
-    total, parts = HybridLoss(w_cluster=1.0, w_contrast=0.0)(None, scores)
+    total, parts = hybrid(w_cluster=1.0, w_contrast=0.0)(None, scores)
     assert set(parts) == {"swav"}
     torch.testing.assert_close(total, SwAVLoss(N_GLOBAL)(scores))
 
 
 def test_simclr_only_does_not_need_scores():
     embeddings, _, _ = crops()
-    total, parts = HybridLoss(w_cluster=0.0, w_contrast=2.0, nce_temperature=0.5)(embeddings)
+    total, parts = hybrid(w_cluster=0.0, w_contrast=2.0, nce_temperature=0.5)(embeddings)
     assert set(parts) == {"infonce"}
     torch.testing.assert_close(total, 2.0 * InfoNCELoss(0.5)(embeddings[0], embeddings[1]))
 
@@ -56,12 +62,12 @@ def test_simclr_only_does_not_need_scores():
 )
 def test_rejects_inconsistent_settings(kwargs):
     with pytest.raises(ValueError):
-        HybridLoss(**kwargs)
+        hybrid(**kwargs)
 
 
 def test_queue_joins_sinkhorn_once_full_and_is_filled_by_enqueue():
     queue_length = 2 * BATCH
-    loss = HybridLoss(w_contrast=0.0, queue=FeatureQueue(N_GLOBAL, queue_length, DIM))
+    loss = hybrid(w_contrast=0.0, queue=FeatureQueue(N_GLOBAL, queue_length, DIM))
     for step in range(2):  # fill the queue; no queue scores yet
         embeddings, scores, prototypes = crops(seed=step)
         total, _ = loss(embeddings, scores, prototypes)
@@ -79,17 +85,17 @@ def test_queue_joins_sinkhorn_once_full_and_is_filled_by_enqueue():
 
 def test_forward_leaves_the_queue_untouched_even_in_training_mode():
     """Only ``enqueue`` fills the queue: the loop commits a step's features once its loss is known finite."""
-    loss = HybridLoss(queue=FeatureQueue(N_GLOBAL, BATCH, DIM)).train()
+    loss = hybrid(queue=FeatureQueue(N_GLOBAL, BATCH, DIM)).train()
     embeddings, scores, prototypes = crops()
     loss([e * float("nan") for e in embeddings], scores, prototypes)
     assert loss.queue.filled == 0 and not loss.queue.features.any()
 
 
 def test_queue_is_part_of_the_state_dict():
-    loss = HybridLoss(queue=FeatureQueue(N_GLOBAL, BATCH, DIM))
+    loss = hybrid(queue=FeatureQueue(N_GLOBAL, BATCH, DIM))
     embeddings, scores, prototypes = crops()
     loss.enqueue(embeddings)
-    restored = HybridLoss(queue=FeatureQueue(N_GLOBAL, BATCH, DIM))
+    restored = hybrid(queue=FeatureQueue(N_GLOBAL, BATCH, DIM))
     restored.load_state_dict(loss.state_dict())
     assert restored.queue.full
     torch.testing.assert_close(restored.queue.features, loss.queue.features, atol=0, rtol=0)

@@ -43,6 +43,33 @@ class _HelpFormatter(argparse.HelpFormatter):
         return text if text.startswith(_SETTINGS) else super()._fill_text(text, width, indent)
 
 
+def _setting(p: argparse.ArgumentParser, model, name: str, *flags: str, **kwargs) -> None:
+    """An argument for the setting ``name`` of ``model`` (a positional without ``flags``): its help is the
+    typed config's description and default, so neither is written twice. argparse's own default stays
+    None (or [] for a list), which ``_config_values`` leaves out: a YAML file or --set may still give it."""
+    field = model.model_fields[name]
+    default = field.get_default(call_default_factory=True)
+    text = field.description or name.replace("_", " ")
+    if not (default is None or default is False or default == [] or default == {}):
+        text += f" (default {default})"
+    if flags:
+        p.add_argument(*flags, dest=name, help=text, **({"default": None} | kwargs))
+    else:
+        p.add_argument(name, help=text, **kwargs)
+    p.set_defaults(config_fields=(*(p.get_default("config_fields") or ()), name), config_model=model)
+
+
+def _config_values(args) -> dict:
+    """The values the command line gave to config settings (``_setting``); the rest is left to the config."""
+    return {k: v for k in args.config_fields if (v := getattr(args, k)) not in (None, [])}
+
+
+def _finish_config_parser(p: argparse.ArgumentParser) -> None:
+    """The --config / --set options and the list of the settings that have no flag of their own."""
+    p.epilog = _settings_epilog(p.get_default("config_model"), p.get_default("config_fields"))
+    _add_config_args(p)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file of settings (keys as in --set)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -57,25 +84,22 @@ def _ingest_parser(sub) -> None:
                     "a manifest (manifest/*.jsonl, one row per input file), index.json and report.md. Rerun "
                     "the same command to resume an interrupted run; on a finished dataset it adds the files "
                     "the inputs gained since (new shards; the ingested ones are not read again).",
-        epilog=_settings_epilog(IngestConfig, ("inputs", "out", "workers", "engine", "ray_address", "strict")),
     )
-    p.add_argument("inputs", nargs="*", type=storage.location, help="folders or files to ingest, local or s3://bucket/prefix")
-    p.add_argument("--out", type=storage.location, help="output folder, local or s3://bucket/prefix")
-    p.add_argument("--workers", type=int, help="worker processes (default 2)")
-    p.add_argument("--engine", choices=["local", "ray"], help="local process pool (default) or Ray")
-    p.add_argument("--ray-address", help="Ray cluster address, e.g. ray://head:10001 or auto (default: local Ray)")
-    p.add_argument("--strict", action="store_true", default=None, help="exit 1 if any file is rejected")
+    _setting(p, IngestConfig, "inputs", nargs="*", type=storage.location)
+    _setting(p, IngestConfig, "out", "--out", type=storage.location)
+    _setting(p, IngestConfig, "workers", "--workers", type=int)
+    _setting(p, IngestConfig, "engine", "--engine", choices=["local", "ray"])
+    _setting(p, IngestConfig, "ray_address", "--ray-address")
+    _setting(p, IngestConfig, "strict", "--strict", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_config_args(p)
+    _finish_config_parser(p)
 
 
 def _run_ingest(args) -> int:
     from medssl.ingest import ingest
     from medssl.ingest.run import IngestUnfinished
 
-    flags = {"inputs": args.inputs or None, "out": args.out, "workers": args.workers, "engine": args.engine,
-             "ray_address": args.ray_address, "strict": args.strict}
-    cfg = load_config(IngestConfig, args.config, flags, args.overrides)
+    cfg = load_config(IngestConfig, args.config, _config_values(args), args.overrides)
     try:
         summary = ingest(cfg, show_progress=not args.quiet)
     except IngestUnfinished as e:
@@ -100,18 +124,18 @@ def _pretrain_parser(sub) -> None:
         description="Train an encoder without labels on the shards of `medssl ingest`. Rerun the same command to "
                     "resume from the run folder's checkpoint. Multi-GPU / multi-node: launch with torchrun, e.g. "
                     "`torchrun --nproc_per_node 8 -m medssl.cli pretrain ...`.",
-        epilog=_settings_epilog(PretrainConfig, ("shards", "out")),
     )
-    p.add_argument("shards", nargs="*", type=storage.location, help="ingest output folders (local or s3://bucket/prefix)")
-    p.add_argument("--out", type=storage.location, help="run folder (local or s3://bucket/prefix)")
+    _setting(p, PretrainConfig, "shards", nargs="*", type=storage.location)
+    _setting(p, PretrainConfig, "out", "--out", type=storage.location)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_config_args(p)
+    _finish_config_parser(p)
 
 
 def _run_pretrain(args) -> int:
-    from medssl.train.pretrain import TrainingDiverged, pretrain
+    from medssl.artifacts import TrainingDiverged
+    from medssl.train.pretrain import pretrain
 
-    cfg = load_config(PretrainConfig, args.config, {"shards": args.shards or None, "out": args.out}, args.overrides)
+    cfg = load_config(PretrainConfig, args.config, _config_values(args), args.overrides)
     if not cfg.shards or cfg.out is None:
         raise ConfigError("pretrain needs shard folders and --out RUN_DIR")
     for folder in cfg.shards:
@@ -127,9 +151,6 @@ def _run_pretrain(args) -> int:
     return 0
 
 
-_FINETUNE_FLAGS = ("task", "init", "mode", "label_fraction", "seed", "out", "target_auc", "target_from", "skip_bad")
-
-
 def _finetune_parser(sub) -> None:
     p = sub.add_parser(
         "finetune",
@@ -138,21 +159,18 @@ def _finetune_parser(sub) -> None:
         description="Train a classifier on a task CSV (path,label[,split][,group]) from a pretrained run folder or "
                     "from scratch, pick the epoch with the best validation AUC, and report the test AUC with a "
                     "bootstrap 95% interval. Writes metrics.json, best.pt and test_predictions.csv to --out.",
-        epilog=_settings_epilog(FinetuneConfig, _FINETUNE_FLAGS),
     )
-    p.add_argument("--task", type=Path, help="task CSV")
-    p.add_argument("--init", help="a `medssl pretrain` run folder, a weights file of --set backbone=NAME "
-                                  "(.safetensors/.pt/.pth/.bin, read without unpickling), or scratch (default)")
-    p.add_argument("--mode", choices=["knn", "linear", "finetune", "hybrid"], help="default finetune")
-    p.add_argument("--label-fraction", type=float, help="fraction of labeled training images used (default 1)")
-    p.add_argument("--seed", type=int, help="default 0")
-    p.add_argument("--out", type=Path, help="output folder")
-    p.add_argument("--target-auc", type=float, help="report the steps needed to reach this validation AUC")
-    p.add_argument("--target-from", type=Path, help="target = another finetune output folder's best validation AUC")
-    p.add_argument("--skip-bad", action="store_true", default=None,
-                   help="leave out missing/unreadable images (listed in metrics.json)")
+    _setting(p, FinetuneConfig, "task", "--task", type=Path)
+    _setting(p, FinetuneConfig, "init", "--init")
+    _setting(p, FinetuneConfig, "mode", "--mode", choices=["knn", "linear", "finetune", "hybrid"])
+    _setting(p, FinetuneConfig, "label_fraction", "--label-fraction", type=float)
+    _setting(p, FinetuneConfig, "seed", "--seed", type=int)
+    _setting(p, FinetuneConfig, "out", "--out", type=Path)
+    _setting(p, FinetuneConfig, "target_auc", "--target-auc", type=float)
+    _setting(p, FinetuneConfig, "target_from", "--target-from", type=Path)
+    _setting(p, FinetuneConfig, "skip_bad", "--skip-bad", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_config_args(p)
+    _finish_config_parser(p)
 
 
 def _test_auc_text(m: dict) -> str:
@@ -170,13 +188,12 @@ def _diverged_warning(m: dict) -> str:
 
 
 def _run_finetune(args) -> int:
+    from medssl.artifacts import METRICS, TrainingDiverged
     from medssl.downstream import TaskError
     from medssl.downstream.api import check_out
-    from medssl.downstream.training import METRICS, run_finetune
-    from medssl.train.pretrain import TrainingDiverged
+    from medssl.downstream.training import run_finetune
 
-    flags = {k: getattr(args, k) for k in _FINETUNE_FLAGS}
-    cfg = load_config(FinetuneConfig, args.config, flags, args.overrides)
+    cfg = load_config(FinetuneConfig, args.config, _config_values(args), args.overrides)
     if cfg.task is None or cfg.out is None:
         raise ConfigError("finetune needs --task TASK.csv and --out DIR")
     check_out(Path(cfg.out), "folder", "--out")
@@ -254,21 +271,20 @@ def _bench_parser(sub) -> None:
                     "SSL fine-tune, SSL hybrid, ...) at each label fraction and seed, score robustness, and write "
                     "results.md / results.json, plots/ and report.html. Rerun the same command to resume. "
                     "Example: medssl bench --config benchmarks/paper.yaml",
-        epilog=_settings_epilog(BenchConfig, ("out", "workers")),
     )
-    p.add_argument("--out", type=Path, help="bench folder (default: out in the config)")
-    p.add_argument("--workers", type=int, help="downstream runs in parallel (default 2)")
+    _setting(p, BenchConfig, "out", "--out", type=Path)
+    _setting(p, BenchConfig, "workers", "--workers", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_config_args(p)
+    _finish_config_parser(p)
 
 
 def _run_bench(args) -> int:
+    from medssl.artifacts import TrainingDiverged
     from medssl.bench import report_task, run_bench
     from medssl.downstream import TaskError
     from medssl.report import build_report
-    from medssl.train.pretrain import TrainingDiverged
 
-    cfg = load_config(BenchConfig, args.config, {"out": args.out, "workers": args.workers}, args.overrides)
+    cfg = load_config(BenchConfig, args.config, _config_values(args), args.overrides)
     try:
         command = shlex.join(["medssl", *args.argv])  # recorded in results.md
         summary = run_bench(cfg, show_progress=not args.quiet, command=command)
@@ -320,10 +336,9 @@ def _parse_levels(items: list[str]) -> dict[str, list[float]]:
 
 
 def _run_evaluate(args) -> int:
+    from medssl.artifacts import ROBUSTNESS, TrainingDiverged
     from medssl.downstream import TaskError, evaluate_robustness
     from medssl.downstream.api import check_out
-    from medssl.downstream.robustness import ROBUSTNESS
-    from medssl.train.pretrain import TrainingDiverged
 
     if not args.robustness:
         raise ConfigError("evaluate needs --robustness (the test AUC under perturbations, the one evaluation so "
@@ -601,22 +616,18 @@ def _curate_parser(sub) -> None:
                     "on --out. report.md / report.json count what went, by reason, modality and series (no "
                     "identifiers); drops.jsonl lists the dropped sample keys. Rerun the same command to finish an "
                     "interrupted run.",
-        epilog=_settings_epilog(CurateConfig, ("shards", "out", "threshold")),
     )
-    p.add_argument("shards", nargs="*", type=storage.location, metavar="SHARDS",
-                   help="`medssl ingest` output folders (local or s3://bucket/prefix)")
-    p.add_argument("--out", type=Path, help="output folder (new, or an interrupted curate of the same inputs)")
-    p.add_argument("--threshold", type=int, help="Hamming distance in bits (0-11) up to which two images are "
-                                                 "near-identical (default 4; 0: identical hashes only)")
+    _setting(p, CurateConfig, "shards", nargs="*", type=storage.location, metavar="SHARDS")
+    _setting(p, CurateConfig, "out", "--out", type=Path)
+    _setting(p, CurateConfig, "threshold", "--threshold", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_config_args(p)
+    _finish_config_parser(p)
 
 
 def _run_curate(args) -> int:
     from medssl.curate import curate
 
-    cfg = load_config(CurateConfig, args.config, {"shards": args.shards or None, "out": args.out,
-                                                  "threshold": args.threshold}, args.overrides)
+    cfg = load_config(CurateConfig, args.config, _config_values(args), args.overrides)
     r = curate(cfg, show_progress=not args.quiet)
     print(f"{r['read']} images: {r['kept']} kept, {r['dropped']} dropped ("
           + ", ".join(f"{n} {reason}" for reason, n in r["by_reason"].items() if n) + ")")

@@ -45,7 +45,8 @@ class IngestConfig(StrictModel):
     out: Location | None = Field(
         default=None, description="output folder (shards, manifest, report), local or s3://...")
     workers: int = Field(default=2, ge=1, description="local worker processes")
-    engine: Literal["local", "ray"] = "local"
+    engine: Literal["local", "ray"] = Field(
+        default="local", description="local: a process pool of `workers`; ray: Ray tasks on a cluster (ray_address)")
     ray_address: str | None = Field(default=None, description="Ray cluster address; None starts a local Ray")
     files_per_chunk: int = Field(
         default=256, ge=1,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medssl.artifacts import METRICS, ROBUSTNESS
 from medssl.bench.runs import RunSpec
 from medssl.config import BenchConfig
 from medssl.downstream.convergence import steps_to_target
@@ -44,10 +45,10 @@ def load_results(cfg: BenchConfig, specs: list[RunSpec]) -> list[RunResult]:
     results = []
     for spec in specs:
         folder = Path(cfg.out) / spec.folder
-        if not (folder / "metrics.json").is_file():
+        if not (folder / METRICS).is_file():
             continue
-        rob = folder / "robustness.json"
-        results.append(RunResult(spec, json.loads((folder / "metrics.json").read_text()),
+        rob = folder / ROBUSTNESS
+        results.append(RunResult(spec, json.loads((folder / METRICS).read_text()),
                                  json.loads(rob.read_text()) if rob.is_file() else None))
     return results
 

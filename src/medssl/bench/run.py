@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from medssl.artifacts import CARD, CHECKPOINT, METRICS_LOG, RESULTS, SNAPSHOTS
 from medssl.atomic import atomic_write_text
 from medssl.bench import plots
 from medssl.bench.pool import pretraining_pool, write_task_csv
@@ -36,9 +37,6 @@ from medssl.downstream.api import prepare_task
 from medssl.downstream.curve import PLOT, probe_curve
 from medssl.downstream.tasks import Task
 from medssl.machine import machine_facts
-from medssl.train.pretrain import CHECKPOINT, SNAPSHOTS
-
-RESULTS = "results.json"
 
 
 def _pool_stage(cfg: BenchConfig, tasks: dict[str, Task], out: Path, show_progress: bool) -> dict:
@@ -75,10 +73,10 @@ def _pretrain_stage(cfg: BenchConfig, out: Path, show_progress: bool) -> dict:
     shards = out / ("curated" if cfg.curate is not None else "shards")
     pcfg = PretrainConfig.model_validate({**cfg.pretrain, "shards": [shards], "out": out / "pretrain"})
     run = out / "pretrain"
-    if not ((run / "model_card.json").is_file() and not (run / CHECKPOINT).exists()):
+    if not ((run / CARD).is_file() and not (run / CHECKPOINT).exists()):
         run = pretrain(pcfg, show_progress)  # (else: finished, and its checkpoint removed to save space)
-    card = json.loads((run / "model_card.json").read_text())
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    card = json.loads((run / CARD).read_text())
+    losses = [r["loss"] for r in map(json.loads, (run / METRICS_LOG).read_text().splitlines()) if "loss" in r]
     return {"run": str(run), "architecture": card["architecture"], "steps": card["steps"],
             "batch_size": pcfg.batch_size, "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None}

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from medssl.artifacts import METRICS, ROBUSTNESS
 from medssl.config import BenchConfig, BenchTask, FinetuneConfig, dump_config
 from medssl.downstream.tasks import Task
 
@@ -66,7 +67,7 @@ def finetune_settings(cfg: BenchConfig, spec: RunSpec, task_csv: Path, pretrain_
 
 def _metrics(settings: dict[str, Any]) -> dict | None:
     try:
-        return json.loads((Path(settings["out"]) / "metrics.json").read_text())
+        return json.loads((Path(settings["out"]) / METRICS).read_text())
     except (OSError, ValueError):
         return None
 
@@ -90,7 +91,7 @@ def pending_job(spec: RunSpec, settings: dict[str, Any], levels: dict[str, list[
     sweep: there is no clean AUC to measure a drop from)."""
     if not finetune_done(settings):
         return Job(spec, settings, True, levels)
-    if (spec.robustness and not (Path(settings["out"]) / "robustness.json").is_file()
+    if (spec.robustness and not (Path(settings["out"]) / ROBUSTNESS).is_file()
             and _metrics(settings)["test_auc"] is not None):
         return Job(spec, settings, False, levels)
     return None
@@ -112,9 +113,9 @@ def _run_one(job: Job) -> dict[str, Any]:
 
         task = _TASKS[spec.task]
         if job.finetune:
-            (Path(settings["out"]) / "robustness.json").unlink(missing_ok=True)  # it scored the previous model
+            (Path(settings["out"]) / ROBUSTNESS).unlink(missing_ok=True)  # it scored the previous model
             finetune(task, **{k: v for k, v in settings.items() if k != "task"})  # the prepared task is it
-        auc = json.loads((Path(settings["out"]) / "metrics.json").read_text())["test_auc"]
+        auc = json.loads((Path(settings["out"]) / METRICS).read_text())["test_auc"]
         if spec.robustness and auc is not None:  # no test AUC: no clean AUC to measure a drop from
             evaluate_robustness(settings["out"], task=task, sweeps=job.levels or None)
         return {"run": spec.folder, "ok": True, "test_auc": auc}

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from medssl.artifacts import BEST, CHECKPOINT
 from medssl.bench import report_task, run_bench
 from medssl.config import BenchConfig
 from medssl.demo.archive import generate_demo_archive
@@ -92,7 +93,7 @@ def tidy(out: Path) -> tuple[int, int]:
     """Delete what a finished demo no longer needs: each run's classifier (best.pt, 43 MB each at the demo's
     size) and the pretraining checkpoint (only a resume reads it). Kept: metrics, predictions, robustness,
     the report and the pretrained encoder. Returns (files, bytes) removed."""
-    files = [*out.glob("*/*/best.pt"), *out.glob("*/*/sweep/*/best.pt"), out / "pretrain" / "checkpoint.pt"]
+    files = [*out.glob(f"*/*/{BEST}"), *out.glob(f"*/*/sweep/*/{BEST}"), out / "pretrain" / CHECKPOINT]
     removed = [(p, p.stat().st_size) for p in files if p.is_file()]
     for path, _ in removed:
         path.unlink()

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medssl.artifacts import METRICS
 from medssl.config import ConfigError
 
 
 def best_val_auc(run_dir: Path) -> float:
     """The best validation AUC in another finetune output folder's metrics.json."""
-    path = Path(run_dir) / "metrics.json"
+    path = Path(run_dir) / METRICS
     if not path.is_file():
         raise ConfigError(f"target_from: {path} does not exist; give the output folder of a finished `medssl finetune`")
     values = [h["val_auc"] for h in json.loads(path.read_text()).get("history", []) if h.get("val_auc") is not None]

@@ -19,15 +19,14 @@ import numpy as np
 from tqdm import tqdm
 
 from medssl import storage
+from medssl.artifacts import BEST, CARD, SNAPSHOTS
 from medssl.atomic import atomic_open, atomic_write_text
 from medssl.config import FinetuneConfig
-from medssl.downstream.model import BEST
 from medssl.downstream.probes import encoder_features
 from medssl.downstream.sweep import finished
 from medssl.downstream.tasks import Task
 from medssl.downstream.training import run_finetune
 from medssl.models.export import read_card
-from medssl.train.pretrain import SNAPSHOTS
 
 CURVE = "curve.json"
 PLOT = "pretraining-length.png"
@@ -41,7 +40,7 @@ def checkpoints(run: str | Path) -> list[tuple[int, str]]:
     if storage.exists(folder):
         for name in storage.listdir(folder):
             snapshot = storage.join(folder, name)
-            if name.startswith("step-") and storage.exists(storage.join(snapshot, "model_card.json")):
+            if name.startswith("step-") and storage.exists(storage.join(snapshot, CARD)):
                 found[read_card(snapshot)["steps"]] = str(snapshot)
     found[read_card(run)["steps"]] = str(run)  # the final encoder, also where it is no multiple of snapshot_every
     return sorted(found.items())

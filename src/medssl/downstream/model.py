@@ -24,6 +24,7 @@ from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
 from medssl import storage
+from medssl.artifacts import BEST, CHECKPOINT
 from medssl.config import ConfigError, FinetuneConfig, MultiCropConfig, PretrainConfig
 from medssl.models import SSLModel, create_backbone
 from medssl.models.export import load_encoder, read_card
@@ -32,9 +33,6 @@ from medssl.models.weights import load_backbone_weights as load_weights_file
 from medssl.ssl import HybridLoss
 from medssl.train.checkpoint import load_checkpoint, save_checkpoint
 from medssl.train.optim import param_groups
-from medssl.train.pretrain import CHECKPOINT
-
-BEST = "best.pt"
 
 
 class Classifier(nn.Module):
@@ -70,8 +68,7 @@ def _ssl_parts(pcfg: PretrainConfig, cfg: FinetuneConfig) -> tuple[SSLModel, Hyb
     """The pretraining network, objective and views described by ``pcfg``; no feature queue (see README)."""
     views = MultiCropConfig.model_validate({**pcfg.multicrop().model_dump(), **cfg.ssl_augment})
     try:
-        loss = HybridLoss(pcfg.w_cluster, pcfg.w_contrast, views.n_global, pcfg.temperature, pcfg.nce_temperature,
-                          pcfg.sinkhorn_epsilon, pcfg.sinkhorn_iterations)
+        loss = HybridLoss.from_config(pcfg, views.n_global)
     except ValueError as e:
         raise ConfigError(f"ssl_augment: {e}") from None
     return SSLModel(pcfg.backbone, pcfg.proj_hidden, pcfg.proj_dim, pcfg.n_prototypes), loss, views

@@ -36,15 +36,13 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from medssl.artifacts import ROBUSTNESS, TrainingDiverged
 from medssl.atomic import atomic_write_text
 from medssl.config import ConfigError, FinetuneConfig
 from medssl.downstream.images import to_input
 from medssl.downstream.metrics import auc_difference_ci, macro_auc
 from medssl.downstream.model import load_classifier, predict, resolve_device
 from medssl.downstream.tasks import Task, TaskError, check_task, load_task
-from medssl.train.pretrain import TrainingDiverged
-
-ROBUSTNESS = "robustness.json"
 
 # Default levels of each sweep; the neutral level is added to every sweep.
 SWEEPS: dict[str, tuple[float, ...]] = {

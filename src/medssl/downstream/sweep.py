@@ -16,12 +16,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from medssl.artifacts import BEST, METRICS, TrainingDiverged
 from medssl.atomic import atomic_write_text
 from medssl.config import FinetuneConfig, dump_config
-from medssl.train.pretrain import TrainingDiverged
 
 SWEEP = "sweep"
-METRICS = "metrics.json"
 
 
 def sweep_of(cfg: FinetuneConfig) -> tuple[str, list[float]] | None:
@@ -69,7 +68,7 @@ def run_sweep(cfg: FinetuneConfig, setting: str, values: list[float],
         for name in metrics["files"].values():
             if value == chosen and (folder / name).exists():
                 (folder / name).replace(out / name)  # a rename: atomic, and no second copy on disk
-            elif value != chosen and name == "best.pt":
+            elif value != chosen and name == BEST:
                 (folder / name).unlink(missing_ok=True)
         if value == chosen:  # moved here by this call or by an attempt cut short before metrics.json
             missing = [n for n in metrics["files"].values() if not (out / n).exists()]

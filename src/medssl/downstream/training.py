@@ -54,6 +54,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from medssl import __version__
+from medssl.artifacts import METRICS, PREDICTIONS, TrainingDiverged
 from medssl.atomic import atomic_write_text
 from medssl.config import ConfigError, FinetuneConfig, dump_config
 from medssl.data.augment import MultiCrop
@@ -74,11 +75,7 @@ from medssl.downstream.model import (
 from medssl.downstream.probes import encoder_features, knn_probabilities
 from medssl.downstream.sweep import run_sweep, sweep_of
 from medssl.downstream.tasks import Task, TaskError, check_task, label_subset, load_task
-from medssl.train.pretrain import TrainingDiverged
 from medssl.train.schedule import warmup_cosine
-
-METRICS = "metrics.json"
-PREDICTIONS = "test_predictions.csv"
 
 
 def _semantics(task: Task, i: int) -> str:

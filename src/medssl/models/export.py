@@ -15,11 +15,12 @@ from safetensors.torch import load, load_file, save
 from torch import nn
 
 from medssl import storage
+from medssl.artifacts import CARD
 from medssl.atomic import atomic_open, atomic_write_text
 from medssl.models.backbone import create_backbone
 
 ENCODER_FILE = "encoder.safetensors"
-CARD_FILE = "model_card.json"
+CARD_FILE = CARD  # the name export and publish use
 
 INTENSITY_CONVENTION = (
     "one grey channel in [0, 1], bright = dense/high signal, no mean/std normalisation; CT shown through "

@@ -19,14 +19,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medssl.artifacts import CARD, METRICS, METRICS_LOG, RESULTS, ROBUSTNESS, SNAPSHOTS
 from medssl.downstream.sweep import SWEEP
 from medssl.report.predictions import PREDICTION_FILES, Curves, read_predictions
-from medssl.train.pretrain import SNAPSHOTS
 
 DEPTH = 2
 NOT_SEARCHED = ("tensorboard", SNAPSHOTS, SWEEP)
-ROBUSTNESS_FILE = "robustness.json"
-BENCH_FILE = "results.json"
 
 
 class ReportError(RuntimeError):
@@ -117,20 +115,20 @@ def find_artefacts(root: Path) -> Artefacts:
         raise ReportError(f"{root} is not a folder: pass an ingest output, a pretraining run, a downstream run "
                           "or a folder holding several")
     found = Artefacts(root=root)
-    if (root / BENCH_FILE).is_file():
+    if (root / RESULTS).is_file():
         try:
-            results = _json(root / BENCH_FILE)
+            results = _json(root / RESULTS)
             found.bench = results if "rows" in results else None
         except (OSError, ValueError) as e:
-            found.notes.append(f"{root / BENCH_FILE}: skipped, could not be read ({e})")
+            found.notes.append(f"{root / RESULTS}: skipped, could not be read ({e})")
     for folder in _folders(root):
         name = folder.relative_to(root).as_posix() if folder != root else root.resolve().name
         if (folder / "report.json").is_file() and (folder / "index.json").is_file():
             _add(found, folder, lambda: IngestOutput(folder, name, _json(folder / "report.json"),
                                                      _json(folder / "index.json")), found.ingests)
-        if (folder / "model_card.json").is_file() or (folder / "metrics.jsonl").is_file():
+        if (folder / CARD).is_file() or (folder / METRICS_LOG).is_file():
             _add(found, folder, lambda: _pretrain_run(folder, name), found.pretrains)
-        if (folder / "metrics.json").is_file():
+        if (folder / METRICS).is_file():
             _add(found, folder, lambda: _downstream_run(folder, name, found.notes), found.downstreams)
     if not (found.ingests or found.pretrains or found.downstreams):
         raise ReportError(
@@ -172,20 +170,20 @@ def _json(path: Path) -> dict:
 
 def _pretrain_run(folder: Path, name: str) -> PretrainRun:
     by_step: dict[int, dict] = {}
-    jsonl = folder / "metrics.jsonl"
+    jsonl = folder / METRICS_LOG
     if jsonl.is_file():
         for line in jsonl.read_text().splitlines():
             record = json.loads(line) if line.strip() else {}
             # Event lines (e.g. a skipped non-finite step) carry no loss; they are not curve points.
             if isinstance(record.get("loss"), (int, float)) and "step" in record:
                 by_step[int(record["step"])] = record
-    card = folder / "model_card.json"
+    card = folder / CARD
     return PretrainRun(folder, name, _json(card) if card.is_file() else None,
                        [by_step[s] for s in sorted(by_step)], (folder / "encoder.safetensors").is_file())
 
 
 def _downstream_run(folder: Path, name: str, notes: list[str]) -> DownstreamRun | None:
-    metrics = _json(folder / "metrics.json")
+    metrics = _json(folder / METRICS)
     if "test_auc" not in metrics and "history" not in metrics:
         return None  # some other tool's metrics.json
     predictions = None
@@ -196,5 +194,5 @@ def _downstream_run(folder: Path, name: str, notes: list[str]) -> DownstreamRun 
             except (OSError, ValueError) as e:
                 notes.append(f"{folder / file}: not used for ROC curves ({e})")
             break
-    robustness = _json(folder / ROBUSTNESS_FILE) if (folder / ROBUSTNESS_FILE).is_file() else None
+    robustness = _json(folder / ROBUSTNESS) if (folder / ROBUSTNESS).is_file() else None
     return DownstreamRun(folder, name, metrics, predictions, robustness)

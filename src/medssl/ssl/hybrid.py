@@ -10,13 +10,20 @@ computed at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
+from medssl.config import PretrainConfig
 from medssl.ssl.infonce import InfoNCELoss
+from medssl.ssl.inputs import LossInputs
 from medssl.ssl.queue import FeatureQueue
 from medssl.ssl.swav import SwAVLoss
+
+# The terms of the objective, by the name their values are logged under. A term is a module of its own
+# with ``weight_setting`` (the PretrainConfig setting that weighs it), ``from_config(cfg, n_global)`` and
+# ``term(LossInputs) -> Tensor``; adding one touches its file, its weight setting and this line.
+TERMS: dict[str, type[nn.Module]] = {"swav": SwAVLoss, "infonce": InfoNCELoss}
 
 
 class HybridLoss(nn.Module):
@@ -25,6 +32,7 @@ class HybridLoss(nn.Module):
     ``embeddings``: one (B, D) projected feature tensor per crop, global crops first; InfoNCE is
     taken between the first two. ``scores``: one (B, K) prototype-score tensor per crop, for SwAV.
     ``prototypes``: the prototype layer (features -> scores), needed only with a ``queue``.
+    ``terms``: name -> (weight, term module), of ``TERMS``; ``from_config`` makes them from a config.
 
     With a ``queue``, Sinkhorn-Knopp also sees the queued features' scores against the current
     prototypes once the queue is full. ``forward`` never changes the queue: the caller commits a
@@ -34,37 +42,29 @@ class HybridLoss(nn.Module):
     rank has its own.
     """
 
-    def __init__(
-        self,
-        w_cluster: float = 1.0,
-        w_contrast: float = 1.0,
-        n_global: int = 2,
-        swav_temperature: float = 0.1,
-        nce_temperature: float = 0.1,
-        sinkhorn_epsilon: float = 0.05,
-        sinkhorn_iterations: int = 3,
-        queue: FeatureQueue | None = None,
-    ):
+    def __init__(self, terms: Mapping[str, tuple[float, nn.Module]], queue: FeatureQueue | None = None):
         super().__init__()
-        if w_cluster < 0 or w_contrast < 0 or w_cluster + w_contrast == 0:
-            raise ValueError(
-                f"loss weights must be >= 0 and not both 0, got w_cluster={w_cluster}, w_contrast={w_contrast}"
-            )
-        if w_contrast > 0 and n_global < 2:
-            raise ValueError(f"the InfoNCE term needs two global crops, got n_global={n_global}")
-        if queue is not None and w_cluster == 0:
+        weights = {name: float(w) for name, (w, _) in terms.items()}
+        if any(w < 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+            raise ValueError(f"loss weights must be >= 0 and not all 0, got {weights}")
+        swav = terms.get("swav", (0.0, None))
+        if queue is not None and swav[0] <= 0:
             raise ValueError("a feature queue only serves the SwAV term, but w_cluster is 0")
-        if queue is not None and queue.n_views != n_global:
+        if queue is not None and queue.n_views != swav[1].n_global:
             raise ValueError(
-                f"the feature queue holds {queue.n_views} views but there are {n_global} global crops"
+                f"the feature queue holds {queue.n_views} views but there are {swav[1].n_global} global crops"
             )
-        self.w_cluster = w_cluster
-        self.w_contrast = w_contrast
-        self.swav = None
-        if w_cluster > 0:
-            self.swav = SwAVLoss(n_global, swav_temperature, sinkhorn_epsilon, sinkhorn_iterations)
-        self.infonce = InfoNCELoss(nce_temperature) if w_contrast > 0 else None
+        # Terms of weight 0 are not computed at all (w_contrast = 0 is SwAV, w_cluster = 0 SimCLR).
+        self.weights = {name: w for name, w in weights.items() if w > 0}
+        self.terms = nn.ModuleDict({name: module for name, (w, module) in terms.items() if w > 0})
         self.queue = queue
+
+    @classmethod
+    def from_config(cls, cfg: PretrainConfig, n_global: int, queue: FeatureQueue | None = None) -> HybridLoss:
+        """The objective ``cfg`` describes: every term of ``TERMS`` whose weight setting is above 0."""
+        terms = {name: (getattr(cfg, term.weight_setting), term.from_config(cfg, n_global))
+                 for name, term in TERMS.items() if getattr(cfg, term.weight_setting) > 0}
+        return cls(terms, queue)
 
     def forward(
         self,
@@ -72,26 +72,19 @@ class HybridLoss(nn.Module):
         scores: Sequence[Tensor] | None = None,
         prototypes: Callable[[Tensor], Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        queue_scores = None
+        if self.queue is not None:
+            if prototypes is None or embeddings is None:
+                raise ValueError("with a feature queue, HybridLoss needs the embeddings and the prototype layer")
+            # Scored before this batch is pushed: the batch must not be its own queue.
+            queue_scores = self.queue.scores(prototypes)
+        inputs = LossInputs(embeddings, scores, queue_scores)
         parts: dict[str, Tensor] = {}
         total = 0.0
-        if self.swav is not None:
-            if scores is None:
-                raise ValueError("w_cluster > 0: HybridLoss needs the prototype scores of every crop")
-            queue_scores = None
-            if self.queue is not None:
-                if prototypes is None or embeddings is None:
-                    raise ValueError("with a feature queue, HybridLoss needs the embeddings and the prototype layer")
-                # Scored before this batch is pushed: the batch must not be its own queue.
-                queue_scores = self.queue.scores(prototypes)
-            swav = self.swav(scores, queue_scores)
-            total = total + self.w_cluster * swav
-            parts["swav"] = swav.detach()
-        if self.infonce is not None:
-            if embeddings is None or len(embeddings) < 2:
-                raise ValueError("w_contrast > 0: HybridLoss needs the embeddings of at least two global crops")
-            nce = self.infonce(embeddings[0], embeddings[1])
-            total = total + self.w_contrast * nce
-            parts["infonce"] = nce.detach()
+        for name, term in self.terms.items():
+            value = term.term(inputs)
+            total = total + self.weights[name] * value
+            parts[name] = value.detach()
         return total, parts
 
     def enqueue(self, embeddings: Sequence[Tensor]) -> None:

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medssl.config import PretrainConfig
 from medssl.distributed import all_gather_with_grad, rank, world_size
+from medssl.ssl.inputs import LossInputs
 
 
 class InfoNCELoss(nn.Module):
@@ -23,7 +25,23 @@ class InfoNCELoss(nn.Module):
     with a gradient-correct all-gather, while the anchors are this rank's 2B embeddings: the loss is
     the mean over local anchors, so the mean of the ranks' losses (and, with DDP's gradient
     averaging, the gradients) equals the single-process loss over the concatenated batch.
+
+    As a term of the hybrid objective (``hybrid.TERMS``): weighed by ``w_contrast``, made by
+    ``from_config``, computed by ``term`` between the first two global crops.
     """
+
+    weight_setting = "w_contrast"
+
+    @classmethod
+    def from_config(cls, cfg: PretrainConfig, n_global: int) -> InfoNCELoss:
+        if n_global < 2:
+            raise ValueError(f"the InfoNCE term needs two global crops, got n_global={n_global}")
+        return cls(cfg.nce_temperature)
+
+    def term(self, inputs: LossInputs) -> Tensor:
+        if inputs.embeddings is None or len(inputs.embeddings) < 2:
+            raise ValueError("w_contrast > 0: the InfoNCE term needs the embeddings of at least two global crops")
+        return self(inputs.embeddings[0], inputs.embeddings[1])
 
     def __init__(self, temperature: float = 0.1):
         super().__init__()

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medssl.config import PretrainConfig
+from medssl.ssl.inputs import LossInputs
 from medssl.ssl.sinkhorn import sinkhorn_knopp
 
 
@@ -25,7 +27,21 @@ class SwAVLoss(nn.Module):
     (cosine similarities of normalised features and normalised prototypes) per crop, the global
     crops first. ``queue_scores``, if given, holds one (L, K) tensor per global crop: the scores of
     queued past features (``FeatureQueue.scores``), which join the batch in Sinkhorn-Knopp only.
+
+    As a term of the hybrid objective (``hybrid.TERMS``): weighed by ``w_cluster``, made by
+    ``from_config``, computed by ``term``.
     """
+
+    weight_setting = "w_cluster"
+
+    @classmethod
+    def from_config(cls, cfg: PretrainConfig, n_global: int) -> SwAVLoss:
+        return cls(n_global, cfg.temperature, cfg.sinkhorn_epsilon, cfg.sinkhorn_iterations)
+
+    def term(self, inputs: LossInputs) -> Tensor:
+        if inputs.scores is None:
+            raise ValueError("w_cluster > 0: the SwAV term needs the prototype scores of every crop")
+        return self(inputs.scores, inputs.queue_scores)
 
     def __init__(
         self,

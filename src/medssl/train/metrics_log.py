@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from medssl import storage
+from medssl.artifacts import METRICS_LOG
 from medssl.atomic import atomic_write_text
 
 
@@ -25,7 +26,7 @@ class MetricsLog:
         self.jsonl = self.tb = None
         if not enabled:
             return
-        self.path = storage.join(out, "metrics.jsonl")
+        self.path = storage.join(out, METRICS_LOG)
         found = storage.exists(self.path)
         kept = storage.read_text(self.path).splitlines(keepends=True)[:rows] if found else []
         if storage.is_url(out):

@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from medssl import __version__, storage
+from medssl.artifacts import CHECKPOINT, INDEX, SNAPSHOTS, TrainingDiverged
 from medssl.config import MultiCropConfig, PretrainConfig, dump_config
 from medssl.data.augment import MultiCrop
 from medssl.data.device_crops import DeviceMultiCrop
@@ -59,14 +60,6 @@ from medssl.train.optim import build_optimizer
 from medssl.train.precision import guard_small_strided_convs, use_bf16
 from medssl.train.resume import queue_per_rank, resume_position
 from medssl.train.schedule import warmup_cosine
-
-CHECKPOINT = "checkpoint.pt"
-SNAPSHOTS = "snapshots"
-
-
-class TrainingDiverged(RuntimeError):
-    """Training cannot go on: pretraining after ``max_bad_steps`` consecutive non-finite losses, a
-    fine-tune when it diverged before any evaluation gave a validation AUC (no result to report)."""
 
 
 @dataclass
@@ -124,8 +117,7 @@ def build(cfg: PretrainConfig, info: DistInfo) -> Pretraining:
     # Without the SwAV term the prototypes get no gradient, which DDP must be told about.
     ddp = DistributedDataParallel(model, find_unused_parameters=cfg.w_cluster == 0) if info.world_size > 1 else model
     queue = FeatureQueue(crops.n_global, queue_length, cfg.proj_dim) if queue_length else None
-    loss_fn = HybridLoss(cfg.w_cluster, cfg.w_contrast, crops.n_global, cfg.temperature, cfg.nce_temperature,
-                         cfg.sinkhorn_epsilon, cfg.sinkhorn_iterations, queue).to(info.device)
+    loss_fn = HybridLoss.from_config(cfg, crops.n_global, queue).to(info.device)
     optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
     run = Pretraining(cfg, info, crops, stream, loader, on_device, model, ddp, loss_fn, optimizer, bf16,
                       total_steps=min(cfg.epochs * stream.steps_per_epoch, cfg.max_steps or math.inf))
@@ -215,7 +207,7 @@ def _data_summary(shards: list[str | Path], run_folder: str | Path) -> dict:
     summary: dict[str, Any] = {"shard_folders": [str(s) for s in shards], "samples": 0, "by_modality": {},
                                "shard_locations": [shard_location(s, run_folder) for s in shards]}
     for folder in shards:
-        summary["samples"] += json.loads(storage.read_text(storage.join(folder, "index.json")))["samples"]
+        summary["samples"] += json.loads(storage.read_text(storage.join(folder, INDEX)))["samples"]
         report = storage.join(folder, "report.json")
         if storage.exists(report):
             for modality, counts in json.loads(storage.read_text(report))["by_modality"].items():
