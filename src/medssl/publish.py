@@ -25,7 +25,8 @@ from medssl.downstream.images import to_input
 from medssl.models import hub_export, onnx_export
 from medssl.models.card import DEFAULT_LICENSE, SOURCES_FILE, public_card, readme
 from medssl.models.export import CARD_FILE, load_encoder
-from medssl.models.lineage import LineageError, locate_shards, run_lineage, sources_text
+from medssl.models.lineage import LineageError, run_lineage, sources_text
+from medssl.models.locations import LocationError, locate_shards
 from medssl.shard_format import Sample, decode_pixels, read_shard
 
 FORMATS = ("timm", "onnx")
@@ -58,7 +59,7 @@ def export_run(run_dir: str | Path, fmt: str, out: Path, license: str = DEFAULT_
             raise ExportError(f"{run_dir}'s card names no shard folders: name the pretraining's ingest outputs "
                               "with --shards")
         lineage = run_lineage(folders, run_card["data"]["samples"])
-    except LineageError as e:
+    except (LineageError, LocationError) as e:
         raise ExportError(str(e)) from e
     size = int(run_card["input_size"])
     images = _shard_images(folders, check_images, size)

@@ -85,6 +85,8 @@ class U(IntEnum):
 
 
 N_UNIFORMS = len(U)  # random numbers per crop
+_COINS = [int(U.GAMMA_ON), int(U.BLUR_ON), int(U.NOISE_ON)]  # each decides whether the value after it applies
+_COINED = [int(U.GAMMA), int(U.BLUR), int(U.NOISE)]
 _LOG_UNIFORM = [U.ASPECT, U.ZOOM, U.WIDTH, U.GAMMA]  # drawn log-uniformly (exp of a uniform draw of the logs)
 
 
@@ -206,10 +208,11 @@ def _crop_params(v: np.ndarray, shapes: np.ndarray, size: np.ndarray, k: _Consta
     area = v[:, U.AREA] * wh[:, 0] * wh[:, 1]
     # A box wider or taller than the image is clipped to it rather than redrawn (torchvision
     # retries up to 10 times): no loop, and only extreme aspect ratios are affected.
-    box = np.minimum(np.sqrt(area[:, None] * v[:, [U.ASPECT]] ** _PLUS_MINUS), wh)  # (width, height)
-    centre = v[:, [U.CENTRE_X, U.CENTRE_Y]] * (wh - box)  # box centre in pixels from the image centre
+    # Slices of neighbouring columns, not lists: views, no copies (this runs for every image).
+    box = np.minimum(np.sqrt(area[:, None] * v[:, U.ASPECT:U.ASPECT + 1] ** _PLUS_MINUS), wh)  # (width, height)
+    centre = v[:, U.CENTRE_X:U.CENTRE_Y + 1] * (wh - box)  # box centre in pixels from the image centre
     zoom = v[:, U.ZOOM]
-    half = zoom[:, None] * box / 2 * np.where(v[:, [U.HFLIP, U.VFLIP]] < k.flip_probs, -1.0, 1.0)
+    half = zoom[:, None] * box / 2 * np.where(v[:, U.HFLIP:U.VFLIP + 1] < k.flip_probs, -1.0, 1.0)
     cos, sin = np.cos(v[:, U.ROTATION]), np.sin(v[:, U.ROTATION])
     # Scale the unit square to the box, rotate it, move it to its centre; pixels -> [-1, 1].
     theta = np.empty((n, 2, 3))
@@ -226,8 +229,7 @@ def _crop_params(v: np.ndarray, shapes: np.ndarray, size: np.ndarray, k: _Consta
     window[:, 1] *= v[:, U.WIDTH]
     window[:, 0] += (v[:, U.LEVEL] - 0.5) * window[:, 1]
     # Gamma, blur and noise, each applied with its probability (else neutral: 1, 0, 0).
-    coins, values = [U.GAMMA_ON, U.BLUR_ON, U.NOISE_ON], [U.GAMMA, U.BLUR, U.NOISE]
-    gamma, blur, noise = np.where(v[:, coins] < k.coin_probs, v[:, values], k.neutral).T
+    gamma, blur, noise = np.where(v[:, _COINS] < k.coin_probs, v[:, _COINED], k.neutral).T
     return CropParams(box=box, theta=theta, level=level, window=window, gamma=gamma, contrast=v[:, U.CONTRAST],
                       brightness=v[:, U.BRIGHTNESS], blur_sigma=blur, noise_std=noise)
 

@@ -126,6 +126,10 @@ class SearchIndex:
         similarities, ids = self._graph.search(query, min(k, self.count))
         return [(int(i), float(max(0.0, 1.0 - s))) for i, s in zip(ids[0], similarities[0]) if i >= 0]
 
+    def same_image(self, a: int, b: int) -> bool:
+        """Rows with the same features: one image stored in several files (or encodings)."""
+        return float(np.abs(self.vector(a) - self.vector(b)).max()) <= SAME
+
     def neighbours(self, vector: np.ndarray, k: int = 10, query_row: int | None = None) -> list[Neighbour]:
         """The ``k`` nearest *images* of ``vector``, for people to read: the query's own row is left out,
         and rows with the same features (one image stored as several files, in several encodings) are one
@@ -138,8 +142,8 @@ class SearchIndex:
             for row, distance in hits:
                 if row == query_row:
                     continue
-                same = next((n for n in found if abs(n.distance - distance) <= SAME
-                             and float(np.abs(self.vector(n.row) - self.vector(row)).max()) <= SAME), None)
+                same = next((n for n in found if abs(n.distance - distance) <= SAME and self.same_image(n.row, row)),
+                            None)
                 if same is not None:
                     same.copies.append(row)
                 else:

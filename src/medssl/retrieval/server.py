@@ -171,8 +171,7 @@ class SearchApp:
         cards = []
         if query_row is not None:
             copies = []
-            if found and found[0].distance <= SAME and float(
-                    np.abs(self.index.vector(found[0].row) - self.index.vector(query_row)).max()) <= SAME:
+            if found and found[0].distance <= SAME and self.index.same_image(found[0].row, query_row):
                 copies, found = [found[0].row, *found[0].copies], found[1:]
             cards.append({**self._card(query_row), "distance": 0.0, "is_query": True,
                           "copies": [self._card(c) for c in copies]})

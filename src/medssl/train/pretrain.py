@@ -50,7 +50,7 @@ from medssl.data.device_crops import DeviceMultiCrop
 from medssl.data.stream import ShardStream, collate_stored
 from medssl.distributed import DistInfo, all_gather_objects, all_reduce_mean, init_distributed, shutdown_distributed
 from medssl.models.export import save_encoder
-from medssl.models.lineage import shard_location
+from medssl.models.locations import shard_location
 from medssl.models.ssl_model import SSLModel
 from medssl.models.weights import init_backbone
 from medssl.ssl import FeatureQueue, HybridLoss
