@@ -498,7 +498,8 @@ def main() -> None:
                  f"use --batch-size {n_samples} or more data")
     cfg = PretrainConfig(shards=[shards], crops=args.crops, batch_size=args.batch_size, workers=args.workers,
                          max_steps=args.warmup_steps + args.steps, log_every=1, checkpoint_every=10**9,
-                         freeze_prototypes_steps=0)  # both pipelines update every parameter
+                         freeze_prototypes_steps=0,  # both pipelines update every parameter
+                         warmup_steps=50)  # the default, named: a throughput run of a few steps is meant to be short
     crops = cfg.multicrop()
     crop_text = f"{crops.n_global}x{crops.global_size} + {crops.n_local}x{crops.local_size}"
     results: dict = {"command": command, "machine": info, "shards": str(shards), "samples": n_samples,
