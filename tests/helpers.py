@@ -155,3 +155,28 @@ class FaultProxy:
                     c.shutdown(self._socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+def downstream_metrics(**fields) -> dict:
+    """A complete metrics.json record (``artifacts.DownstreamMetrics``) for tests that fake finished runs:
+    these defaults, with ``fields`` over them."""
+    history = fields.get("history", [{"epoch": 1, "step": 10, "val_auc": 0.7}])
+    last = history[-1] if history else {"epoch": 0, "step": 0, "val_auc": 0.7}
+    record = {"test_auc": 0.8, "test_auc_ci": [0.75, 0.85], "test_auc_per_label": {}, "test_auc_per_label_ci": {},
+              "test_accuracy": None, "best_val_auc": last["val_auc"],
+              "best_epoch": last["epoch"], "best_step": last["step"], "target_auc": None,
+              "steps_to_target": None, "steps": last["step"], "epochs": last["epoch"],
+              "stopped_early": False, "status": "completed", "diverged": None, "train_seconds": 1.0,
+              "history": history, "files": {}, "mode": "finetune", "init": {"init": "scratch"}, "label_fraction": 1.0,
+              "seed": 0, "task": {"csv": "task.csv", "labeled_train": 10, "images": {"test": 8}},
+              "bootstrap_resamples": 0, "device": "cpu", "medssl_version": "0", "config": {}}
+    return {**record, **fields}
+
+
+def robustness_record(**fields) -> dict:
+    """A complete robustness.json record (``artifacts.RobustnessReport``), ``fields`` over these defaults."""
+    sweeps = fields.get("sweeps", {})
+    worst = {name: min(points, key=lambda p: p["auc"]) for name, points in sweeps.items()}
+    record = {"clean_auc": 0.8, "sweeps": sweeps, "worst": worst, "test_images": 8, "split": "test",
+              "task": "task.csv", "run": "run", "skipped": {}, "seed": 0}
+    return {**record, **fields}

@@ -9,10 +9,10 @@ import shutil
 import pytest
 import yaml
 
-from helpers import manifest
+from helpers import downstream_metrics, manifest
 from medssl.bench.pool import pretraining_pool, write_task_csv
 from medssl.cli import main
-from medssl.config import BenchConfig, BenchTask, ConfigError, load_config
+from medssl.config import BenchConfig, BenchTask, ConfigError, FinetuneConfig, dump_config, load_config
 from medssl.demo import generate_demo_archive
 from medssl.downstream import TaskError, prepare_task
 from medssl.ingest.pipeline import hash_file
@@ -184,11 +184,12 @@ def _fake_bench(tmp_path, test_aucs: dict) -> BenchConfig:
                                       "label_fractions": [0.5, 1.0], "seeds": [0, 1]})
     for spec in run_matrix(cfg):
         auc, diverged = test_aucs.get((spec.arm, spec.label_fraction, spec.seed), (0.6 + 0.1 * spec.seed, None))
-        metrics = {"test_auc": auc, "test_auc_ci": None if auc is None else [auc - 0.1, auc + 0.05],
-                   "best_val_auc": 0.7, "best_step": 6, "steps": 6, "train_seconds": 1.0,
-                   "history": [{"epoch": 1, "step": 3, "val_auc": 0.6}, {"epoch": 2, "step": 6, "val_auc": 0.7}],
-                   "task": {"labeled_train": 10, "images": {"test": 8}},
-                   "status": "completed" if diverged is None else "diverged", "diverged": diverged}
+        metrics = downstream_metrics(
+            test_auc=auc, test_auc_ci=None if auc is None else [auc - 0.1, auc + 0.05], best_val_auc=0.7, best_step=6,
+            steps=6, train_seconds=1.0,
+            history=[{"epoch": 1, "step": 3, "val_auc": 0.6}, {"epoch": 2, "step": 6, "val_auc": 0.7}],
+            task={"labeled_train": 10, "images": {"test": 8}},
+            status="completed" if diverged is None else "diverged", diverged=diverged)
         (tmp_path / spec.folder).mkdir(parents=True)
         (tmp_path / spec.folder / "metrics.json").write_text(json.dumps(metrics))
     return cfg
@@ -237,7 +238,7 @@ def test_a_run_without_a_test_auc_gets_no_robustness_sweep_and_does_not_stop_the
     spec = next(s for s in runs.run_matrix(cfg) if (s.arm, s.label_fraction, s.seed) == ("ssl-hybrid", 1.0, 0))
     settings = runs.finetune_settings(cfg, spec, tmp_path / "t.csv", tmp_path / "pretrain")
     metrics = json.loads((tmp_path / spec.folder / "metrics.json").read_text())
-    metrics["config"] = runs.dump_config(runs.FinetuneConfig.model_validate(settings))  # done with these settings
+    metrics["config"] = dump_config(FinetuneConfig.model_validate(settings))  # done with these settings
     (tmp_path / spec.folder / "metrics.json").write_text(json.dumps(metrics))
     assert spec.robustness and runs.pending_job(spec, settings, {}) is None
 
@@ -293,10 +294,10 @@ def test_a_finetune_arm_whose_only_scratch_baseline_is_knn_gets_no_steps_saved(t
                                                {"name": "ssl-finetune", "init": "ssl", "mode": "finetune"}]})
     for spec in run_matrix(cfg):
         knn = spec.arm == "scratch-knn"
-        metrics = {"test_auc": 0.6 if knn else 0.8, "test_auc_ci": None, "best_val_auc": 0.6 if knn else 0.7,
-                   "best_step": 0 if knn else 6, "steps": 0 if knn else 6, "train_seconds": 1.0,
-                   "history": [] if knn else [{"epoch": 1, "step": 6, "val_auc": 0.7}],
-                   "task": {"labeled_train": 10, "images": {"test": 8}}, "status": "completed", "diverged": None}
+        metrics = downstream_metrics(
+            test_auc=0.6 if knn else 0.8, test_auc_ci=None, best_val_auc=0.6 if knn else 0.7, best_step=0 if knn else 6,
+            steps=0 if knn else 6, train_seconds=1.0, history=[] if knn else [{"epoch": 1, "step": 6, "val_auc": 0.7}],
+            task={"labeled_train": 10, "images": {"test": 8}}, status="completed", diverged=None)
         (tmp_path / spec.folder).mkdir(parents=True)
         (tmp_path / spec.folder / "metrics.json").write_text(json.dumps(metrics))
     rows = {r["arm"]: r for r in summarise(cfg, load_results(cfg, run_matrix(cfg)))["rows"]}

@@ -7,7 +7,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from medssl.downstream.convergence import steps_to_target
-from medssl.downstream.metrics import accuracy, auc_report, macro_auc, roc_auc, weighted_auc
+from medssl.downstream.kinds import accuracy
+from medssl.downstream.metrics import auc_report, macro_auc, roc_auc, weighted_auc
 
 
 def _data(n=300, k=3, seed=0):
@@ -79,7 +80,7 @@ def test_accuracy():
 
 
 def test_steps_to_target():
-    history = [{"step": 10, "val_auc": 0.6}, {"step": 20, "val_auc": 0.8}, {"step": 30, "val_auc": 0.7}]
+    history = [(10, 0.6), (20, 0.8), (30, 0.7)]
     assert steps_to_target(history, 0.8) == 20
     assert steps_to_target(history, 0.65) == 20
     assert steps_to_target(history, 0.9) is None

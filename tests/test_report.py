@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import downstream_metrics, robustness_record
 from medssl.cli import main
 from medssl.config import PretrainConfig
 from medssl.report import ReportError, build_report
@@ -35,13 +36,13 @@ def _finetune_run(folder: Path, init: str, fraction: float, auc: float, seed: in
     history = [{"epoch": e, "step": 10 * e, "train_loss": 1 / e, "val_auc": auc - 0.3 / e, "elapsed_s": e}
                for e in range(1, 6)]
     reached = next((h["step"] for h in history if h["val_auc"] >= 0.7), None)
-    metrics = {"test_auc": auc, "test_auc_ci": [auc - 0.05, auc + 0.05], "best_val_auc": history[-1]["val_auc"],
-               "target_auc": 0.7, "steps_to_target": reached, "history": history, "mode": "finetune",
-               "init": {"init": init, "architecture": "resnet18"}, "label_fraction": fraction, "seed": seed,
-               "task": {"csv": "data/lesion/task.csv", "type": "binary", "classes": ["lesion", "normal"],
-                        "outputs": ["lesion"]},
-               "config": {"task": "data/lesion/task.csv", "init": init, "mode": "finetune",
-                          "label_fraction": fraction, "seed": seed}}
+    metrics = downstream_metrics(
+        test_auc=auc, test_auc_ci=[auc - 0.05, auc + 0.05], best_val_auc=history[-1]["val_auc"], target_auc=0.7,
+        steps_to_target=reached, history=history, mode="finetune", init={"init": init, "architecture": "resnet18"},
+        label_fraction=fraction, seed=seed,
+        task={"csv": "data/lesion/task.csv", "type": "binary", "classes": ["lesion", "normal"], "outputs": ["lesion"]},
+        config={"task": "data/lesion/task.csv", "init": init, "mode": "finetune", "label_fraction": fraction,
+                "seed": seed})
     (folder / "metrics.json").write_text(json.dumps(metrics))
     labels = rng.integers(0, 2, 60)
     scores = np.clip(labels * (auc - 0.5) * 2 + rng.normal(0.25, 0.3, 60), 0, 1)
@@ -49,9 +50,10 @@ def _finetune_run(folder: Path, init: str, fraction: float, auc: float, seed: in
                                                for i, (y, s) in enumerate(zip(labels, scores))]
     (folder / "test_predictions.csv").write_text("\n".join(rows) + "\n")
     if robustness:
-        (folder / "robustness.json").write_text(json.dumps({"clean_auc": auc, "sweeps": {
-            "gamma": [{"level": g, "auc": auc - abs(1 - g) * 0.3} for g in (0.5, 0.7, 1.0, 1.5, 2.0)],
-            "noise": [{"level": n, "auc": auc - n * 2} for n in (0.0, 0.05, 0.1)]}}))
+        (folder / "robustness.json").write_text(json.dumps(robustness_record(clean_auc=auc, sweeps={
+            "gamma": [{"level": g, "auc": auc - abs(1 - g) * 0.3, "drop": abs(1 - g) * 0.3}
+                      for g in (0.5, 0.7, 1.0, 1.5, 2.0)],
+            "noise": [{"level": n, "auc": auc - n * 2, "drop": n * 2} for n in (0.0, 0.05, 0.1)]})))
 
 
 @pytest.fixture(scope="module")

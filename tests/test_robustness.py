@@ -127,7 +127,8 @@ def test_robustness_json_of_a_ct_run_and_its_report(ct_run):
     result = evaluate_robustness(ct_run, device="cpu")
     assert json.loads((ct_run / "robustness.json").read_text()) == result
     metrics = json.loads((ct_run / "metrics.json").read_text())
-    assert set(result) == {"clean_auc", "sweeps", "worst", "test_images", "split", "task", "run", "skipped", "seed"}
+    assert set(result) == {"format", "clean_auc", "sweeps", "worst", "test_images", "split", "task", "run", "skipped",
+                           "seed"}
     assert result["split"] == "test"
     assert result["clean_auc"] == pytest.approx(metrics["test_auc"], abs=1e-6)
     assert result["test_images"] == metrics["task"]["images"]["test"]

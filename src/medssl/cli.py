@@ -198,7 +198,7 @@ def _run_finetune(args) -> int:
         raise ConfigError("finetune needs --task TASK.csv and --out DIR")
     check_out(Path(cfg.out), "folder", "--out")
     try:
-        m = run_finetune(cfg, show_progress=not args.quiet)
+        m = run_finetune(cfg, show_progress=not args.quiet).model_dump()
     except (TaskError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -18,7 +18,9 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    create_model,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -200,6 +202,26 @@ PRESETS = {
 }
 
 
+class _CropOverrides(StrictModel):
+    """Some fields of ``MultiCropConfig`` over a base (a preset, the fine-tuning views): each field is its
+    type or unset. Unknown names are refused when the config is loaded; the combined settings are checked by
+    ``MultiCropConfig`` (``ranges``, bounds) when the config is, too. Records hold the set fields only."""
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    def over(self, base: dict[str, Any]) -> MultiCropConfig:
+        return MultiCropConfig.model_validate({**base, **self.model_dump()})
+
+
+# One field per MultiCropConfig field, of its type or None: the two cannot drift apart.
+CropOverrides = create_model(
+    "CropOverrides", __base__=_CropOverrides, __doc__=_CropOverrides.__doc__,
+    **{name: (f.annotation | None, Field(default=None, description=f.description))
+       for name, f in MultiCropConfig.model_fields.items()})
+
+
 class PretrainConfig(StrictModel):
     """Settings of ``medssl pretrain`` (see README, section "Pretrain")."""
 
@@ -221,8 +243,8 @@ class PretrainConfig(StrictModel):
     # views
     crops: Literal["cpu", "swav"] = Field(
         default="cpu", description="multi-crop preset: cpu = 2x96 + 4x48, swav = 2x224 + 6x96")
-    augment: dict[str, Any] = Field(
-        default_factory=dict, description="overrides of the preset (fields of MultiCropConfig)")
+    augment: CropOverrides = Field(
+        default_factory=CropOverrides, description="overrides of the preset (fields of MultiCropConfig)")
     crops_on: Literal["loader", "device"] = Field(
         default="loader",
         description="where the views are made: loader = per image in the DataLoader workers (fastest when training on "
@@ -294,7 +316,7 @@ class PretrainConfig(StrictModel):
 
     def multicrop(self):
 
-        return MultiCropConfig.model_validate({**MultiCropConfig.preset(self.crops).model_dump(), **self.augment})
+        return self.augment.over(MultiCropConfig.preset(self.crops).model_dump())
 
 
 def _validate_nested(model: type[BaseModel], settings: dict[str, Any]) -> None:
@@ -358,7 +380,11 @@ class FinetuneConfig(StrictModel):
     positive_class: str | None = Field(
         default=None, description="binary tasks: the positive class (default: the second in sorted order)")
     input_size: int = Field(
-        default=224, ge=8, description="images are resized (aspect kept, padded) to input_size x input_size")
+        default=224, ge=8, description="images are resized to input_size x input_size (see resize)")
+    resize: Literal["pad", "stretch", "crop"] = Field(
+        default="pad",
+        description="how an image becomes a square: pad = aspect kept, the longer side fits, padded; stretch = both "
+                    "sides fit, aspect changed; crop = aspect kept, the shorter side fits, the centre kept")
     ct_window: CtWindow = Field(
         default=(40.0, 400.0),
         description="(level, width) in HU through which CT images reach the encoder; default soft tissue, e.g. [40, "
@@ -422,8 +448,9 @@ class FinetuneConfig(StrictModel):
     train_augment: bool = Field(
         default=True,
         description="random crop/rotation/flip/intensity changes of the labeled images (not in linear mode)")
-    augment: dict[str, Any] = Field(
-        default_factory=dict, description="overrides of the fine-tuning augmentation (fields of MultiCropConfig)")
+    augment: CropOverrides = Field(
+        default_factory=CropOverrides,
+        description="overrides of the fine-tuning augmentation (fields of MultiCropConfig)")
     # hybrid regime
     ssl_weight: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
         default=HYBRID_SSL_WEIGHT,
@@ -437,8 +464,8 @@ class FinetuneConfig(StrictModel):
                     "first step, so that ssl_weight 1 starts both terms equal whatever their units; none: raw")
     ssl_batch_size: int = Field(
         default=16, ge=2, description="hybrid: images (labeled and unlabeled) per step for the self-supervised loss")
-    ssl_augment: dict[str, Any] = Field(
-        default_factory=dict,
+    ssl_augment: CropOverrides = Field(
+        default_factory=CropOverrides,
         description="hybrid: overrides of the multi-crop views (default: the pretraining run's views)")
     # evaluation and convergence
     target_auc: float | None = Field(
@@ -472,9 +499,8 @@ class FinetuneConfig(StrictModel):
 
     @field_validator("augment", "ssl_augment")
     @classmethod
-    def _crop_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
-
-        _validate_nested(MultiCropConfig, v)  # now rather than at the first batch
+    def _crop_overrides(cls, v: CropOverrides) -> CropOverrides:
+        _validate_nested(MultiCropConfig, v.model_dump())  # now rather than at the first batch
         return v
 
     @model_validator(mode="after")
@@ -493,7 +519,7 @@ class FinetuneConfig(StrictModel):
                     rotation=(-10.0, 10.0), ct_windows=[self.ct_window], ct_window_jitter=0.05,
                     gamma_prob=0.3, gamma=(0.8, 1.25), contrast=0.1, brightness=0.05,
                     blur_prob=0.1, blur_sigma=(0.1, 1.0), noise_prob=0.1, noise_std=(0.0, 0.02))
-        return MultiCropConfig.model_validate({**base, **self.augment})
+        return self.augment.over(base)
 
     def scratch_pretrain_config(self) -> PretrainConfig:
         """The pretraining settings that shape fresh SSL heads, loss and views (hybrid from scratch)."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from medssl import storage
+from medssl.artifacts import read_index
 from medssl.config import FinetuneConfig
 from medssl.downstream.decode import fit_square
 from medssl.downstream.images import to_input
@@ -90,9 +91,8 @@ def _check_out(out: Path, fmt: str) -> None:
 
 def _shard_samples(folders: list[str | Path]) -> Iterator[Sample]:
     for folder in folders:
-        index = json.loads(storage.read_text(storage.join(folder, "index.json")))
-        for shard in index["shards"]:
-            yield from read_shard(storage.join(folder, "shards", shard["name"]))
+        for shard in read_index(folder).shards:
+            yield from read_shard(storage.join(folder, "shards", shard.name))
 
 
 def _shard_images(folders: list[str | Path], n: int, size: int) -> np.ndarray:

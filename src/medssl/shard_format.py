@@ -39,8 +39,6 @@ from PIL import Image
 from medssl.atomic import atomic_open
 from medssl.storage import is_url, open_read
 
-# The "format" of a dataset's index.json (its shards and their sample counts), written by ingest.
-INDEX_FORMAT = "medssl-shards/1"
 HU_OFFSET = -1024.0
 NORMALIZED_SCALE = 1.0 / 65535.0
 PNG_COMPRESS_LEVEL = 1  # level 1 is ~3x faster than Pillow's default 6 for ~10% larger 16-bit files

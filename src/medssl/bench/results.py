@@ -16,14 +16,13 @@ out of the means and of the differences to scratch.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from medssl.artifacts import METRICS, ROBUSTNESS
+from medssl.artifacts import DownstreamMetrics, DownstreamResult, RobustnessReport, is_downstream, read_downstream
 from medssl.bench.runs import RunSpec
 from medssl.config import BenchConfig
 from medssl.downstream.convergence import steps_to_target
@@ -35,22 +34,23 @@ FROZEN_MODES = ("knn", "linear")
 
 @dataclass
 class RunResult:
+    """A run of the matrix: where it sits in it, and what it wrote (``artifacts.read_downstream``)."""
     spec: RunSpec
-    metrics: dict
-    robustness: dict | None
+    run: DownstreamResult
+
+    @property
+    def metrics(self) -> DownstreamMetrics:
+        return self.run.metrics
+
+    @property
+    def robustness(self) -> RobustnessReport | None:
+        return self.run.robustness
 
 
 def load_results(cfg: BenchConfig, specs: list[RunSpec]) -> list[RunResult]:
     """The finished runs of the matrix (a run without metrics.json failed or has not run)."""
-    results = []
-    for spec in specs:
-        folder = Path(cfg.out) / spec.folder
-        if not (folder / METRICS).is_file():
-            continue
-        rob = folder / ROBUSTNESS
-        results.append(RunResult(spec, json.loads((folder / METRICS).read_text()),
-                                 json.loads(rob.read_text()) if rob.is_file() else None))
-    return results
+    folders = [(spec, Path(cfg.out) / spec.folder) for spec in specs]
+    return [RunResult(spec, read_downstream(folder)) for spec, folder in folders if is_downstream(folder)]
 
 
 def baseline_arm(cfg: BenchConfig, arm: str) -> str:
@@ -80,17 +80,17 @@ def summarise(cfg: BenchConfig, results: list[RunResult]) -> dict:
                 if not runs:
                     continue
                 base_name = baseline_arm(cfg, arm.name)
-                aucs = [r.metrics["test_auc"] for r in runs]
+                aucs = [r.metrics.test_auc for r in runs]
                 row = {"task": task.name, "arm": arm.name, "init": arm.init, "mode": arm.mode,
                        "label_fraction": fraction, "seeds": [r.spec.seed for r in runs],
                        "test_auc": aucs, "test_auc_mean": _mean(aucs), "test_auc_sd": _sd(aucs),
-                       "test_auc_ci_mean": [_mean([(r.metrics["test_auc_ci"] or [None, None])[i] for r in runs])
+                       "test_auc_ci_mean": [_mean([(r.metrics.test_auc_ci or [None, None])[i] for r in runs])
                                             for i in (0, 1)],
-                       "best_step": [r.metrics["best_step"] for r in runs], "steps": [r.metrics["steps"] for r in runs],
-                       "train_seconds_mean": _mean([r.metrics["train_seconds"] for r in runs]),
-                       "labeled_train": runs[0].metrics["task"]["labeled_train"],
-                       "test_images": runs[0].metrics["task"]["images"]["test"], "baseline": base_name,
-                       "diverged": [r.metrics.get("diverged") for r in runs]}
+                       "best_step": [r.metrics.best_step for r in runs], "steps": [r.metrics.steps for r in runs],
+                       "train_seconds_mean": _mean([r.metrics.train_seconds for r in runs]),
+                       "labeled_train": runs[0].metrics.task["labeled_train"],
+                       "test_images": runs[0].metrics.task["images"]["test"], "baseline": base_name,
+                       "diverged": [d.model_dump() if (d := r.metrics.diverged) else None for r in runs]}
                 row |= _against_baseline(runs, by_key, task.name, base_name, fraction, arm.mode in FROZEN_MODES)
                 row["robustness"] = _robustness([r.robustness for r in runs if r.robustness])
                 rows.append(row)
@@ -107,29 +107,29 @@ def _against_baseline(runs: list[RunResult], by_key: dict, task: str, base: str,
         b = by_key.get((task, base, fraction, r.spec.seed))
         if b is None:
             continue
-        if r.metrics["test_auc"] is not None and b.metrics["test_auc"] is not None:  # paired only where both scored
-            diffs.append(r.metrics["test_auc"] - b.metrics["test_auc"])
-        if frozen or not b.metrics["best_step"]:  # a kNN baseline trains nothing: no steps to compare with
+        if r.metrics.test_auc is not None and b.metrics.test_auc is not None:  # paired only where both scored
+            diffs.append(r.metrics.test_auc - b.metrics.test_auc)
+        if frozen or not b.metrics.best_step:  # a kNN baseline trains nothing: no steps to compare with
             continue
-        target = b.metrics["best_val_auc"]
-        reached = steps_to_target(r.metrics["history"], target)
+        target = b.metrics.best_val_auc
+        reached = steps_to_target(r.metrics.val_curve(), target)
         reached_at.append(reached)
-        base_steps.append(b.metrics["best_step"])
-        saved.append(None if reached is None else 1 - reached / b.metrics["best_step"])
+        base_steps.append(b.metrics.best_step)
+        saved.append(None if reached is None else 1 - reached / b.metrics.best_step)
     return {"auc_diff": diffs, "auc_diff_mean": _mean(diffs), "seeds_better": sum(d > 0 for d in diffs),
             "steps_to_baseline_best": reached_at, "baseline_best_step": base_steps,
             "steps_saved": saved, "steps_saved_mean": _mean(saved),
             "seeds_reached": sum(s is not None for s in saved)}
 
 
-def _robustness(records: list[dict]) -> dict:
+def _robustness(records: list[RobustnessReport]) -> dict:
     """Per sweep: clean AUC minus AUC at each level, averaged over seeds; and the worst level's mean drop."""
     sweeps: dict[str, dict] = {}
-    for name in sorted({n for r in records for n in r.get("sweeps", {})}):
+    for name in sorted({n for r in records for n in r.sweeps}):
         levels: dict[float, list[float]] = {}
         for r in records:
-            for p in r["sweeps"].get(name, []):
-                levels.setdefault(p["level"], []).append(r["clean_auc"] - p["auc"])
+            for p in r.sweeps.get(name, []):
+                levels.setdefault(p.level, []).append(r.clean_auc - p.auc)
         drops = {lvl: _mean(v) for lvl, v in sorted(levels.items())}
         worst = max(drops, key=lambda lvl: drops[lvl])
         sweeps[name] = {"mean_drop_by_level": [{"level": lvl, "drop": d} for lvl, d in drops.items()],

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from medssl.artifacts import CARD, CHECKPOINT, METRICS_LOG, RESULTS, SNAPSHOTS
+from medssl.artifacts import CARD, CHECKPOINT, METRICS_LOG, RESULTS, SNAPSHOTS, BenchResults, ModelCard
 from medssl.atomic import atomic_write_text
 from medssl.bench import plots
 from medssl.bench.pool import pretraining_pool, write_task_csv
@@ -75,9 +75,9 @@ def _pretrain_stage(cfg: BenchConfig, out: Path, show_progress: bool) -> dict:
     run = out / "pretrain"
     if not ((run / CARD).is_file() and not (run / CHECKPOINT).exists()):
         run = pretrain(pcfg, show_progress)  # (else: finished, and its checkpoint removed to save space)
-    card = json.loads((run / CARD).read_text())
+    card = ModelCard.read(run / CARD)
     losses = [r["loss"] for r in map(json.loads, (run / METRICS_LOG).read_text().splitlines()) if "loss" in r]
-    return {"run": str(run), "architecture": card["architecture"], "steps": card["steps"],
+    return {"run": str(run), "architecture": card.architecture, "steps": card.steps,
             "batch_size": pcfg.batch_size, "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None}
 
@@ -169,7 +169,9 @@ def run_bench(cfg: BenchConfig, show_progress: bool = True, command: str | None 
             (out / o["run"] / "error.txt").unlink(missing_ok=True)
         else:
             atomic_write_text(out / o["run"] / "error.txt", o["traceback"])
-    atomic_write_text(out / RESULTS, json.dumps(summary, indent=1))
+    record = BenchResults.model_validate(summary)  # the file's contract, checked before it is written
+    record.write(out / RESULTS)
+    summary = record.model_dump()
     atomic_write_text(out / "results.md", markdown(summary))
     return summary
 

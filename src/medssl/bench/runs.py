@@ -13,7 +13,6 @@ batches leave threads idle), and the tasks' decoded images are sent to each proc
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import traceback
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from medssl.artifacts import METRICS, ROBUSTNESS
-from medssl.config import BenchConfig, BenchTask, FinetuneConfig, dump_config
+from medssl.artifacts import METRICS, ROBUSTNESS, DownstreamMetrics
+from medssl.config import BenchConfig, BenchTask, FinetuneConfig
+from medssl.downstream.sweep import finished
 from medssl.downstream.tasks import Task
 
 
@@ -65,17 +65,9 @@ def finetune_settings(cfg: BenchConfig, spec: RunSpec, task_csv: Path, pretrain_
             "out": Path(cfg.out) / spec.folder}
 
 
-def _metrics(settings: dict[str, Any]) -> dict | None:
-    try:
-        return json.loads((Path(settings["out"]) / METRICS).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def finetune_done(settings: dict[str, Any]) -> bool:
-    """The run folder holds the results of exactly these settings."""
-    metrics = _metrics(settings)
-    return metrics is not None and metrics.get("config") == dump_config(FinetuneConfig.model_validate(settings))
+def finetune_done(settings: dict[str, Any]) -> DownstreamMetrics | None:
+    """The run folder's metrics if they are the results of exactly these settings."""
+    return finished(FinetuneConfig.model_validate(settings))
 
 
 @dataclass(frozen=True)
@@ -89,10 +81,10 @@ class Job:
 def pending_job(spec: RunSpec, settings: dict[str, Any], levels: dict[str, list[float]]) -> Job | None:
     """What is left to do for a run, or None when it is complete (a run without a test AUC gets no robustness
     sweep: there is no clean AUC to measure a drop from)."""
-    if not finetune_done(settings):
+    done = finetune_done(settings)
+    if done is None:
         return Job(spec, settings, True, levels)
-    if (spec.robustness and not (Path(settings["out"]) / ROBUSTNESS).is_file()
-            and _metrics(settings)["test_auc"] is not None):
+    if spec.robustness and not (Path(settings["out"]) / ROBUSTNESS).is_file() and done.test_auc is not None:
         return Job(spec, settings, False, levels)
     return None
 
@@ -115,7 +107,7 @@ def _run_one(job: Job) -> dict[str, Any]:
         if job.finetune:
             (Path(settings["out"]) / ROBUSTNESS).unlink(missing_ok=True)  # it scored the previous model
             finetune(task, **{k: v for k, v in settings.items() if k != "task"})  # the prepared task is it
-        auc = json.loads((Path(settings["out"]) / METRICS).read_text())["test_auc"]
+        auc = DownstreamMetrics.read(Path(settings["out"]) / METRICS).test_auc
         if spec.robustness and auc is not None:  # no test AUC: no clean AUC to measure a drop from
             evaluate_robustness(settings["out"], task=task, sweeps=job.levels or None)
         return {"run": spec.folder, "ok": True, "test_auc": auc}

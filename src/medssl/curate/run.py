@@ -40,12 +40,13 @@ import zstandard
 from tqdm import tqdm
 
 from medssl import storage
+from medssl.artifacts import INDEX, DatasetIndex
 from medssl.atomic import atomic_open, atomic_write_text, remove_stale_tmp
 from medssl.config import ConfigError, CurateConfig
 from medssl.curate.near import decide
 from medssl.curate.phash import sample_hash
 from medssl.curate.report import build_report, render_markdown
-from medssl.shard_format import INDEX_FORMAT, read_shard, write_shard
+from medssl.shard_format import read_shard, write_shard
 
 FORMAT = "medssl-curate/1"
 KEY_BYTES = 32          # keys are "<20 hex>-<plane letter><frame>": 27 characters; a longer one is an error
@@ -69,14 +70,14 @@ def _input_shards(folders: list[str | Path]) -> tuple[list[InputShard], list[str
     """The shards of the inputs in their index.json order, and each index.json's SHA-256."""
     shards, digests, first = [], [], 0
     for k, folder in enumerate(folders):
-        index_file = storage.join(folder, "index.json")
+        index_file = storage.join(folder, INDEX)
         if not storage.exists(index_file):
             raise ConfigError(f"{folder} has no index.json: pass folders written by `medssl ingest`")
         text = storage.read_text(index_file)
         digests.append(hashlib.sha256(text.encode()).hexdigest())
-        for s in json.loads(text)["shards"]:
-            shards.append(InputShard(k, storage.join(folder, "shards", s["name"]), s["name"], int(s["samples"]), first))
-            first += int(s["samples"])
+        for s in DatasetIndex.parse(text, index_file).shards:
+            shards.append(InputShard(k, storage.join(folder, "shards", s.name), s.name, s.samples, first))
+            first += s.samples
     return shards, digests
 
 
@@ -292,8 +293,7 @@ def curate(cfg: CurateConfig, show_progress: bool = True) -> dict:
         raise ValueError(f"the input manifests list {listed} of the {int(kept.sum())} kept samples: the inputs' "
                          "manifests and shards disagree (rerun `medssl ingest` on them to repair)")
     _write_drops(h, keys, duplicate_of, distance, code, out)
-    index = {"format": INDEX_FORMAT, "samples": int(kept.sum()), "shards": index_rows}
-    atomic_write_text(out / "index.json", json.dumps(index, indent=1))
+    DatasetIndex.model_validate({"samples": int(kept.sum()), "shards": index_rows}).write(out / INDEX)
     seconds = {"hash": round(t_hash, 2), "decide": round(t_decide, 2), "total": round(time.perf_counter() - t0, 2)}
     report = build_report(h, code, distance, REASONS, record["settings"], seconds, len(index_rows))
     atomic_write_text(out / "report.json", json.dumps(report, indent=1))

@@ -59,7 +59,6 @@ import bisect
 import hashlib
 import heapq
 import itertools
-import json
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,7 +71,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from medssl import storage
-from medssl.shard_format import INDEX_FORMAT, Sample, decode_pixels, decode_stored, read_shard
+from medssl.artifacts import DatasetIndex
+from medssl.shard_format import Sample, decode_pixels, decode_stored, read_shard
 
 # First word of every SeedSequence we build, so the streams of different purposes never coincide.
 _SHARD_ORDER, _BUFFER = 0, 1
@@ -109,11 +109,8 @@ def list_shards(roots: list[str | Path]) -> list[Shard]:
         if not storage.exists(index_file):
             raise FileNotFoundError(f"{index_file} is missing: {root} is not a finished `medssl ingest` output "
                                     "(run or resume `medssl ingest ... --out` on it first)")
-        index = json.loads(storage.read_text(index_file))
-        if index.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{index_file} has format {index.get('format')!r}; this medssl reads {INDEX_FORMAT!r}")
-        shards += [Shard(storage.join(root, "shards", s["name"]), int(s["samples"]))
-                   for s in index["shards"] if s["samples"]]
+        shards += [Shard(storage.join(root, "shards", s.name), s.samples)
+                   for s in DatasetIndex.read(index_file).shards if s.samples]
     return shards
 
 

@@ -23,7 +23,8 @@ def check_out(out: Path, kind: str, name: str = "out") -> None:
 
 def finetune(task: str | Path | Task, *, config: str | Path | None = None, show_progress: bool = False,
              **settings: Any) -> dict:
-    """Train and evaluate one run; returns the metrics dict also written to ``<out>/metrics.json``.
+    """Train and evaluate one run; returns the metrics (``artifacts.DownstreamMetrics``) written to
+    ``<out>/metrics.json``, as a dict.
 
     ``task``: a task CSV, or a ``Task`` from ``prepare_task`` (decodes the images once for many runs); a
     prepared task's image and split settings are taken as given, and keyword arguments must agree with them.
@@ -36,7 +37,7 @@ def finetune(task: str | Path | Task, *, config: str | Path | None = None, show_
     cfg = load_config(FinetuneConfig, Path(config) if config else None, flags)
     if cfg.out is not None:  # before any image is decoded (run_finetune refuses a missing out)
         check_out(Path(cfg.out), "folder")
-    return run_finetune(cfg, prepared, show_progress)
+    return run_finetune(cfg, prepared, show_progress).model_dump()
 
 
 def prepare_task(task: str | Path, *, config: str | Path | None = None, show_progress: bool = False,

@@ -9,10 +9,9 @@ Evaluations happen once per epoch, so the count is exact to within one epoch of 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from medssl.artifacts import METRICS
+from medssl.artifacts import METRICS, DownstreamMetrics, RecordError
 from medssl.config import ConfigError
 
 
@@ -21,12 +20,15 @@ def best_val_auc(run_dir: Path) -> float:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         raise ConfigError(f"target_from: {path} does not exist; give the output folder of a finished `medssl finetune`")
-    values = [h["val_auc"] for h in json.loads(path.read_text()).get("history", []) if h.get("val_auc") is not None]
+    try:
+        values = [auc for _, auc in DownstreamMetrics.read(path).val_curve()]
+    except RecordError as e:
+        raise ConfigError(f"target_from: {e}") from None
     if not values:
         raise ConfigError(f"target_from: {path} has no validation AUC in its history")
     return max(values)
 
 
-def steps_to_target(history: list[dict], target: float) -> int | None:
-    """First evaluated step whose ``val_auc`` >= target; None if the run never got there."""
-    return next((h["step"] for h in history if h["val_auc"] is not None and h["val_auc"] >= target), None)
+def steps_to_target(curve: list[tuple[int, float]], target: float) -> int | None:
+    """First step of a (step, validation AUC) curve whose AUC >= target; None if the run never got there."""
+    return next((step for step, auc in curve if auc >= target), None)

@@ -41,8 +41,8 @@ def checkpoints(run: str | Path) -> list[tuple[int, str]]:
         for name in storage.listdir(folder):
             snapshot = storage.join(folder, name)
             if name.startswith("step-") and storage.exists(storage.join(snapshot, CARD)):
-                found[read_card(snapshot)["steps"]] = str(snapshot)
-    found[read_card(run)["steps"]] = str(run)  # the final encoder, also where it is no multiple of snapshot_every
+                found[read_card(snapshot).steps] = str(snapshot)
+    found[read_card(run).steps] = str(run)  # the final encoder, also where it is no multiple of snapshot_every
     return sorted(found.items())
 
 
@@ -62,7 +62,7 @@ def probe_curve(run: str | Path, task: Task, out: Path, fractions: list[float], 
             for fraction in fractions:
                 for seed in seeds:
                     cfg = FinetuneConfig.model_validate({
-                        **task.settings, **settings, "init": init, "backbone": card["architecture"], "mode": mode,
+                        **task.settings, **settings, "init": init, "backbone": card.architecture, "mode": mode,
                         "label_fraction": fraction, "seed": seed,
                         "out": out / f"step-{step:06d}" / f"{mode}-f{fraction:g}-s{seed}"})
                     metrics = finished(cfg)
@@ -72,10 +72,10 @@ def probe_curve(run: str | Path, task: Task, out: Path, fractions: list[float], 
                         metrics = run_finetune(cfg, task, False, features)
                         (cfg.out / BEST).unlink(missing_ok=True)  # a point is a number; see the module doc
                     points.append({"step": step, "mode": mode, "label_fraction": fraction, "seed": seed,
-                                   "val_auc": metrics["best_val_auc"], "test_auc": metrics["test_auc"]})
+                                   "val_auc": metrics.best_val_auc, "test_auc": metrics.test_auc})
         bar.update(1)
     bar.close()
-    curve = {"run": str(run), "architecture": card["architecture"], "task": name or Path(task.settings["task"]).stem,
+    curve = {"run": str(run), "architecture": card.architecture, "task": name or Path(task.settings["task"]).stem,
              "points": points}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CURVE, json.dumps(curve, indent=1))

@@ -40,10 +40,12 @@ class DecodeSettings:
     nifti_modality: str
     raster_modality: str
     max_memory_mb: int
+    resize: str = "pad"
 
     @classmethod
     def of(cls, cfg: FinetuneConfig) -> DecodeSettings:
-        return cls(cfg.input_size, tuple(cfg.percentiles), cfg.nifti_modality, cfg.raster_modality, cfg.max_memory_mb)
+        return cls(cfg.input_size, tuple(cfg.percentiles), cfg.nifti_modality, cfg.raster_modality, cfg.max_memory_mb,
+                   cfg.resize)
 
 
 _FRAME_SPEC = re.compile(r"^(.*)#(\d+)$")
@@ -58,16 +60,31 @@ def resolve_path(csv_dir: Path, raw: str) -> tuple[Path, int | None]:
     return path, None
 
 
-def fit_square(values: np.ndarray, size: int) -> np.ndarray:
-    """Resize (bilinear, antialiased when shrinking) so the longer side is ``size``, pad to a square.
+RESIZE_MODES = ("pad", "stretch", "crop")
 
-    Unlike ingest's ``resize_longest_side`` this also enlarges small images: the encoder needs a
-    fixed input size. Padding uses the image's minimum, as the multi-crop sampler does outside images.
+
+def fit_square(values: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
+    """A ``size`` x ``size`` image (bilinear, antialiased when shrinking; small images are enlarged, since
+    the encoder needs a fixed input size), by ``mode``:
+
+    - ``pad``: the longer side becomes ``size``, the rest is padded with the image's minimum (as the
+      multi-crop sampler does outside images): all of the image, at the resolution of its longer side.
+    - ``stretch``: both sides become ``size``: all of the image at full resolution, its aspect changed.
+    - ``crop``: the shorter side becomes ``size``, the longer one is cut to the centre: full resolution and
+      aspect, the edges of wide frames lost.
     """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}: use one of {', '.join(RESIZE_MODES)}")
     h, w = values.shape
-    scale = size / max(h, w)
+    image = Image.fromarray(values)
+    if mode == "stretch":
+        return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    scale = size / (max(h, w) if mode == "pad" else min(h, w))
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = np.asarray(Image.fromarray(values).resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32)
+    resized = np.asarray(image.resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32)
+    if mode == "crop":
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        return np.ascontiguousarray(resized[top:top + size, left:left + size])
     out = np.full((size, size), values.min(), dtype=np.float32)
     top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top:top + new_h, left:left + new_w] = resized
@@ -112,7 +129,7 @@ def decode_image(path: Path, frame: int | None, cfg: DecodeSettings | FinetuneCo
     if mapped is None:
         raise Rejected("empty", f"frame {index} is constant" if src.n_frames > 1 else "the image is constant")
     values, intensity = mapped
-    return fit_square(values, cfg.input_size), intensity.semantics == "hounsfield"
+    return fit_square(values, cfg.input_size, cfg.resize), intensity.semantics == "hounsfield"
 
 
 def decode_image_isolated(path: Path, frame: int | None, cfg: FinetuneConfig) -> tuple[np.ndarray, bool]:

@@ -99,18 +99,6 @@ def auc_difference_ci(targets: np.ndarray, scores_a: np.ndarray, scores_b: np.nd
     return _interval(diff)
 
 
-def accuracy(kind: str, targets: np.ndarray, probs: np.ndarray) -> float | None:
-    """Binary: threshold 0.5; multi-class: arg-max. None for multi-label (no single meaningful number) and
-    for non-finite probabilities."""
-    if not np.isfinite(probs).all():
-        return None
-    if kind == "binary":
-        return float(np.mean((probs[:, 0] >= 0.5) == (targets[:, 0] == 1)))
-    if kind == "multiclass":
-        return float(np.mean(probs.argmax(1) == targets.argmax(1)))
-    return None
-
-
 def macro_auc(targets: np.ndarray, scores: np.ndarray) -> float | None:
     """Mean AUC over the labels where it is defined; None if it is defined for none or a score is not
     finite (no bootstrap)."""

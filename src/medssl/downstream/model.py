@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from medssl import storage
 from medssl.artifacts import BEST, CHECKPOINT
 from medssl.config import ConfigError, FinetuneConfig, MultiCropConfig, PretrainConfig
+from medssl.downstream.kinds import KINDS
 from medssl.models import SSLModel, create_backbone
 from medssl.models.export import load_encoder, read_card
 from medssl.models.weights import is_weights_file
@@ -66,7 +67,7 @@ class Networks:
 
 def _ssl_parts(pcfg: PretrainConfig, cfg: FinetuneConfig) -> tuple[SSLModel, HybridLoss, MultiCropConfig]:
     """The pretraining network, objective and views described by ``pcfg``; no feature queue (see README)."""
-    views = MultiCropConfig.model_validate({**pcfg.multicrop().model_dump(), **cfg.ssl_augment})
+    views = cfg.ssl_augment.over(pcfg.multicrop().model_dump())
     try:
         loss = HybridLoss.from_config(pcfg, views.n_global)
     except ValueError as e:
@@ -95,21 +96,21 @@ def build_networks(cfg: FinetuneConfig, n_outputs: int) -> Networks:
         card = read_card(run)
     except FileNotFoundError as e:
         raise ConfigError(f"--init {run}: {e}; or use --init scratch") from None
-    init = {"init": str(run), "architecture": card["architecture"], "pretrain_steps": card.get("steps")}
+    init = {"init": str(run), "architecture": card.architecture, "pretrain_steps": card.steps}
     if cfg.mode != "hybrid":
-        return Networks(Classifier(load_encoder(run), card["feature_dim"], n_outputs), card["architecture"], init)
+        return Networks(Classifier(load_encoder(run), card.feature_dim, n_outputs), card.architecture, init)
 
     checkpoint = storage.join(run, CHECKPOINT)
     if not storage.exists(checkpoint):
         raise ConfigError(f"--mode hybrid needs {checkpoint}: the pretrained projection head and prototypes "
                           "are kept only there (encoder.safetensors holds the backbone alone)")
     ckpt = load_checkpoint(checkpoint, keys=("step", "config", "model"))
-    if ckpt["step"] != card.get("steps"):
-        raise ConfigError(f"{run}: {CHECKPOINT} is at step {ckpt['step']} but the encoder at step {card.get('steps')}; "
+    if ckpt["step"] != card.steps:
+        raise ConfigError(f"{run}: {CHECKPOINT} is at step {ckpt['step']} but the encoder at step {card.steps}; "
                           "finish the pretraining run (rerun its command) before hybrid fine-tuning")
     ssl, loss, views = _ssl_parts(PretrainConfig.model_validate(ckpt["config"]), cfg)
     ssl.load_state_dict(ckpt["model"])
-    return Networks(Classifier(ssl.backbone, ssl.feature_dim, n_outputs), card["architecture"], init, ssl, loss, views)
+    return Networks(Classifier(ssl.backbone, ssl.feature_dim, n_outputs), card.architecture, init, ssl, loss, views)
 
 
 def _plain_groups(module: nn.Module, weight_decay: float, lr: float) -> list[dict]:
@@ -151,16 +152,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def probabilities(logits: Tensor, kind: str) -> Tensor:
-    """Multi-class: softmax over classes; binary and multi-label: a sigmoid per output."""
-    return logits.softmax(1) if kind == "multiclass" else logits.sigmoid()
-
-
 @torch.no_grad()
 def predict(model: nn.Module, inputs: Tensor, kind: str, batch_size: int, device: torch.device) -> np.ndarray:
     """Probabilities (N, K) of ``model`` (eval mode) over ``inputs`` (images or features), in batches."""
     model.eval()
-    out = [probabilities(model(inputs[i:i + batch_size].to(device)).float(), kind).cpu()
+    out = [KINDS[kind].probabilities(model(inputs[i:i + batch_size].to(device)).float()).cpu()
            for i in range(0, len(inputs), batch_size)]
     return torch.cat(out).numpy()
 

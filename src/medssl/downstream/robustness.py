@@ -23,7 +23,6 @@ draws as curves.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,8 +35,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from medssl.artifacts import ROBUSTNESS, TrainingDiverged
-from medssl.atomic import atomic_write_text
+from medssl.artifacts import ROBUSTNESS, RobustnessReport, TrainingDiverged
 from medssl.config import ConfigError, FinetuneConfig
 from medssl.downstream.images import to_input
 from medssl.downstream.metrics import auc_difference_ci, macro_auc
@@ -215,5 +213,6 @@ def evaluate_robustness(run_dir: Path | str, *, task: Task | None = None,
         "skipped": skipped,
         "seed": cfg.seed,
     }
-    atomic_write_text(Path(out) if out is not None else run_dir / ROBUSTNESS, json.dumps(report, indent=1))
-    return report
+    record = RobustnessReport.model_validate(report)
+    record.write(Path(out) if out is not None else run_dir / ROBUSTNESS)
+    return record.model_dump()

@@ -12,12 +12,10 @@ value whose folder holds the results of its exact settings is not trained again.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-from medssl.artifacts import BEST, METRICS, TrainingDiverged
-from medssl.atomic import atomic_write_text
+from medssl.artifacts import BEST, METRICS, DownstreamMetrics, RecordError, TrainingDiverged
 from medssl.config import FinetuneConfig, dump_config
 
 SWEEP = "sweep"
@@ -32,17 +30,18 @@ def sweep_of(cfg: FinetuneConfig) -> tuple[str, list[float]] | None:
     return None
 
 
-def finished(cfg: FinetuneConfig) -> dict | None:
-    """The metrics in ``cfg.out`` if they are the results of exactly these settings (to resume), else None."""
+def finished(cfg: FinetuneConfig) -> DownstreamMetrics | None:
+    """The metrics in ``cfg.out`` if they are the results of exactly these settings (to resume), else None
+    (also for a metrics.json of another version: the run is done again)."""
     try:
-        metrics = json.loads((Path(cfg.out) / METRICS).read_text())
-    except (OSError, ValueError):
+        metrics = DownstreamMetrics.read(Path(cfg.out) / METRICS)
+    except (OSError, RecordError):
         return None
-    return metrics if metrics.get("config") == dump_config(cfg) else None
+    return metrics if metrics.config == dump_config(cfg) else None
 
 
 def run_sweep(cfg: FinetuneConfig, setting: str, values: list[float],
-              run_one: Callable[[FinetuneConfig], dict]) -> dict:
+              run_one: Callable[[FinetuneConfig], DownstreamMetrics]) -> DownstreamMetrics:
     out = Path(cfg.out)
     done = finished(cfg)
     if done is not None:
@@ -56,7 +55,7 @@ def run_sweep(cfg: FinetuneConfig, setting: str, values: list[float],
             tried.append({"value": value, "best_val_auc": None, "error": str(e)})
             continue
         results[value] = metrics
-        tried.append({"value": value, "best_val_auc": metrics["best_val_auc"]})
+        tried.append({"value": value, "best_val_auc": metrics.best_val_auc})
     scored = [t for t in tried if t["best_val_auc"] is not None]
     if not scored:
         raise TrainingDiverged(f"every {setting} tried ({', '.join(f'{v:g}' for v in values)}) diverged before a "
@@ -65,15 +64,16 @@ def run_sweep(cfg: FinetuneConfig, setting: str, values: list[float],
     metrics = results[chosen]
     for value in results:
         folder = out / SWEEP / f"{setting}-{value:g}"
-        for name in metrics["files"].values():
+        for name in metrics.files.values():
             if value == chosen and (folder / name).exists():
                 (folder / name).replace(out / name)  # a rename: atomic, and no second copy on disk
             elif value != chosen and name == BEST:
                 (folder / name).unlink(missing_ok=True)
         if value == chosen:  # moved here by this call or by an attempt cut short before metrics.json
-            missing = [n for n in metrics["files"].values() if not (out / n).exists()]
+            missing = [n for n in metrics.files.values() if not (out / n).exists()]
             if missing:
                 raise FileNotFoundError(f"{folder}: {', '.join(missing)} missing; delete {folder} to redo it")
-    metrics = {**metrics, "sweep": {"setting": setting, "chosen": chosen, "tried": tried}, "config": dump_config(cfg)}
-    atomic_write_text(out / METRICS, json.dumps(metrics, indent=1))
+    metrics = metrics.model_copy(update={"sweep": {"setting": setting, "chosen": chosen, "tried": tried},
+                                         "config": dump_config(cfg)})
+    metrics.write(out / METRICS)
     return metrics

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from medssl.config import ConfigError, FinetuneConfig
 from medssl.downstream.images import load_images
+from medssl.downstream.kinds import KINDS
 
 SPLITS = ("train", "val", "test")
 _LIST_LIMIT = 50  # rows listed in one error message; the count says how many more
@@ -67,11 +68,7 @@ class TaskTable:
 
     def strata(self) -> np.ndarray:
         """(N, S) 0/1: the classes a row counts toward when splits and subsets are stratified."""
-        if self.kind == "binary":
-            return np.concatenate([1 - self.targets, self.targets], axis=1)
-        if self.kind == "multilabel":  # rows without any label form a stratum of their own
-            return np.concatenate([self.targets, (self.targets.sum(1, keepdims=True) == 0)], axis=1)
-        return self.targets
+        return KINDS[self.kind].strata(self.targets)
 
 
 def _row_labels(label: str, multilabel: bool) -> list[str]:
@@ -268,7 +265,7 @@ def label_subset(table: TaskTable, rows: np.ndarray, fraction: float, seed: int)
 
 
 # The settings that shape a prepared Task: a Task made with other values cannot serve a run.
-TASK_SETTINGS = ("task", "task_type", "positive_class", "input_size", "percentiles", "nifti_modality",
+TASK_SETTINGS = ("task", "task_type", "positive_class", "input_size", "resize", "percentiles", "nifti_modality",
                  "raster_modality", "val_fraction", "test_fraction", "split_seed", "skip_bad", "paths_outside_csv")
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -50,17 +49,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from medssl import __version__
-from medssl.artifacts import METRICS, PREDICTIONS, TrainingDiverged
+from medssl.artifacts import METRICS, PREDICTIONS, DownstreamMetrics, TrainingDiverged
 from medssl.atomic import atomic_write_text
 from medssl.config import ConfigError, FinetuneConfig, dump_config
 from medssl.data.augment import MultiCrop
 from medssl.downstream.convergence import best_val_auc, steps_to_target
 from medssl.downstream.images import to_input
-from medssl.downstream.metrics import accuracy, auc_report, macro_auc
+from medssl.downstream.kinds import KINDS, accuracy
+from medssl.downstream.metrics import auc_report, macro_auc
 from medssl.downstream.model import (
     BEST,
     Networks,
@@ -106,12 +105,6 @@ def _cycle(rows: np.ndarray, size: int, rng: np.random.Generator) -> Iterator[np
         order = rng.permutation(rows)
         for i in range(0, len(order) - size + 1, size):
             yield order[i:i + size]
-
-
-def _supervised_loss(logits: Tensor, targets: Tensor, kind: str) -> Tensor:
-    if kind == "multiclass":
-        return F.cross_entropy(logits, targets.argmax(1))
-    return F.binary_cross_entropy_with_logits(logits, targets)
 
 
 def _predictions_csv(task: Task, rows: np.ndarray, probs: np.ndarray) -> str:
@@ -199,7 +192,7 @@ def train_step(ft: Finetuning, rows: np.ndarray) -> dict[str, float] | None:
     factor = warmup_cosine(ft.step, ft.total_steps, 1.0, 0.0, cfg.warmup_steps)
     for group in ft.optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
-    sup = _supervised_loss(ft.train_logits(rows), ft.targets[rows].to(ft.device), ft.task.table.kind)
+    sup = KINDS[ft.task.table.kind].loss(ft.train_logits(rows), ft.targets[rows].to(ft.device))
     loss, losses = sup, {}
     if ft.ssl_views is not None and cfg.ssl_weight > 0:
         views = ft.ssl_views()
@@ -220,12 +213,12 @@ def train_step(ft: Finetuning, rows: np.ndarray) -> dict[str, float] | None:
 
 
 def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: bool = True,
-                 features: Tensor | None = None) -> dict:
+                 features: Tensor | None = None) -> DownstreamMetrics:
     """Train and evaluate one run; writes ``metrics.json``, ``best.pt``, ``test_predictions.csv`` under ``cfg.out``.
 
     ``task``: a Task already prepared with ``load_task(cfg)`` (to decode the images once for many runs).
     ``features``: the frozen encoder's features of every task image (knn and linear modes), when the caller
-    has them. Returns the metrics dict written to ``metrics.json``.
+    has them. Returns the record written to ``metrics.json``.
     """
     if cfg.out is None:
         raise ConfigError("finetune needs an output folder (--out DIR)")
@@ -258,7 +251,7 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
     record_base = {"kind": task.table.kind, "outputs": task.table.outputs, "classes": task.table.classes,
                    "config": dump_config(cfg),
                    "preprocess": {k: task.settings[k]
-                                  for k in ("input_size", "percentiles", "nifti_modality", "raster_modality")}
+                                  for k in ("input_size", "resize", "percentiles", "nifti_modality", "raster_modality")}
                                  | {"ct_window": list(cfg.ct_window)}}
     history: list[dict] = []
     best = {"val_auc": -math.inf}
@@ -324,7 +317,8 @@ def run_finetune(cfg: FinetuneConfig, task: Task | None = None, show_progress: b
         "best_epoch": best["epoch"],
         "best_step": best["step"],
         "target_auc": target,
-        "steps_to_target": steps_to_target(history, target) if target is not None else None,
+        "steps_to_target": None if target is None else steps_to_target(
+            [(h["step"], h["val_auc"]) for h in history if h["val_auc"] is not None], target),
         "steps": ft.step,
         "epochs": epoch,
         "stopped_early": stopped_early,
@@ -347,7 +341,7 @@ def _ssl_factor(scale: str, sup: float, ssl: float) -> float:
     return ratio if math.isfinite(ratio) and ratio > 0 else 1.0
 
 
-def _run_knn(cfg: FinetuneConfig, task: Task, features: Tensor, labeled: np.ndarray) -> dict:
+def _run_knn(cfg: FinetuneConfig, task: Task, features: Tensor, labeled: np.ndarray) -> DownstreamMetrics:
     """kNN on frozen features: nothing is trained; validation AUC is reported as the single evaluation."""
     t0 = time.perf_counter()
     bank, bank_targets = features[labeled], torch.from_numpy(task.table.targets[labeled])
@@ -372,14 +366,14 @@ def _run_knn(cfg: FinetuneConfig, task: Task, features: Tensor, labeled: np.ndar
 
 
 def _write_results(cfg: FinetuneConfig, task: Task, test_probs: np.ndarray, labeled: np.ndarray, init: dict,
-                   device: torch.device, fields: dict) -> dict:
+                   device: torch.device, fields: dict) -> DownstreamMetrics:
     """Test AUC with its bootstrap interval, ``test_predictions.csv`` and ``metrics.json`` (written last)."""
     out, outputs = Path(cfg.out), task.table.outputs
     test_rows, train_rows = task.rows("test"), task.rows("train")
     test_targets = task.table.targets[test_rows]
     report = auc_report(test_targets, test_probs, outputs, cfg.bootstrap, seed=cfg.seed)
     atomic_write_text(out / PREDICTIONS, _predictions_csv(task, test_rows, test_probs))
-    metrics = {
+    metrics = DownstreamMetrics.model_validate({
         "test_auc": report["auc"],
         "test_auc_ci": report["auc_ci"],
         "test_auc_per_label": report["per_label"],
@@ -395,6 +389,6 @@ def _write_results(cfg: FinetuneConfig, task: Task, test_probs: np.ndarray, labe
         "device": str(device),
         "medssl_version": __version__,
         "config": dump_config(cfg),
-    }
-    atomic_write_text(out / METRICS, json.dumps(metrics, indent=1))
+    })
+    metrics.write(out / METRICS)
     return metrics

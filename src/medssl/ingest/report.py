@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medssl import storage
+from medssl.artifacts import INDEX, DatasetIndex, read_index
 from medssl.atomic import atomic_write_text
 from medssl.ingest.chunk import part_path
 from medssl.ingest.dedup import ContentIndex, record_unit, resolve_unit
 from medssl.ingest.plan import DatasetPlan
-from medssl.shard_format import INDEX_FORMAT
 
 LISTED = 1000  # rejected / duplicate files named in the report (all are in the manifest)
 
@@ -94,7 +94,7 @@ def finalize(out: str | Path, plan: DatasetPlan, stats: RunStats, content_db: Pa
     gen = plan.current
     first_generation = len(plan.generations) == 1
     previous = None if first_generation else json.loads(storage.read_text(storage.join(out, "report.json")))
-    index = json.loads(storage.read_text(storage.join(out, "index.json"))) if not first_generation else {"shards": []}
+    index = read_index(out).model_dump() if not first_generation else {"shards": []}
     totals = _Totals(previous)
     content = ContentIndex(content_db)
     new_shards: Counter = Counter()
@@ -123,7 +123,7 @@ def finalize(out: str | Path, plan: DatasetPlan, stats: RunStats, content_db: Pa
                                 for n in sorted(new_shards)]
     samples = sum(s["samples"] for s in shards)
     # The index is what readers see: replaced in one step, listing only finished shards.
-    atomic_write_text(storage.join(out, "index.json"), _index_text(samples, shards))
+    atomic_write_text(storage.join(out, INDEX), _index_text(samples, shards))
     report = {
         "files": totals.files,
         "status": dict(totals.status),
@@ -167,7 +167,7 @@ def _md(text: str) -> str:
 def _index_text(samples: int, shards: list[dict]) -> str:
     """index.json with one shard per line: easy to diff, grep and read line by line."""
     lines = ",\n".join(json.dumps(s) for s in shards)
-    return f'{{"format": "{INDEX_FORMAT}", "samples": {samples}, "shards": [\n{lines}\n]}}\n'
+    return f'{{"format": "{DatasetIndex.FORMAT}", "samples": {samples}, "shards": [\n{lines}\n]}}\n'
 
 
 def render_markdown(report: dict) -> str:

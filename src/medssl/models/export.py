@@ -7,7 +7,6 @@ training config, a summary of the data, and the step it was saved at.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,8 @@ from safetensors.torch import load, load_file, save
 from torch import nn
 
 from medssl import storage
-from medssl.artifacts import CARD
-from medssl.atomic import atomic_open, atomic_write_text
+from medssl.artifacts import CARD, ModelCard
+from medssl.atomic import atomic_open
 from medssl.models.backbone import create_backbone
 
 ENCODER_FILE = "encoder.safetensors"
@@ -35,29 +34,29 @@ def save_encoder(run_dir: str | Path, backbone: nn.Module, card: dict[str, Any])
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     with atomic_open(storage.join(run_dir, ENCODER_FILE), "wb") as f:
         f.write(save(state))
-    atomic_write_text(storage.join(run_dir, CARD_FILE),
-                      json.dumps({"intensity": INTENSITY_CONVENTION, **card}, indent=1))
+    ModelCard.model_validate({"intensity": INTENSITY_CONVENTION, **card}).write(storage.join(run_dir, CARD_FILE))
     return storage.join(run_dir, ENCODER_FILE)
 
 
-def read_card(run_dir: str | Path) -> dict[str, Any]:
+def read_card(run_dir: str | Path) -> ModelCard:
     path = storage.join(run_dir, CARD_FILE)
     if not storage.exists(path):
         raise FileNotFoundError(f"{run_dir} has no {CARD_FILE}: is it a finished `medssl pretrain` run folder?")
-    return json.loads(storage.read_text(path))
+    return ModelCard.read(path)
 
 
 def load_encoder(run_dir: str | Path) -> nn.Module:
     """Rebuild a pretrained encoder from its run folder: ``medssl.load_encoder("runs/ct")``, or on object
     storage ``medssl.load_encoder("s3://bucket/runs/ct")``.
 
-    Returns the timm backbone (features out, no classifier) in eval mode, with ``.model_card`` attached.
+    Returns the timm backbone (features out, no classifier) in eval mode, with ``.model_card`` (the card as a
+    dict) attached.
     """
     run_dir = storage.location(run_dir)
     card = read_card(run_dir)
-    backbone, _ = create_backbone(card["architecture"], card["in_chans"])
+    backbone, _ = create_backbone(card.architecture, card.in_chans)
     weights = storage.join(run_dir, ENCODER_FILE)
     # A local file is memory-mapped; an object is fetched whole (the weights are all needed anyway).
     backbone.load_state_dict(load(storage.read_bytes(weights)) if storage.is_url(weights) else load_file(weights))
-    backbone.model_card = card
+    backbone.model_card = card.model_dump()
     return backbone.eval()

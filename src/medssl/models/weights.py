@@ -103,7 +103,7 @@ def init_backbone(backbone: nn.Module, architecture: str, source: str | Path) ->
         card = read_card(source)
     except FileNotFoundError as e:
         raise ConfigError(f"init {source}: {e}; or give a weights file ({', '.join(WEIGHT_SUFFIXES)})") from None
-    if card["architecture"] != architecture:
-        raise ConfigError(f"init {source}: its encoder is a {card['architecture']}, this run trains a {architecture}")
+    if card.architecture != architecture:
+        raise ConfigError(f"init {source}: its encoder is a {card.architecture}, this run trains a {architecture}")
     backbone.load_state_dict(load_encoder(source).state_dict())
-    return {"run": str(source), "steps": card.get("steps")}
+    return {"run": str(source), "steps": card.steps}

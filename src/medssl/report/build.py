@@ -61,8 +61,8 @@ def build_report(folder: Path | str, out: Path | str | None = None, task: Path |
 def _steps(run) -> int | str:
     """Steps a pretraining run trained: its card's count, else the last logged step (not the logged lines:
     a 150-step run logging every 5 steps has 30)."""
-    if run.card and isinstance(run.card.get("steps"), int):
-        return run.card["steps"]
+    if run.card:
+        return run.card.steps
     return max((m.get("step", 0) for m in run.metrics), default=0)
 
 
@@ -74,7 +74,7 @@ def _overview(artefacts: Artefacts, labels: TaskLabels | None) -> html.Section:
                            html.bullets(verdicts)]
     rows = [["ingest output", i.name, f"{i.report.get('samples', '?')} images of "
              f"{', '.join(i.report.get('by_modality', {})) or 'no modality'}"] for i in artefacts.ingests]
-    rows += [["pretraining run", r.name, f"{(r.card or {}).get('architecture', '?')}, "
+    rows += [["pretraining run", r.name, f"{r.card.architecture if r.card else '?'}, "
               f"{_steps(r)} steps" + ("" if r.card else ", unfinished")] for r in artefacts.pretrains]
     rows += [["downstream run", r.name, f"{r.init_kind}, {r.mode}, label fraction {r.label_fraction:g}, test AUC "
               + (f"{r.test_auc:.3f}" if r.test_auc is not None else "—")] for r in artefacts.downstreams]

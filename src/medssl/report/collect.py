@@ -4,8 +4,11 @@ A folder is recognised by the files it holds, never by its name:
 
 - ingest output: ``report.json`` and ``index.json`` (``medssl ingest``)
 - pretraining run: ``model_card.json`` or ``metrics.jsonl`` (``medssl pretrain``)
-- downstream run: ``metrics.json`` with ``test_auc`` or ``history`` (``medssl finetune``)
-- bench: ``results.json`` with ``rows`` in the folder itself (``medssl bench``, ``medssl demo``)
+- downstream run: ``metrics.json`` (``medssl finetune``)
+- bench: ``results.json`` in the folder itself (``medssl bench``, ``medssl demo``)
+
+Each is read through its record in ``medssl.artifacts``. A file of another tool under one of these names
+(no ``format``, none of our keys) is passed over.
 
 The folder itself and its sub-folders down to ``DEPTH`` levels are searched, so a demo or bench
 folder holding ``shards/``, ``pretrain/`` and ``finetune-*/`` gives one report. Anything missing or
@@ -15,11 +18,23 @@ unreadable becomes a note (a line in the report) instead of an error.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medssl.artifacts import CARD, METRICS, METRICS_LOG, RESULTS, ROBUSTNESS, SNAPSHOTS
+from medssl.artifacts import (
+    CARD,
+    INDEX,
+    METRICS,
+    METRICS_LOG,
+    RESULTS,
+    SNAPSHOTS,
+    BenchResults,
+    DatasetIndex,
+    DownstreamResult,
+    ModelCard,
+    read_downstream,
+    read_index,
+)
 from medssl.downstream.sweep import SWEEP
 from medssl.report.predictions import PREDICTION_FILES, Curves, read_predictions
 
@@ -36,67 +51,42 @@ class IngestOutput:
     path: Path
     name: str
     report: dict
-    index: dict
+    index: DatasetIndex
 
 
 @dataclass
 class PretrainRun:
     path: Path
     name: str
-    card: dict | None          # None when the run has not finished (no model_card.json yet)
+    card: ModelCard | None     # None when the run has not finished (no model_card.json yet)
     metrics: list[dict]        # one record per logged step, later lines win (a resumed run logs again)
     has_encoder: bool
 
 
 @dataclass
-class DownstreamRun:
-    path: Path
-    name: str
-    metrics: dict
-    predictions: Curves | None
-    robustness: dict | None
-
-    @property
-    def test_auc(self) -> float | None:
-        value = self.metrics.get("test_auc")
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+class DownstreamRun(DownstreamResult):
+    """A downstream run as the report shows it: what ``artifacts.read_downstream`` reads, its name in the
+    report, and its test predictions for the ROC curves."""
+    name: str = ""
+    predictions: Curves | None = None
 
     @property
     def test_auc_ci(self) -> tuple[float, float] | None:
-        ci = self.metrics.get("test_auc_ci")
-        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
-            return float(ci[0]), float(ci[1])
-        return None
+        ci = self.metrics.test_auc_ci
+        return (ci[0], ci[1]) if ci is not None and len(ci) == 2 else None
 
     @property
     def init(self) -> str:
         """``scratch``, or the pretraining run folder the encoder came from."""
-        init = self.metrics.get("init", self.metrics.get("config", {}).get("init", "scratch"))
-        return str(init.get("init", "scratch") if isinstance(init, dict) else init)
-
-    @property
-    def init_kind(self) -> str:
-        return "scratch" if self.init == "scratch" else "SSL"
+        return str(self.metrics.init.get("init", "scratch"))
 
     @property
     def mode(self) -> str:
-        return str(self._setting("mode", "finetune"))
+        return self.metrics.mode
 
     @property
     def label_fraction(self) -> float:
-        return float(self._setting("label_fraction", 1.0))
-
-    @property
-    def task(self) -> str:
-        """The task CSV's path, which groups runs that can be compared."""
-        task = self.metrics.get("task")
-        if isinstance(task, dict) and task.get("csv"):
-            return str(task["csv"])
-        return str(self.metrics.get("config", {}).get("task") or "task")
-
-    def _setting(self, key: str, default):
-        value = self.metrics.get(key)
-        return value if value is not None else self.metrics.get("config", {}).get(key, default)
+        return self.metrics.label_fraction
 
 
 @dataclass
@@ -105,7 +95,7 @@ class Artefacts:
     ingests: list[IngestOutput] = field(default_factory=list)
     pretrains: list[PretrainRun] = field(default_factory=list)
     downstreams: list[DownstreamRun] = field(default_factory=list)
-    bench: dict | None = None   # results.json of `medssl bench` / `medssl demo` in the folder itself
+    bench: dict | None = None   # results.json (BenchResults, as the bench's tables take it) in the folder itself
     notes: list[str] = field(default_factory=list)   # what was unreadable, for the report's overview
 
 
@@ -117,15 +107,14 @@ def find_artefacts(root: Path) -> Artefacts:
     found = Artefacts(root=root)
     if (root / RESULTS).is_file():
         try:
-            results = _json(root / RESULTS)
-            found.bench = results if "rows" in results else None
+            found.bench = None if _foreign(root / RESULTS, "rows") else BenchResults.read(root / RESULTS).model_dump()
         except (OSError, ValueError) as e:
             found.notes.append(f"{root / RESULTS}: skipped, could not be read ({e})")
     for folder in _folders(root):
         name = folder.relative_to(root).as_posix() if folder != root else root.resolve().name
-        if (folder / "report.json").is_file() and (folder / "index.json").is_file():
-            _add(found, folder, lambda: IngestOutput(folder, name, _json(folder / "report.json"),
-                                                     _json(folder / "index.json")), found.ingests)
+        if (folder / "report.json").is_file() and (folder / INDEX).is_file():
+            _add(found, folder, lambda: IngestOutput(folder, name, _json(folder / "report.json"), read_index(folder)),
+                 found.ingests)
         if (folder / CARD).is_file() or (folder / METRICS_LOG).is_file():
             _add(found, folder, lambda: _pretrain_run(folder, name), found.pretrains)
         if (folder / METRICS).is_file():
@@ -178,14 +167,20 @@ def _pretrain_run(folder: Path, name: str) -> PretrainRun:
             if isinstance(record.get("loss"), (int, float)) and "step" in record:
                 by_step[int(record["step"])] = record
     card = folder / CARD
-    return PretrainRun(folder, name, _json(card) if card.is_file() else None,
+    return PretrainRun(folder, name, ModelCard.read(card) if card.is_file() else None,
                        [by_step[s] for s in sorted(by_step)], (folder / "encoder.safetensors").is_file())
 
 
+def _foreign(path: Path, *ours: str) -> bool:
+    """A file of some other tool under one of our names: no version field and none of our keys."""
+    data = _json(path)
+    return "format" not in data and not any(key in data for key in ours)
+
+
 def _downstream_run(folder: Path, name: str, notes: list[str]) -> DownstreamRun | None:
-    metrics = _json(folder / METRICS)
-    if "test_auc" not in metrics and "history" not in metrics:
-        return None  # some other tool's metrics.json
+    if _foreign(folder / METRICS, "test_auc", "history"):
+        return None
+    run = read_downstream(folder)
     predictions = None
     for file in PREDICTION_FILES:
         if (folder / file).is_file():
@@ -194,5 +189,4 @@ def _downstream_run(folder: Path, name: str, notes: list[str]) -> DownstreamRun 
             except (OSError, ValueError) as e:
                 notes.append(f"{folder / file}: not used for ROC curves ({e})")
             break
-    robustness = _json(folder / ROBUSTNESS) if (folder / ROBUSTNESS).is_file() else None
-    return DownstreamRun(folder, name, metrics, predictions, robustness)
+    return DownstreamRun(run.path, run.metrics, run.robustness, name, predictions)

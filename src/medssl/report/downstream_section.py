@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medssl.downstream import figures
+from medssl.downstream.figures import Line
 from medssl.report import html, plots
 from medssl.report.collect import DownstreamRun
 from medssl.report.predictions import PREDICTION_FILES
@@ -38,9 +40,10 @@ def _task_section(task: str, runs: list[DownstreamRun], anchor: str) -> html.Sec
         section.blocks.append(html.missing(f"No predictions file ({' or '.join(PREDICTION_FILES)}) in "
                                            f"{', '.join(lacking)}: not in the ROC curves."))
 
-    if any(isinstance(h.get("val_auc"), (int, float)) for r in runs for h in r.metrics.get("history", [])):
+    each = [Line(r.name, colours[r.name], r.init_kind == "scratch", [r]) for r in runs]
+    if any(r.metrics.val_curve() for r in runs):
         section.blocks.append(html.figure(
-            plots.convergence(runs, colours),
+            plots.data_uri(figures.convergence([("convergence", each)])),
             "Validation AUC after each evaluation. Dashed: from scratch; solid: from a pretrained encoder. Dotted "
             "horizontal line: the target AUC; thin vertical line: the step a run first reached it.", "convergence"))
     else:
@@ -50,17 +53,17 @@ def _task_section(task: str, runs: list[DownstreamRun], anchor: str) -> html.Sec
     fractions = sorted({r.label_fraction for r in scored})
     if len(fractions) >= 2:
         section.blocks.append(html.figure(
-            plots.label_efficiency(scored),
+            plots.data_uri(figures.label_efficiency("", _series(scored))),
             "Test AUC against the fraction of training labels used, per initialisation and mode; each point is "
             "one run (seed) with its 95% bootstrap interval.", "label efficiency"))
     else:
         section.blocks.append(html.missing(f"Label efficiency omitted: runs at {len(fractions)} label fraction(s) "
                                            f"({', '.join(f'{f:g}' for f in fractions)}); two or more are needed."))
 
-    with_robustness = [r for r in runs if r.robustness and r.robustness.get("sweeps")]
+    with_robustness = [line for line in each if line.runs[0].robustness and line.runs[0].robustness.sweeps]
     if with_robustness:
         section.blocks.append(html.figure(
-            plots.robustness(with_robustness, colours),
+            plots.data_uri(figures.robustness("", with_robustness)),
             "Test AUC as the test images are perturbed further (one panel per perturbation); dotted line: the "
             "run's AUC on clean images; band: the paired bootstrap 95% interval of each level's change (the same "
             "test images resampled for clean and perturbed scores). Where the band holds the dotted line, the "
@@ -68,6 +71,16 @@ def _task_section(task: str, runs: list[DownstreamRun], anchor: str) -> html.Sec
     else:
         section.blocks.append(html.missing("No robustness.json in any run: robustness curves omitted."))
     return section
+
+
+def _series(runs: list[DownstreamRun]) -> list[Line]:
+    """A line per initialisation and mode, over the label fractions and seeds of its runs."""
+    series: dict[tuple[str, str], list[DownstreamRun]] = defaultdict(list)
+    for run in runs:
+        series[(run.init_kind, run.mode)].append(run)
+    colours = plots.colours_for([f"{k} {m}" for k, m in sorted(series)])
+    return [Line(f"{kind}, {mode}", colours[f"{kind} {mode}"], kind == "scratch", members)
+            for (kind, mode), members in sorted(series.items())]
 
 
 def _auc(value) -> str:
@@ -78,12 +91,10 @@ def _runs_table(runs: list[DownstreamRun]) -> str:
     rows = []
     for r in sorted(runs, key=lambda r: (r.init_kind, r.mode, r.label_fraction, r.name)):
         m = r.metrics
-        steps = m.get("steps_to_target")
-        reached = "—" if m.get("target_auc") is None else ("never" if steps is None else steps)
-        rows.append([r.name, r.init, r.mode, f"{r.label_fraction:g}",
-                     m.get("seed", m.get("config", {}).get("seed", "—")),
+        reached = "—" if m.target_auc is None else ("never" if m.steps_to_target is None else m.steps_to_target)
+        rows.append([r.name, r.init, r.mode, f"{r.label_fraction:g}", m.seed,
                      _auc(r.test_auc), "—" if r.test_auc_ci is None else "{:.3f}–{:.3f}".format(*r.test_auc_ci),
-                     _auc(m.get("best_val_auc")), reached])
+                     _auc(m.best_val_auc), reached])
     return html.table(["run", "init", "mode", "label fraction", "seed", "test AUC", "95% interval", "best val AUC",
                        "steps to target"], rows, numeric={3, 4, 5, 6, 7, 8})
 

@@ -1,4 +1,6 @@
-"""The report's figures, each returned as a ``data:image/png;base64,...`` URI to embed in the page.
+"""The report's figures, each returned as a ``data:image/png;base64,...`` URI to embed in the page. The
+downstream results' convergence, label-efficiency and robustness figures are ``downstream.figures`` (the
+bench draws them too); ``downstream_section`` turns them into URIs with ``data_uri``.
 
 Figures are built with ``matplotlib.figure.Figure`` directly, never pyplot: no global state, no GUI
 backend, and ``savefig`` renders through Agg on any machine (headless CI included).
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-from collections import defaultdict
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -137,82 +138,4 @@ def roc_curves(runs: list[DownstreamRun], colours: dict[str, str]) -> str:
         ax.set_title(f"ROC: {output}")
         ax.set_aspect("equal")
         ax.legend(fontsize=8, loc="lower right")
-    return data_uri(fig)
-
-
-def convergence(runs: list[DownstreamRun], colours: dict[str, str]) -> str:
-    fig, (ax,) = panel_figure(1, height=4.0)
-    for run in runs:
-        points = [(h["step"], h["val_auc"]) for h in run.metrics.get("history", [])
-                  if isinstance(h.get("val_auc"), (int, float))]
-        if not points:
-            continue
-        steps, aucs = zip(*points)
-        ax.plot(steps, aucs, marker="o", markersize=3, color=colours[run.name],
-                linestyle="--" if run.init_kind == "scratch" else "-", label=run.name)
-        reached = run.metrics.get("steps_to_target")
-        if reached is not None:
-            ax.axvline(reached, color=colours[run.name], linewidth=0.8, alpha=0.6)
-    targets = {r.metrics.get("target_auc") for r in runs} - {None}
-    for target in targets:
-        ax.axhline(target, color="#555555", linestyle=":", linewidth=1)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation AUC")
-    ax.set_title("convergence")
-    legend(ax)
-    return data_uri(fig)
-
-
-def label_efficiency(runs: list[DownstreamRun]) -> str:
-    fig, (ax,) = panel_figure(1, height=4.0)
-    series: dict[tuple[str, str], list[DownstreamRun]] = defaultdict(list)
-    for run in runs:
-        series[(run.init_kind, run.mode)].append(run)
-    colours = colours_for([f"{k} {m}" for k, m in sorted(series)])
-    for (kind, mode), members in sorted(series.items()):
-        colour = colours[f"{kind} {mode}"]
-        for run in members:  # every run (seed) as a point with its bootstrap interval
-            auc = run.test_auc
-            lo, hi = run.test_auc_ci or (auc, auc)
-            ax.errorbar(run.label_fraction, auc, yerr=[[auc - lo], [hi - auc]], fmt="o", color=colour,
-                        alpha=0.6, capsize=3)
-        fractions = sorted({r.label_fraction for r in members})
-        means = [np.mean([r.test_auc for r in members if r.label_fraction == f]) for f in fractions]
-        ax.plot(fractions, means, color=colour, linestyle="--" if kind == "scratch" else "-", label=f"{kind}, {mode}")
-    ax.set_xscale("log")
-    fractions = sorted({r.label_fraction for r in runs})
-    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
-    ax.minorticks_off()
-    ax.set_xlabel("fraction of training labels used")
-    ax.set_ylabel("test AUC (95% bootstrap interval)")
-    ax.set_title("label efficiency (line: mean over seeds)")
-    legend(ax)
-    return data_uri(fig)
-
-
-def robustness(runs: list[DownstreamRun], colours: dict[str, str]) -> str:
-    sweeps = sorted({name for r in runs for name in r.robustness.get("sweeps", {})})
-    fig, axes = panel_figure(len(sweeps), height=3.6, width=max(5.0, 3.6 * min(len(sweeps), 4)), columns=4)
-    for ax, sweep in zip(axes, sweeps):
-        for run in runs:
-            points = run.robustness.get("sweeps", {}).get(sweep, [])
-            if not points:
-                continue
-            ax.plot([p["level"] for p in points], [p["auc"] for p in points], marker="o", markersize=3,
-                    color=colours[run.name], linestyle="--" if run.init_kind == "scratch" else "-", label=run.name)
-            clean = run.robustness.get("clean_auc")
-            if isinstance(clean, (int, float)):
-                ax.axhline(clean, color=colours[run.name], linestyle=":", linewidth=1)
-                # The paired 95% interval of each level's change, drawn around the clean AUC: where the band
-                # holds the clean line, the change is within the test set's noise.
-                banded = [p for p in points if p.get("drop_ci")]
-                if banded:
-                    ax.fill_between([p["level"] for p in banded], [clean - p["drop_ci"][1] for p in banded],
-                                    [clean - p["drop_ci"][0] for p in banded], color=colours[run.name], alpha=0.15,
-                                    linewidth=0)
-        sizes = sorted({r.robustness.get("test_images") for r in runs if r.robustness.get("test_images")})
-        ax.set_xlabel(sweep)
-        ax.set_ylabel("test AUC")
-        ax.set_title(f"robustness: {sweep}" + (f" ({', '.join(map(str, sizes))} test images)" if sizes else ""))
-        legend(ax)
     return data_uri(fig)

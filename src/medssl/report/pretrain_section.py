@@ -7,6 +7,7 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
+from medssl.artifacts import INDEX, ModelCard
 from medssl.report import html, plots
 from medssl.report.collect import IngestOutput, PretrainRun
 from medssl.report.embedding import encode, project_2d
@@ -41,13 +42,12 @@ def pretrain_section(run: PretrainRun, anchor: str, ingests: list[IngestOutput],
     return section
 
 
-def _card_table(card: dict) -> str:
-    data = card.get("data", {})
-    rows = [["architecture", card.get("architecture")], ["feature dimension", card.get("feature_dim")],
-            ["input", f"{card.get('in_chans')} channel, {card.get('input_size')} px"], ["steps", card.get("steps")],
-            ["training images", data.get("samples")],
-            ["by modality", ", ".join(f"{m} {n}" for m, n in data.get("by_modality", {}).items())]]
-    config = card.get("config", {})
+def _card_table(card: ModelCard) -> str:
+    rows = [["architecture", card.architecture], ["feature dimension", card.feature_dim],
+            ["input", f"{card.in_chans} channel, {card.input_size} px"], ["steps", card.steps],
+            ["training images", card.data.samples],
+            ["by modality", ", ".join(f"{m} {n}" for m, n in card.data.by_modality.items())]]
+    config = card.config
     rows.append(["settings", ", ".join(f"{k}={config[k]}" for k in CARD_SETTINGS if config.get(k) is not None)])
     return html.table(["model card", ""], rows)
 
@@ -56,9 +56,9 @@ def _shard_folders(run: PretrainRun, ingests: list[IngestOutput]) -> list[Path]:
     """The run's shard folders as its card names them (absolute, or relative to the run or the current folder);
     else the ingest outputs found beside it in the report folder."""
     found = []
-    for name in run.card.get("data", {}).get("shard_folders", []):
+    for name in run.card.data.shard_folders:
         for candidate in (Path(name), run.path / name):
-            if (candidate / "index.json").is_file():
+            if (candidate / INDEX).is_file():
                 found.append(candidate)
                 break
     return found or [i.path for i in ingests]
@@ -69,7 +69,7 @@ def _embedding(run: PretrainRun, ingests: list[IngestOutput], labels: TaskLabels
     folders = _shard_folders(run, ingests)
     if not folders:
         return [html.missing(f"Embedding map omitted: the shard folders of the model card "
-                             f"({run.card.get('data', {}).get('shard_folders')}) were not found, and the report "
+                             f"({run.card.data.shard_folders}) were not found, and the report "
                              "folder holds no ingest output.")]
     blocks = []
     # The pool's modalities always (a map of the task's images alone had one colour), and with a task CSV
@@ -92,7 +92,7 @@ def _embedding(run: PretrainRun, ingests: list[IngestOutput], labels: TaskLabels
                                            "the shards (matched by file content): map coloured by modality only."))
         by_label = bool(labeled)
         log(f"report: picking shard images for {run.name} ...")
-        modalities = list(run.card.get("data", {}).get("by_modality", {})) or None
+        modalities = list(run.card.data.by_modality) or None
         budget = embed_samples - min(len(labeled), embed_samples // 2)
         per_modality = math.ceil(budget / len(modalities)) if modalities else budget
         picked = pick_samples(folders, modality, per_modality, groups=modalities)
@@ -112,7 +112,7 @@ def _embedding(run: PretrainRun, ingests: list[IngestOutput], labels: TaskLabels
     colourings = [("modality", [s.modality for s in samples])]
     level, width = CT_WINDOW
     caption = (f"{len(samples)} shard images through this run's encoder (CT through window level {level:g} width "
-               f"{width:g} HU, resized to {run.card.get('input_size')} px), features L2-normalised, mapped to 2D "
+               f"{width:g} HU, resized to {run.card.input_size} px), features L2-normalised, mapped to 2D "
                f"by {method}. Nearby points are images the encoder finds similar.")
     if by_label:
         keys = {s.key for s in labeled}

@@ -6,7 +6,6 @@ stays fast on archives of any size; a group found in none of them is simply abse
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from medssl import intensity
+from medssl.artifacts import read_index
 from medssl.shard_format import decode_pixels, read_shard
 
 # CT is stored in Hounsfield units; the encoder takes [0, 1]. A soft-tissue window (level 40, width 400)
@@ -54,7 +54,7 @@ def pick_samples(folders: list[Path], group_of: Callable[[dict], str | None], pe
 def _spread_shards(folders: list[Path], max_shards: int) -> list[Path]:
     shards = []
     for folder in folders:
-        names = [s["name"] for s in json.loads((Path(folder) / "index.json").read_text())["shards"]]
+        names = [s.name for s in read_index(folder).shards]
         shards += [Path(folder) / "shards" / n for n in names]
     if len(shards) <= max_shards:
         return shards

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from medssl import storage
+from medssl.artifacts import INDEX, read_index
 from medssl.atomic import atomic_open, atomic_write_text
 from medssl.config import ConfigError, FinetuneConfig
 from medssl.downstream.decode import DecodeSettings, fit_square
@@ -109,17 +110,17 @@ class EmbedSummary:
 
 
 def is_dataset(location: str | Path) -> bool:
-    return storage.exists(storage.join(location, "index.json"))
+    return storage.exists(storage.join(location, INDEX))
 
 
 def plan_parts(inputs: list) -> tuple[dict, list[Part]]:
     """What the inputs are (recorded in embeddings.json) and the parts to write."""
     if len(inputs) == 1 and is_dataset(inputs[0]):
         dataset = inputs[0]
-        index = json.loads(storage.read_text(storage.join(dataset, "index.json")))
-        parts = [Part(Path(s["name"]).stem, s["samples"], shard=f"shards/{s['name']}") for s in index["shards"]]
+        index = read_index(dataset)
+        parts = [Part(Path(s.name).stem, s.samples, shard=f"shards/{s.name}") for s in index.shards]
         where = dataset if storage.is_url(dataset) else str(Path(dataset).resolve())
-        return {"kind": "shards", "dataset": where, "samples": index["samples"]}, parts
+        return {"kind": "shards", "dataset": where, "samples": index.samples}, parts
     for item in inputs:
         if storage.is_url(item) or is_dataset(item):
             raise ConfigError(f"{item}: give one dataset folder (of `medssl ingest`) alone, or local image files and "

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from medssl import __version__, storage
-from medssl.artifacts import CHECKPOINT, INDEX, SNAPSHOTS, TrainingDiverged
+from medssl.artifacts import CHECKPOINT, SNAPSHOTS, TrainingDiverged, read_index
 from medssl.config import MultiCropConfig, PretrainConfig, dump_config
 from medssl.data.augment import MultiCrop
 from medssl.data.device_crops import DeviceMultiCrop
@@ -207,7 +207,7 @@ def _data_summary(shards: list[str | Path], run_folder: str | Path) -> dict:
     summary: dict[str, Any] = {"shard_folders": [str(s) for s in shards], "samples": 0, "by_modality": {},
                                "shard_locations": [shard_location(s, run_folder) for s in shards]}
     for folder in shards:
-        summary["samples"] += json.loads(storage.read_text(storage.join(folder, INDEX)))["samples"]
+        summary["samples"] += read_index(folder).samples
         report = storage.join(folder, "report.json")
         if storage.exists(report):
             for modality, counts in json.loads(storage.read_text(report))["by_modality"].items():
