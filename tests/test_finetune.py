@@ -194,16 +194,22 @@ def test_cli_with_convergence_target(tmp_path, blob_task, tiny_run, capsys):
 
 
 def _nan_loss_from_call(monkeypatch, first_bad):
-    import medssl.downstream.training as training
+    """Every task kind's supervised loss turns NaN from call ``first_bad`` on."""
+    from dataclasses import replace
 
-    real, calls = training._supervised_loss, []
+    from medssl.downstream.kinds import KINDS
 
-    def loss(logits, targets, kind):
-        calls.append(1)
-        value = real(logits, targets, kind)
-        return value * float("nan") if len(calls) >= first_bad else value
+    calls = []
 
-    monkeypatch.setattr(training, "_supervised_loss", loss)
+    def nan_from(real):
+        def loss(logits, targets):
+            calls.append(1)
+            value = real(logits, targets)
+            return value * float("nan") if len(calls) >= first_bad else value
+        return loss
+
+    for name, kind in list(KINDS.items()):
+        monkeypatch.setitem(KINDS, name, replace(kind, loss=nan_from(kind.loss)))
 
 
 def test_a_diverged_finetune_stops_and_reports_the_best_checkpoint_before_it(tmp_path, blob_task, tiny_run,
