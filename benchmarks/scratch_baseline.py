@@ -12,8 +12,8 @@ This runs, per task, label fraction and seed:
   with the best validation AUC kept for the test.
 
 Both get the rows medssl's task gives (its train / validation / test split, and its stratified label subset of
-the fraction and seed), batches of 32 with the last partial one dropped, and the same number of epochs, so the
-same number of steps: ``--epochs`` at 100% of the labels, ``--epochs-low`` below. The AUC is the macro AUC of
+the fraction and seed), batches of 32 (a last batch of one image dropped: batch norm needs two), and the same
+number of epochs, so the same number of steps: ``--epochs`` at 100% of the labels, ``--epochs-low`` below. The AUC is the macro AUC of
 ``medssl.downstream.metrics`` for both. The plain recipe reads raster files (PNG, JPEG, TIFF) only.
 
 Run from the repository root:
@@ -94,8 +94,8 @@ def plain_run(task: Task, images: torch.Tensor, labeled: np.ndarray, epochs: int
     for _ in range(epochs):
         model.train()
         order = rng.permutation(labeled)
-        for i in range(0, len(order) - BATCH + 1, BATCH):  # the last partial batch dropped, as medssl does
-            rows = order[i:i + BATCH]
+        batches = [order[i:i + BATCH] for i in range(0, len(order), BATCH)]
+        for rows in batches[:-1] if len(batches) > 1 and len(batches[-1]) == 1 else batches:  # as medssl batches
             loss = loss_of(model(inputs(rows, True)), targets[rows])
             optimiser.zero_grad()
             loss.backward()
