@@ -174,8 +174,6 @@ CASES = [
     ("search-key", ["search", "--index", "{emb}", "--key", _first_key, "-k", "10"], 0, "distance"),
     ("search-image", ["search", "--index", "{emb}", "--image", "{nifti}/v.nii.gz"], 0, "distance"),
     ("search-build", ["search", "--index", "{emb}", "--build"], 0, "index:"),
-    ("demo-quick", ["demo", "--quick", "--out", "{root}/demo-out", "--workers", "1", "--keep-weights", "--quiet"], 0,
-     "report:"),
     *[(f"help-{c}", [c, "--help"], 0, "usage:") for c in ("ingest", "pretrain", "finetune", "probe", "bench",
                                                           "evaluate", "demo", "report", "export", "embed",
                                                           "search", "serve", "curate")],
@@ -215,10 +213,24 @@ def test_probe_through_the_cli_writes_its_curve(ws):
     assert {p["step"] for p in curve["points"]} == {0, 2, 4}  # random init, the snapshot, the end
 
 
+DEMO = ["demo", "--quick", "--workers", "1", "--keep-weights", "--quiet"]
+
+
+@pytest.mark.slow  # ~30 s
+def test_demo_through_the_entry_point(tmp_path):
+    """`medssl demo --quick` as the console script runs it: exit 0, the report written and named."""
+    proc = run_cli([*DEMO, "--out", str(tmp_path / "demo-out")], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "report:" in proc.stdout and "Traceback" not in proc.stderr
+    assert (tmp_path / "demo-out" / "report.html").is_file()
+    assert (tmp_path / "demo-out" / "pretrain" / "encoder.safetensors").is_file()  # --keep-weights
+
+
 def test_every_command_has_a_case():
     from medssl.cli import COMMANDS
 
-    covered = {argv[0] for _, argv, _, _ in CASES} | {argv[0] for argv in PIPELINE} | {a[0] for *_, a in ELSEWHERE}
+    covered = ({argv[0] for _, argv, _, _ in CASES} | {argv[0] for argv in PIPELINE} | {a[0] for *_, a in ELSEWHERE}
+               | {DEMO[0]})
     assert set(COMMANDS) <= covered, f"no end-to-end case for {sorted(set(COMMANDS) - covered)}"
 
 
