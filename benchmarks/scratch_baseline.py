@@ -13,8 +13,9 @@ This runs, per task, label fraction and seed:
 
 Both get the rows medssl's task gives (its train / validation / test split, and its stratified label subset of
 the fraction and seed), batches of 32 (a last batch of one image dropped: batch norm needs two), and the same
-number of epochs, so the same number of steps: ``--epochs`` at 100% of the labels, ``--epochs-low`` below. The AUC is the macro AUC of
-``medssl.downstream.metrics`` for both. The plain recipe reads raster files (PNG, JPEG, TIFF) only.
+number of epochs, so the same number of steps: ``--epochs`` at 100% of the labels, ``--epochs-low`` below.
+The AUC is the macro AUC of ``medssl.downstream.metrics`` for both. The plain recipe reads raster files
+(PNG, JPEG, TIFF) only.
 
 Run from the repository root:
   .venv/bin/python benchmarks/scratch_baseline.py [--tasks head-ct,brain-mri] [--json out.json]

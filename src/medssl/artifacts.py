@@ -241,9 +241,14 @@ class DownstreamResult:
         return value if value is not None and math.isfinite(value) else None
 
     @property
+    def init(self) -> str:
+        """``scratch``, or where the encoder's weights came from (a pretraining run folder, a weights file)."""
+        return str(self.metrics.init.get("init", "scratch"))
+
+    @property
     def init_kind(self) -> str:
         """``scratch`` or ``SSL`` (pretrained weights of any source)."""
-        return "scratch" if self.metrics.init.get("init", "scratch") == "scratch" else "SSL"
+        return "scratch" if self.init == "scratch" else "SSL"
 
     @property
     def task(self) -> str:

@@ -202,6 +202,10 @@ PRESETS = {
 }
 
 
+# How fine-tuning makes an image square (downstream.decode.fit_square).
+ResizeMode = Literal["pad", "stretch", "crop"]
+
+
 class _CropOverrides(StrictModel):
     """Some fields of ``MultiCropConfig`` over a base (a preset, the fine-tuning views): each field is its
     type or unset. Unknown names are refused when the config is loaded; the combined settings are checked by
@@ -381,7 +385,7 @@ class FinetuneConfig(StrictModel):
         default=None, description="binary tasks: the positive class (default: the second in sorted order)")
     input_size: int = Field(
         default=224, ge=8, description="images are resized to input_size x input_size (see resize)")
-    resize: Literal["pad", "stretch", "crop"] = Field(
+    resize: ResizeMode = Field(
         default="pad",
         description="how an image becomes a square: pad = aspect kept, the longer side fits, padded; stretch = both "
                     "sides fit, aspect changed; crop = aspect kept, the shorter side fits, the centre kept")

@@ -19,11 +19,12 @@ import stat
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 from PIL import Image
 
-from medssl.config import FinetuneConfig
+from medssl.config import FinetuneConfig, ResizeMode
 from medssl.intensity import map_frame
 from medssl.io import Limits, Rejected, read_image
 from medssl.io.detect import kind_error
@@ -60,7 +61,7 @@ def resolve_path(csv_dir: Path, raw: str) -> tuple[Path, int | None]:
     return path, None
 
 
-RESIZE_MODES = ("pad", "stretch", "crop")
+RESIZE_MODES = get_args(ResizeMode)
 
 
 def fit_square(values: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:

@@ -52,9 +52,8 @@ def convergence(panels: list[tuple[str, list[Line]]]) -> Figure:
                 steps = np.mean([[p[0] for p in c[:length]] for c in curves], axis=0)
                 aucs = np.mean([[p[1] for p in c[:length]] for c in curves], axis=0)
                 ax.plot(steps, aucs, linewidth=2, label=f"{line.name} ({len(curves)} seeds)", **line.style)
-            for run in line.runs:
-                if len(line.runs) == 1 and run.metrics.steps_to_target is not None:
-                    ax.axvline(run.metrics.steps_to_target, color=line.colour, linewidth=0.8, alpha=0.6)
+            if len(line.runs) == 1 and (reached := line.runs[0].metrics.steps_to_target) is not None:
+                ax.axvline(reached, color=line.colour, linewidth=0.8, alpha=0.6)
         for target in sorted({r.metrics.target_auc for line in lines for r in line.runs} - {None}):
             ax.axhline(target, color="#555555", linestyle=":", linewidth=1)
         ax.set_title(title)

@@ -76,11 +76,6 @@ class DownstreamRun(DownstreamResult):
         return (ci[0], ci[1]) if ci is not None and len(ci) == 2 else None
 
     @property
-    def init(self) -> str:
-        """``scratch``, or the pretraining run folder the encoder came from."""
-        return str(self.metrics.init.get("init", "scratch"))
-
-    @property
     def mode(self) -> str:
         return self.metrics.mode
 
