@@ -35,7 +35,7 @@ def server(demo, tmp_path_factory):  # noqa: F811
     while not (found := re.search(r"serving .* on http://localhost:(\d+)/", proc.stdout.readline())):
         assert proc.poll() is None, proc.communicate()
     port = int(found.group(1))
-    state = {"port": port, "url": f"http://127.0.0.1:{port}", "proc": proc}
+    state = {"port": port, "url": f"http://127.0.0.1:{port}", "proc": proc, "index": out}
     yield state
     if proc.poll() is None:
         proc.kill()
@@ -121,6 +121,25 @@ def test_a_jp2_box_loop_upload_fails_at_once_and_holds_no_lock(server, tmp_path)
         (bad_status, bad_body), (good_status, _) = bad.result(), good.result()
     assert bad_status == 422 and "decode_failed" in bad_body["error"] and "JP2 box" in bad_body["error"]
     assert good_status == 200 and time.monotonic() - started < 30
+
+
+def test_ctrl_c_stops_a_server_whose_parent_ignores_sigint(server):
+    """A parent that ignores SIGINT (a job runner, a shell's background job, a test session) passes that on,
+    and Python then installs no SIGINT handler: the server never stopped on Ctrl-C (found as a CI run where
+    the test below waited out its timeout)."""
+    proc = subprocess.Popen([sys.executable, "-m", "medssl.cli", "serve", "--index", str(server["index"]), "--port",
+                             "0", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        while "serving" not in proc.stdout.readline():
+            assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def test_the_server_printed_no_traceback(server):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -597,6 +598,9 @@ def _run_serve(args) -> int:
     host, port = server.server_address[:2]
     print(f"serving {index.count} images of {args.index} on "
           f"http://{'localhost' if host == '127.0.0.1' else host}:{port}/ (Ctrl-C stops)", flush=True)
+    # Ctrl-C must stop it even when started by a process that ignores SIGINT (Python then leaves SIGINT
+    # ignored in its children: a server started so would never stop on it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
